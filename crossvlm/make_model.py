@@ -1,0 +1,202 @@
+"""Randomly initialised base models written to disk in Hugging Face format.
+
+`write_random_models(out, preset)` writes `out/llm` (a `Qwen3ForCausalLM` plus a tokenizer) and
+`out/vision` (a `CLIPVisionModel` plus its image processor). Tests, the CPU demo and the benchmarks
+load these through exactly the code path used for `Qwen/Qwen3-0.6B` and
+`openai/clip-vit-base-patch16`; nothing is downloaded.
+
+The tokenizer is a small byte-level BPE trained here on a built-in word list, with the Qwen3
+pre-tokenizer, Qwen3's special tokens and a Qwen3-style chat template, saved as the same
+`Qwen2Tokenizer` class the real Qwen3 checkpoints use. Its special-token ids differ from Qwen3's on
+purpose: code must read them from the tokenizer, never hard-code them.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+# Qwen3's special tokens, in the order they are appended after the BPE vocabulary.
+SPECIAL_TOKENS = (
+    "<|endoftext|>",
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|vision_start|>",
+    "<|vision_end|>",
+    "<|image_pad|>",
+)
+# Added (not "special") tokens: Qwen3 keeps them in decoded text.
+THINK_TOKENS = ("<think>", "</think>")
+
+# Qwen3's chat template semantics, written for crossvlm: ChatML turns; an assistant turn after the
+# last user message carries a <think> block (empty when there is no reasoning) when it is the last
+# message or has reasoning; earlier assistant turns drop their reasoning; `enable_thinking=False`
+# ends the generation prompt with an empty think block so the model answers directly.
+QWEN3_CHAT_TEMPLATE = (
+    "{%- set ns = namespace(last_query=-1) -%}"
+    "{%- for m in messages -%}{%- if m.role == 'user' -%}{%- set ns.last_query = loop.index0 -%}"
+    "{%- endif -%}{%- endfor -%}"
+    "{%- for m in messages -%}"
+    "{%- set content = m.content if m.content is string else '' -%}"
+    "{%- if m.role == 'assistant' -%}"
+    "{%- set reasoning = m.reasoning_content if m.reasoning_content is string else '' -%}"
+    "{%- if '</think>' in content -%}"
+    "{%- set reasoning = content.split('</think>')[0].split('<think>')[-1].strip('\\n') -%}"
+    "{%- set content = content.split('</think>')[-1].lstrip('\\n') -%}"
+    "{%- endif -%}"
+    "{%- if loop.index0 > ns.last_query and (loop.last or reasoning) -%}"
+    "{{- '<|im_start|>assistant\\n<think>\\n' + reasoning.strip('\\n') + '\\n</think>\\n\\n'"
+    " + content.lstrip('\\n') + '<|im_end|>\\n' -}}"
+    "{%- else -%}"
+    "{{- '<|im_start|>assistant\\n' + content + '<|im_end|>\\n' -}}"
+    "{%- endif -%}"
+    "{%- else -%}"
+    "{{- '<|im_start|>' + m.role + '\\n' + content + '<|im_end|>\\n' -}}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}"
+    "{{- '<|im_start|>assistant\\n' -}}"
+    "{%- if enable_thinking is defined and enable_thinking is false -%}"
+    "{{- '<think>\\n\\n</think>\\n\\n' -}}"
+    "{%- endif -%}"
+    "{%- endif -%}"
+)
+
+_WORDS = """
+a an the is are was what which where how many of in on at to and or with there this that it its
+image picture photo shows contains describe caption question answer yes no one two three four five
+six seven eight nine zero shape shapes object objects colour color red green blue yellow purple
+orange white black grey gray pink brown circle square triangle star diamond cross hexagon heart
+small medium large big tiny top middle bottom left right centre center upper lower corner side
+background foreground near far next above below between count number total only also both each
+you i we they he she can could would should please tell me about see look find where's what's
+hello hi thanks thank good bad nice day today help sure here answer explain why because so
+""".split()
+
+
+@dataclass(frozen=True)
+class Preset:
+    """Shapes of one preset. `full` mirrors Qwen3-0.6B and CLIP ViT-B/16."""
+
+    llm: dict
+    vision: dict
+    image_size: int
+    bpe_vocab: int
+
+
+PRESETS = {
+    "tiny": Preset(
+        llm=dict(
+            hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, head_dim=16, max_position_embeddings=4096,
+            # Wider than Qwen3's 0.02 so an untrained tiny model emits varied text, which tests
+            # comparing generation paths need.
+            initializer_range=0.1,
+        ),
+        vision=dict(
+            hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+            patch_size=8,
+        ),
+        image_size=64,
+        bpe_vocab=700,
+    ),
+    "full": Preset(
+        llm=dict(
+            hidden_size=1024, intermediate_size=3072, num_hidden_layers=28, num_attention_heads=16,
+            num_key_value_heads=8, head_dim=128, max_position_embeddings=40960, vocab_size=151936,
+        ),
+        vision=dict(
+            hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+            patch_size=16, projection_dim=512,
+        ),
+        image_size=224,
+        bpe_vocab=2000,
+    ),
+}
+
+CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
+CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
+
+
+def _corpus(seed: int) -> list[str]:
+    """Sentences over the built-in word list, enough for BPE to learn whole words."""
+    rng = random.Random(seed)
+    lines = [" ".join(_WORDS[i : i + 8]) for i in range(0, len(_WORDS), 8)]
+    for _ in range(3000):
+        lines.append(" ".join(rng.choice(_WORDS) for _ in range(rng.randint(3, 12))) + rng.choice(".?!,"))
+    lines += [str(n) for n in range(200)]
+    return lines
+
+
+def build_tokenizer(bpe_vocab: int = 700, seed: int = 0):
+    """A byte-level BPE `Qwen2Tokenizer` with Qwen3's special tokens and chat template."""
+    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+    from transformers import AddedToken, Qwen2Tokenizer
+    from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX
+
+    bpe = Tokenizer(models.BPE())
+    bpe.normalizer = normalizers.NFC()
+    bpe.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(PRETOKENIZE_REGEX), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+    ])
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=bpe_vocab, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False
+    )
+    bpe.train_from_iterator(_corpus(seed), trainer=trainer)
+    vocab = bpe.get_vocab()
+    merges = [tuple(m) if isinstance(m, list) else tuple(m.split(" ")) for m in json.loads(bpe.to_str())["model"]["merges"]]
+    tok = Qwen2Tokenizer(
+        vocab=vocab, merges=merges, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+        unk_token=None, model_max_length=32768,
+    )
+    tok.add_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIAL_TOKENS], special_tokens=True)
+    tok.add_tokens([AddedToken(t, special=False, normalized=False) for t in THINK_TOKENS])
+    tok.chat_template = QWEN3_CHAT_TEMPLATE
+    return tok
+
+
+def write_random_models(out: Path, preset: str = "tiny", seed: int = 0) -> tuple[Path, Path]:
+    """Write `out/llm` and `out/vision`, randomly initialised; returns both paths."""
+    import torch
+    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel, Qwen3Config, Qwen3ForCausalLM
+
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
+    spec = PRESETS[preset]
+    out = Path(out)
+    llm_dir, vision_dir = out / "llm", out / "vision"
+    torch.manual_seed(seed)
+
+    tok = build_tokenizer(spec.bpe_vocab, seed)
+    vocab_size = spec.llm.get("vocab_size") or _round_up(len(tok), 64)
+    llm_kwargs = {k: v for k, v in spec.llm.items() if k != "vocab_size"}
+    llm_cfg = Qwen3Config(
+        vocab_size=vocab_size, tie_word_embeddings=True, rms_norm_eps=1e-6, rope_theta=1_000_000.0,
+        bos_token_id=None, eos_token_id=tok.convert_tokens_to_ids("<|im_end|>"),
+        pad_token_id=tok.convert_tokens_to_ids("<|endoftext|>"), **llm_kwargs,
+    )
+    llm = Qwen3ForCausalLM(llm_cfg)
+    llm.generation_config.eos_token_id = [llm_cfg.eos_token_id, tok.convert_tokens_to_ids("<|endoftext|>")]
+    llm.generation_config.pad_token_id = llm_cfg.pad_token_id
+    llm.save_pretrained(llm_dir)
+    tok.save_pretrained(llm_dir)
+
+    vision_cfg = CLIPVisionConfig(image_size=spec.image_size, hidden_act="quick_gelu", **spec.vision)
+    CLIPVisionModel(vision_cfg).save_pretrained(vision_dir)
+    CLIPImageProcessor(
+        size={"shortest_edge": spec.image_size},
+        crop_size={"height": spec.image_size, "width": spec.image_size},
+        image_mean=CLIP_MEAN, image_std=CLIP_STD,
+    ).save_pretrained(vision_dir)
+    return llm_dir, vision_dir
+
+
+def _round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
+
+
+__all__ = ["PRESETS", "QWEN3_CHAT_TEMPLATE", "build_tokenizer", "write_random_models"]

@@ -1,0 +1,6 @@
+"""The CrossVLM model: configuration, projectors, the composed model and its processor."""
+
+from crossvlm.model.configuration import CrossVLMConfig
+from crossvlm.model.modeling import CrossVLM, load_llm, load_vision
+
+__all__ = ["CrossVLM", "CrossVLMConfig", "load_llm", "load_vision"]

@@ -1,0 +1,311 @@
+"""`CrossVLM`: a CLIP vision tower, a projector and a stock Qwen3ForCausalLM, held by composition.
+
+The LLM's modules are never patched. Visual tokens replace the `<|image_pad|>` positions of the
+token embeddings (`masked_scatter`) at prefill; everything after that is the LLM's own forward. In
+training the loss is computed only where labels exist, so a [batch, seq, vocab] logits tensor is
+never built.
+"""
+
+from __future__ import annotations
+
+import inspect
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import CLIPVisionModel, PreTrainedModel, Qwen3ForCausalLM, Qwen3Model
+from transformers.modeling_outputs import CausalLMOutputWithPast
+
+from crossvlm.errors import ImageTokenMismatch, ModelLoadError
+from crossvlm.model.configuration import CrossVLMConfig
+from crossvlm.model.projector import CrossAttentionProjector, MLPProjector
+
+IGNORE_INDEX = -100
+
+# transformers renamed the decoder's cache argument (`past_key_values` -> `cache`) within 5.x.
+_CACHE_KWARG = "cache" if "cache" in inspect.signature(Qwen3Model.forward).parameters else "past_key_values"
+
+# A CLIP checkpoint (e.g. openai/clip-vit-base-patch16) also holds the text tower; loading only the
+# vision tower from it leaves these unused, which is expected. Anything else unexpected is an error.
+_OTHER_CLIP_PARTS = ("text_model.", "text_projection.", "visual_projection.", "logit_scale")
+
+
+def _check_loading_info(info: dict, source: str, allowed_unexpected: tuple[str, ...] = ()) -> None:
+    missing = sorted(info.get("missing_keys") or [])
+    unexpected = sorted(k for k in (info.get("unexpected_keys") or []) if not k.startswith(allowed_unexpected))
+    mismatched = sorted(str(m) for m in (info.get("mismatched_keys") or []))
+    if missing or unexpected or mismatched:
+        parts = []
+        if missing:
+            parts.append(f"missing keys ({len(missing)}): {', '.join(missing)}")
+        if unexpected:
+            parts.append(f"unexpected keys ({len(unexpected)}): {', '.join(unexpected)}")
+        if mismatched:
+            parts.append(f"keys with mismatched shapes ({len(mismatched)}): {', '.join(mismatched)}")
+        raise ModelLoadError(
+            f"weights in {source} do not match the model:\n  " + "\n  ".join(parts)
+            + "\nPoint at an unmodified checkpoint of the right architecture."
+        )
+
+
+def load_llm(name_or_path: str | Path, dtype: torch.dtype | None = None) -> Qwen3ForCausalLM:
+    """Load a Qwen3ForCausalLM from a hub id or a local directory, every key matched."""
+    try:
+        llm, info = Qwen3ForCausalLM.from_pretrained(str(name_or_path), dtype=dtype, output_loading_info=True)
+    except OSError as err:
+        raise ModelLoadError(f"cannot load the LLM from {name_or_path}: {err}") from err
+    _check_loading_info(info, str(name_or_path))
+    return llm
+
+
+def load_vision(name_or_path: str | Path, dtype: torch.dtype | None = None) -> CLIPVisionModel:
+    """Load a CLIPVisionModel from a hub id or a local directory (a full CLIP checkpoint works too)."""
+    try:
+        vision, info = CLIPVisionModel.from_pretrained(str(name_or_path), dtype=dtype, output_loading_info=True)
+    except OSError as err:
+        raise ModelLoadError(f"cannot load the vision tower from {name_or_path}: {err}") from err
+    _check_loading_info(info, str(name_or_path), allowed_unexpected=_OTHER_CLIP_PARTS)
+    return vision
+
+
+def _cache_of(output):
+    cache = getattr(output, "past_key_values", None)
+    return cache if cache is not None else getattr(output, "cache", None)
+
+
+class CrossVLM(PreTrainedModel):
+    """Vision tower + projector + Qwen3ForCausalLM. See DESIGN.md for the contracts."""
+
+    config_class = CrossVLMConfig
+    base_model_prefix = "crossvlm"
+    main_input_name = "input_ids"
+    supports_gradient_checkpointing = True
+    _supports_sdpa = True
+    _supports_flash_attn = True
+    _no_split_modules = ["Qwen3DecoderLayer", "CLIPEncoderLayer"]
+
+    def __init__(self, config: CrossVLMConfig, llm: Qwen3ForCausalLM | None = None,
+                 vision: CLIPVisionModel | None = None):
+        super().__init__(config)
+        self.vision = vision if vision is not None else CLIPVisionModel(config.vision_config)
+        self.llm = llm if llm is not None else Qwen3ForCausalLM(config.text_config)
+        vision_dim, llm_dim = config.vision_config.hidden_size, config.text_config.hidden_size
+        if config.projector_type == "cross_attn":
+            self.projector = CrossAttentionProjector(
+                vision_dim, llm_dim, config.num_patches, num_queries=config.num_queries,
+                num_layers=config.projector_layers, num_heads=config.projector_heads,
+                hidden_dim=config.projector_hidden_size, locality=config.projector_locality,
+            )
+        else:
+            self.projector = MLPProjector(vision_dim, llm_dim, config.num_patches)
+        self.post_init()
+        self.apply_vision_freeze()
+
+    def apply_vision_freeze(self) -> None:
+        """Freeze the vision tower if the config says so (loading makes fresh, trainable tensors)."""
+        if self.config.freeze_vision:
+            self.vision.requires_grad_(False)
+            self.vision.eval()
+
+    # -- construction ---------------------------------------------------------------------------
+    @classmethod
+    def from_base_models(
+        cls,
+        llm: str | Path = "Qwen/Qwen3-0.6B",
+        vision: str | Path = "openai/clip-vit-base-patch16",
+        tokenizer=None,
+        dtype: torch.dtype | None = None,
+        **projector_kwargs,
+    ) -> "CrossVLM":
+        """A new VLM from a base LLM and vision tower (hub ids or local paths), projector fresh.
+
+        `projector_kwargs` are CrossVLMConfig fields (projector_type, num_queries, ...). The
+        vision-token ids are read from the LLM's tokenizer.
+        """
+        from transformers import AutoTokenizer
+
+        from crossvlm.model.tokens import VisionTokenIds
+
+        llm_model = load_llm(llm, dtype)
+        vision_model = load_vision(vision, dtype)
+        if tokenizer is None:
+            tokenizer = AutoTokenizer.from_pretrained(str(llm))
+        ids = VisionTokenIds.from_tokenizer(tokenizer)
+        config = CrossVLMConfig(
+            text_config=llm_model.config, vision_config=vision_model.config,
+            image_token_id=ids.pad, vision_start_token_id=ids.start, vision_end_token_id=ids.end,
+            llm_name_or_path=str(llm), vision_name_or_path=str(vision), **projector_kwargs,
+        )
+        model = cls(config, llm=llm_model, vision=vision_model)
+        model.projector.to(llm_model.dtype)
+        embed_std = llm_model.get_input_embeddings().weight.float().std().item()
+        model.projector.match_output_scale(embed_std)
+        return model
+
+    def _init_weights(self, module):
+        # The projector's modules initialise themselves in their constructors (and its output
+        # scale is matched to the LLM in `from_base_models`); everything else gets the standard
+        # treatment, which also restores unsaved buffers such as the LLM's rotary frequencies.
+        if any(module is m for m in self.projector.modules()):
+            return
+        super()._init_weights(module)
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if self.config.freeze_vision:
+            self.vision.eval()  # a frozen tower stays in eval mode (no dropout, fixed statistics)
+        return self
+
+    def get_input_embeddings(self):
+        return self.llm.get_input_embeddings()
+
+    def set_input_embeddings(self, value):
+        self.llm.set_input_embeddings(value)
+
+    def get_output_embeddings(self):
+        return self.llm.get_output_embeddings()
+
+    @property
+    def num_image_tokens(self) -> int:
+        return self.projector.num_tokens
+
+    @property
+    def _projector_dtype(self) -> torch.dtype:
+        return self.projector.out.weight.dtype if hasattr(self.projector, "out") else self.projector.fc2.weight.dtype
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """Save config.json + model.safetensors, and the LLM's generation defaults (stop tokens)."""
+        super().save_pretrained(save_directory, *args, **kwargs)
+        self.llm.generation_config.save_pretrained(save_directory)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+        """Load a saved CrossVLM directory; every key must match."""
+        from transformers import GenerationConfig
+
+        kwargs["output_loading_info"] = True
+        try:
+            model, info = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+        except OSError as err:
+            raise ModelLoadError(f"cannot load a crossvlm model from {pretrained_model_name_or_path}: {err}") from err
+        _check_loading_info(info, str(pretrained_model_name_or_path))
+        model.apply_vision_freeze()
+        path = Path(pretrained_model_name_or_path)
+        if (path / "generation_config.json").exists():
+            model.llm.generation_config = GenerationConfig.from_pretrained(path)
+        return model
+
+    # -- images -----------------------------------------------------------------------------------
+    def vision_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Patch features of the configured layer, CLS dropped: (N, P, Dv)."""
+        pixel_values = pixel_values.to(self.vision.dtype)
+        grad = torch.is_grad_enabled() and any(p.requires_grad for p in self.vision.parameters())
+        with torch.set_grad_enabled(grad):  # no autograd graph through a frozen tower
+            out = self.vision(pixel_values=pixel_values, output_hidden_states=True)
+        return out.hidden_states[self.config.vision_feature_layer][:, 1:]
+
+    def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Visual tokens for every image in the batch at once: (N, M, D_llm)."""
+        features = self.vision_features(pixel_values)
+        return self.projector(features.to(self._projector_dtype))
+
+    def _check_image_tokens(self, is_pad: torch.Tensor, num_images: int) -> None:
+        m = self.num_image_tokens
+        per_sample = is_pad.sum(1).tolist()  # one host sync per forward, for a clear error
+        bad = [(i, n) for i, n in enumerate(per_sample) if n % m]
+        if bad:
+            desc = ", ".join(f"sample {i} has {n}" for i, n in bad)
+            raise ImageTokenMismatch(
+                f"each image takes exactly {m} <|image_pad|> tokens, but {desc} "
+                f"(not a multiple of {m}); expand every <image> mark with the processor"
+            )
+        spans = [n // m for n in per_sample]
+        if sum(spans) != num_images:
+            desc = ", ".join(f"sample {i}: {s}" for i, s in enumerate(spans) if s)
+            raise ImageTokenMismatch(
+                f"the batch has {sum(spans)} image spans ({desc or 'none'}) but {num_images} images were given"
+            )
+
+    def embed(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None) -> torch.Tensor:
+        """Token embeddings with visual tokens scattered into the <|image_pad|> positions: (B, T, D)."""
+        embeds = self.llm.get_input_embeddings()(input_ids)  # (B, T, D)
+        is_pad = input_ids == self.config.image_token_id  # (B, T)
+        num_images = 0 if pixel_values is None else pixel_values.shape[0]
+        self._check_image_tokens(is_pad, num_images)
+        if num_images:
+            visual = self.encode_images(pixel_values)  # (N, M, D)
+            embeds = embeds.masked_scatter(is_pad.unsqueeze(-1), visual.to(embeds.dtype))
+        elif self.training and any(p.requires_grad for p in self.projector.parameters()):
+            # A batch without images still touches every projector weight (with zero effect), so
+            # data-parallel ranks agree on which parameters have gradients.
+            dummy = torch.zeros(1, self.config.num_patches, self.config.vision_config.hidden_size,
+                                device=embeds.device, dtype=self._projector_dtype)
+            embeds = embeds + 0.0 * self.projector(dummy).sum().to(embeds.dtype)
+        return embeds
+
+    # -- forward ----------------------------------------------------------------------------------
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        pixel_values: torch.FloatTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values=None,
+        inputs_embeds: torch.FloatTensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        logits_to_keep: int = 0,
+        num_items_in_batch: int | torch.Tensor | None = None,
+        **kwargs,
+    ) -> CausalLMOutputWithPast:
+        """Causal-LM forward. With `labels`, returns the loss over labelled positions and no logits.
+
+        `num_items_in_batch` (the labelled-token count over all micro-batches and ranks of a step)
+        turns the loss into a sum divided by it, so gradient accumulation and data parallelism
+        weight every token equally.
+        """
+        cache = kwargs.pop("cache", None) if past_key_values is None else past_key_values
+        if inputs_embeds is None:
+            if cache is not None and cache.get_seq_length() > 0:
+                pixel_values = None  # images are merged at prefill only
+            inputs_embeds = self.embed(input_ids, pixel_values)
+        if cache is not None:
+            kwargs[_CACHE_KWARG] = cache
+        out = self.llm.model(
+            inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids,
+            use_cache=use_cache, **kwargs,
+        )
+        hidden = out.last_hidden_state  # (B, T, D)
+        if labels is not None:
+            loss = self.loss_from_hidden(hidden, labels, num_items_in_batch)
+            return CausalLMOutputWithPast(loss=loss, past_key_values=_cache_of(out))
+        keep = slice(-logits_to_keep, None) if logits_to_keep else slice(None)
+        logits = self.llm.lm_head(hidden[:, keep])  # (B, T', V)
+        return CausalLMOutputWithPast(logits=logits, past_key_values=_cache_of(out))
+
+    def loss_from_hidden(self, hidden: torch.Tensor, labels: torch.Tensor,
+                         num_items_in_batch: int | torch.Tensor | None = None) -> torch.Tensor:
+        """Next-token cross-entropy computed only at labelled positions."""
+        targets = labels[:, 1:]  # (B, T-1): position t predicts token t+1
+        selected = targets != IGNORE_INDEX
+        h = hidden[:, :-1][selected]  # (n, D): only the n labelled positions
+        logits = self.llm.lm_head(h)  # (n, V)
+        loss_sum = F.cross_entropy(logits.float(), targets[selected], reduction="sum")
+        denom = num_items_in_batch if num_items_in_batch is not None else selected.sum().clamp(min=1)
+        return loss_sum / denom
+
+    # -- generation -------------------------------------------------------------------------------
+    @torch.no_grad()
+    def generate(self, input_ids: torch.LongTensor, pixel_values: torch.Tensor | None = None,
+                 attention_mask: torch.Tensor | None = None, **generate_kwargs) -> torch.LongTensor:
+        """Generate with images: the image-merged embeddings are the prefill, then the stock
+        Qwen3 `generate()` (KV cache, sampling, streamers, stopping) takes over.
+
+        Returns the prompt ids followed by the new tokens, like `transformers` does. Use left
+        padding for batches.
+        """
+        embeds = self.embed(input_ids, pixel_values)
+        return self.llm.generate(
+            input_ids=input_ids, inputs_embeds=embeds, attention_mask=attention_mask, **generate_kwargs
+        )

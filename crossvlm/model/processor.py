@@ -1,0 +1,99 @@
+"""`CrossVLMProcessor`: the LLM's tokenizer and chat template plus the vision model's image processor.
+
+Prompts are rendered with the tokenizer's own chat template (Qwen3 ChatML; thinking off by default),
+then every `<image>` mark becomes `<|vision_start|><|image_pad|>×M<|vision_end|>`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from PIL import Image, ImageOps
+
+from crossvlm.model.tokens import IMAGE_MARK, VisionTokenIds, expand_image_marks
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Apply EXIF orientation and convert palette, grey and alpha images to RGB (alpha over white)."""
+    image = ImageOps.exif_transpose(image)
+    if image.mode == "RGB":
+        return image
+    if image.mode in ("P", "PA", "LA", "RGBA", "La"):
+        image = image.convert("RGBA")
+        background = Image.new("RGBA", image.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, image).convert("RGB")
+    return image.convert("RGB")
+
+
+class CrossVLMProcessor:
+    """Turns conversations and images into model inputs.
+
+    Args:
+        tokenizer: the LLM's tokenizer (with its chat template).
+        image_processor: the vision model's image processor.
+        num_image_tokens: M, the visual tokens one image takes in the sequence.
+    """
+
+    def __init__(self, tokenizer, image_processor, num_image_tokens: int):
+        self.tokenizer = tokenizer
+        self.image_processor = image_processor
+        self.num_image_tokens = num_image_tokens
+        self.vision_ids = VisionTokenIds.from_tokenizer(tokenizer)
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path) -> "CrossVLMProcessor":
+        """Load from a saved CrossVLM directory (tokenizer, image processor and config.json)."""
+        from transformers import AutoImageProcessor, AutoTokenizer
+
+        from crossvlm.model.configuration import CrossVLMConfig
+
+        config = CrossVLMConfig.from_pretrained(str(path))
+        return cls(
+            AutoTokenizer.from_pretrained(str(path)), AutoImageProcessor.from_pretrained(str(path)),
+            config.num_image_tokens,
+        )
+
+    @classmethod
+    def from_base_models(cls, llm: str | Path, vision: str | Path, num_image_tokens: int) -> "CrossVLMProcessor":
+        """The tokenizer of a base LLM and the image processor of a base vision tower."""
+        from transformers import AutoImageProcessor, AutoTokenizer
+
+        return cls(AutoTokenizer.from_pretrained(str(llm)), AutoImageProcessor.from_pretrained(str(vision)),
+                   num_image_tokens)
+
+    def save_pretrained(self, path: str | Path) -> None:
+        self.tokenizer.save_pretrained(str(path))
+        self.image_processor.save_pretrained(str(path))
+
+    # -- text -------------------------------------------------------------------------------------
+    def render(self, messages: list[dict], *, add_generation_prompt: bool = True,
+               enable_thinking: bool = False) -> str:
+        """Render a conversation with the chat template and expand its `<image>` marks."""
+        text = self.tokenizer.apply_chat_template(
+            messages, tokenize=False, add_generation_prompt=add_generation_prompt,
+            enable_thinking=enable_thinking,
+        )
+        return expand_image_marks(text, self.num_image_tokens)
+
+    @staticmethod
+    def count_image_marks(messages: list[dict]) -> int:
+        return sum(str(m.get("content", "")).count(IMAGE_MARK) for m in messages)
+
+    # -- images -----------------------------------------------------------------------------------
+    def preprocess_images(self, images: list[Image.Image]) -> torch.Tensor:
+        """Images to the vision tower's input: (N, 3, H, W) float32."""
+        out = self.image_processor(images=[to_rgb(im) for im in images], return_tensors="pt")
+        return out["pixel_values"].float()
+
+    def __call__(self, texts: list[str], images: list[Image.Image] | None = None,
+                 padding_side: str = "left") -> dict[str, torch.Tensor]:
+        """Tokenize rendered prompts (left-padded for generation) and preprocess their images.
+
+        `images` lists the images of all prompts in order of appearance.
+        """
+        self.tokenizer.padding_side = padding_side
+        batch = dict(self.tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False))
+        if images:
+            batch["pixel_values"] = self.preprocess_images(images)
+        return batch

@@ -1,0 +1,272 @@
+"""The CrossVLM model against the stock transformers models it is built from."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from transformers import AutoTokenizer, CLIPConfig, CLIPModel, Qwen3ForCausalLM
+
+from crossvlm.errors import ImageTokenMismatch, ModelLoadError
+from crossvlm.model import CrossVLM, load_vision
+from crossvlm.model.processor import CrossVLMProcessor, to_rgb
+from crossvlm.model.projector import CrossAttentionProjector, sincos_2d
+
+
+@pytest.fixture(scope="module")
+def vlm(tiny_vlm_dir):
+    return CrossVLM.from_pretrained(tiny_vlm_dir).eval()
+
+
+@pytest.fixture(scope="module")
+def processor(tiny_vlm_dir):
+    return CrossVLMProcessor.from_pretrained(tiny_vlm_dir)
+
+
+def _image_prompt(processor, n_before=3, n_after=5, seed=0):
+    """Token ids: n_before text tokens, one image span, n_after text tokens."""
+    g = torch.Generator().manual_seed(seed)
+    ids = processor.vision_ids
+    span = [ids.start] + [ids.pad] * processor.num_image_tokens + [ids.end]
+    before = torch.randint(0, 600, (n_before,), generator=g).tolist()
+    after = torch.randint(0, 600, (n_after,), generator=g).tolist()
+    return torch.tensor([before + span + after]), n_before
+
+
+def test_text_only_logits_equal_qwen3(vlm, tiny_models):
+    qwen = Qwen3ForCausalLM.from_pretrained(tiny_models / "llm").eval()
+    ids = torch.randint(0, 600, (3, 17), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones_like(ids)
+    mask[1, :4] = 0  # a left-padded row too
+    with torch.no_grad():
+        ours = vlm(input_ids=ids, attention_mask=mask).logits
+        ref = qwen(input_ids=ids, attention_mask=mask).logits
+    assert ours.dtype == torch.float32
+    assert (ours - ref).abs().max().item() <= 1e-5
+
+
+def test_chat_without_image_matches_hf_generate(tiny_models, capsys):
+    from crossvlm.cli import main
+
+    prompt = "what colour is the circle?"
+    assert main(["chat", "--llm", str(tiny_models / "llm"), "--vision", str(tiny_models / "vision"),
+                 "--prompt", prompt, "--greedy", "--max-new-tokens", "12", "--device", "cpu"]) == 0
+    ours = capsys.readouterr().out.strip()
+
+    tok = AutoTokenizer.from_pretrained(tiny_models / "llm")
+    qwen = Qwen3ForCausalLM.from_pretrained(tiny_models / "llm").eval()
+    inputs = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                     enable_thinking=False, return_tensors="pt", return_dict=True)
+    out = qwen.generate(**inputs, max_new_tokens=12, do_sample=False)
+    ref = tok.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+    assert ref, "the tiny random LLM should produce visible text for this comparison to mean anything"
+    assert ours == ref
+
+
+@pytest.mark.parametrize("change", ["missing", "extra"])
+def test_llm_with_missing_or_extra_key_fails_listing_it(tiny_models, tmp_path, change):
+    bad = tmp_path / "llm"
+    shutil.copytree(tiny_models / "llm", bad)
+    weights = load_file(bad / "model.safetensors")
+    if change == "missing":
+        key = "model.layers.1.mlp.up_proj.weight"
+        del weights[key]
+    else:
+        key = "model.layers.0.extra_adapter.weight"
+        weights[key] = torch.zeros(2, 2)
+    save_file(weights, bad / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ModelLoadError) as err:
+        CrossVLM.from_base_models(bad, tiny_models / "vision")
+    assert key in str(err.value)
+    assert ("missing" if change == "missing" else "unexpected") in str(err.value)
+
+
+def test_vision_tower_loads_from_a_full_clip_checkpoint(tiny_models, tmp_path):
+    # openai/clip-vit-base-patch16 is a CLIPModel checkpoint (vision + text towers).
+    tower = load_vision(tiny_models / "vision")
+    clip = CLIPModel(CLIPConfig(vision_config=tower.config.to_dict(),
+                                text_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                                 num_attention_heads=2, vocab_size=100)))
+    # (transformers versions differ on whether CLIPVisionModel's keys carry "vision_model.")
+    clip.vision_model.load_state_dict({k.removeprefix("vision_model."): v for k, v in tower.state_dict().items()})
+    clip.save_pretrained(tmp_path / "clip")
+    loaded = load_vision(tmp_path / "clip")
+    pix = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(loaded(pix).last_hidden_state, tower(pix).last_hidden_state)
+
+
+def test_image_changes_logits_after_its_span_only(vlm, processor):
+    ids, start = _image_prompt(processor)
+    g = torch.Generator().manual_seed(2)
+    a, b = torch.randn(1, 3, 64, 64, generator=g), torch.randn(1, 3, 64, 64, generator=g)
+    with torch.no_grad():
+        la = vlm(input_ids=ids, pixel_values=a).logits
+        lb = vlm(input_ids=ids, pixel_values=b).logits
+    assert torch.equal(la[:, :start + 1], lb[:, :start + 1])  # text and <|vision_start|> before the image
+    assert (la[:, start + 1:] - lb[:, start + 1:]).abs().amax(-1).min() > 1e-6  # every later position
+
+
+def test_wrong_number_of_image_pads_raises(vlm, processor):
+    ids, _ = _image_prompt(processor)
+    pix = torch.randn(1, 3, 64, 64)
+    with pytest.raises(ImageTokenMismatch, match="sample 0 has 15"):
+        vlm(input_ids=ids[:, torch.arange(ids.shape[1]) != 5], pixel_values=pix)
+    with pytest.raises(ImageTokenMismatch, match="1 image spans .* but 2 images"):
+        vlm(input_ids=ids, pixel_values=pix.repeat(2, 1, 1, 1))
+    with pytest.raises(ImageTokenMismatch, match="but 0 images"):
+        vlm(input_ids=ids)
+
+
+def test_save_then_load_gives_identical_outputs(vlm, processor, tmp_path):
+    ids, _ = _image_prompt(processor)
+    pix = torch.randn(1, 3, 64, 64)
+    vlm.save_pretrained(tmp_path)
+    again = CrossVLM.from_pretrained(tmp_path).eval()
+    with torch.no_grad():
+        assert torch.equal(vlm(input_ids=ids, pixel_values=pix).logits, again(input_ids=ids, pixel_values=pix).logits)
+    assert again.llm.generation_config.eos_token_id == vlm.llm.generation_config.eos_token_id
+
+
+def test_saved_model_with_wrong_key_fails(vlm, tmp_path):
+    vlm.save_pretrained(tmp_path)
+    weights = load_file(tmp_path / "model.safetensors")
+    del weights["projector.queries"]
+    save_file(weights, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ModelLoadError, match="projector.queries"):
+        CrossVLM.from_pretrained(tmp_path)
+
+
+def test_greedy_generation_with_kv_cache_equals_without(vlm, processor):
+    text = processor.render([{"role": "user", "content": "<image>where is the red circle?"}])
+    ids = processor.tokenizer(text, return_tensors="pt", add_special_tokens=False)["input_ids"]
+    pix = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(3))
+    out = vlm.generate(ids, pix, attention_mask=torch.ones_like(ids), max_new_tokens=10, do_sample=False,
+                       eos_token_id=None, pad_token_id=0)
+    cached = out[0, ids.shape[1]:]
+    seq = ids
+    with torch.no_grad():  # reference: no cache, the full sequence (image included) every step
+        for _ in range(10):
+            nxt = vlm(input_ids=seq, pixel_values=pix).logits[:, -1].argmax(-1, keepdim=True)
+            seq = torch.cat([seq, nxt], dim=1)
+    assert cached.tolist() == seq[0, ids.shape[1]:].tolist()
+    assert len(set(cached.tolist())) > 1
+
+
+def test_projector_queries_are_distinct_at_init(vlm):
+    # Identical inputs for every image position: only the queries' own codes can tell them apart.
+    features = torch.zeros(2, vlm.config.num_patches, vlm.config.vision_config.hidden_size)
+    with torch.no_grad():
+        tokens = vlm.projector(features)  # (2, M, D)
+    dists = torch.cdist(tokens[0], tokens[0])
+    off_diag = dists[~torch.eye(len(dists), dtype=torch.bool)]
+    assert off_diag.min() > 0.1 * tokens[0].norm(dim=-1).mean()
+
+
+def test_queries_start_out_looking_at_their_own_region():
+    proj = CrossAttentionProjector(vision_dim=64, llm_dim=32, num_patches=64, num_queries=16, num_heads=4)
+    attn = proj.query_attention(torch.randn(1, 64, 64))[0]  # (M=16, P=64)
+    # Query (i, j) covers patches (2i..2i+1, 2j..2j+1) of the 8x8 grid.
+    for qi in range(4):
+        for qj in range(4):
+            own = [(2 * qi + a) * 8 + 2 * qj + b for a in (0, 1) for b in (0, 1)]
+            row = attn[qi * 4 + qj]
+            assert row[own].sum() > 4 * (4 / 64), "own region gets far more than its uniform share"
+            assert row.argmax().item() in own
+
+
+def test_sincos_codes_are_distinct():
+    codes = sincos_2d(8, 64, extent=14)
+    assert codes.shape == (64, 64)
+    assert torch.cdist(codes, codes).fill_diagonal_(1).min() > 0.1
+
+
+def test_visual_tokens_match_embedding_scale(vlm):
+    pix = torch.randn(4, 3, 64, 64)
+    with torch.no_grad():
+        std = vlm.encode_images(pix).std().item()
+    embed_std = vlm.get_input_embeddings().weight.std().item()
+    assert 0.5 < std / embed_std < 2.0
+
+
+def test_mixed_text_only_and_image_batch(vlm, processor):
+    ids, _ = _image_prompt(processor, seed=4)
+    text = torch.randint(0, 600, (1, 9), generator=torch.Generator().manual_seed(4))
+    pad = processor.tokenizer.pad_token_id
+    batch = torch.full((2, ids.shape[1]), pad)
+    batch[0] = ids[0]
+    batch[1, : text.shape[1]] = text[0]
+    mask = (torch.arange(ids.shape[1]) < torch.tensor([[ids.shape[1]], [text.shape[1]]])).long()
+    pix = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        both = vlm(input_ids=batch, attention_mask=mask, pixel_values=pix).logits
+        alone_img = vlm(input_ids=ids, pixel_values=pix).logits
+        alone_txt = vlm(input_ids=text).logits
+    assert (both[0] - alone_img[0]).abs().max() < 1e-5
+    assert (both[1, : text.shape[1]] - alone_txt[0]).abs().max() < 1e-5
+
+
+def test_several_images_in_one_sample(vlm, processor):
+    one, _ = _image_prompt(processor, seed=5)
+    two = torch.cat([one, one[:, 3:]], dim=1)  # a second image span after the first
+    pix = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        logits = vlm(input_ids=two, pixel_values=pix).logits
+        swapped = vlm(input_ids=two, pixel_values=pix.flip(0)).logits
+    assert logits.shape[1] == two.shape[1]
+    assert not torch.allclose(logits[:, -1], swapped[:, -1])
+
+
+def test_loss_uses_only_labelled_positions(vlm, processor):
+    ids, _ = _image_prompt(processor, seed=6)
+    pix = torch.randn(1, 3, 64, 64)
+    labels = torch.full_like(ids, -100)
+    labels[0, -4:] = ids[0, -4:]
+    with torch.no_grad():
+        loss = vlm(input_ids=ids, pixel_values=pix, labels=labels)
+        logits = vlm(input_ids=ids, pixel_values=pix).logits
+    ref = torch.nn.functional.cross_entropy(logits[0, :-1], labels[0, 1:], ignore_index=-100)
+    assert loss.logits is None  # no [batch, seq, vocab] tensor in training
+    assert abs(loss.loss.item() - ref.item()) < 1e-5
+
+
+def test_vision_tower_frozen_and_outside_autograd(vlm, processor):
+    vlm.train()
+    assert not vlm.vision.training and vlm.projector.training
+    assert not any(p.requires_grad for p in vlm.vision.parameters())
+    feats = vlm.vision_features(torch.randn(1, 3, 64, 64))
+    assert not feats.requires_grad and feats.grad_fn is None
+    ids, _ = _image_prompt(processor, seed=7)
+    labels = ids.clone()
+    vlm(input_ids=ids, pixel_values=torch.randn(1, 3, 64, 64), labels=labels).loss.backward()
+    assert vlm.projector.queries.grad is not None
+    vlm.zero_grad(set_to_none=True)
+    vlm.eval()
+
+
+def test_mlp_projector_baseline_uses_one_token_per_patch(tiny_models):
+    model = CrossVLM.from_base_models(tiny_models / "llm", tiny_models / "vision", projector_type="mlp")
+    assert model.num_image_tokens == model.config.num_patches == 64
+    with torch.no_grad():
+        tokens = model.encode_images(torch.randn(2, 3, 64, 64))
+    assert tokens.shape == (2, 64, model.config.text_config.hidden_size)
+
+
+def test_processor_renders_template_and_expands_images(processor):
+    msgs = [{"role": "user", "content": "<image>What colour is it?"}]
+    text = processor.render(msgs)
+    assert text.startswith("<|im_start|>user\n<|vision_start|>")
+    assert text.count("<|image_pad|>") == processor.num_image_tokens
+    assert text.endswith("<|im_start|>assistant\n<think>\n\n</think>\n\n")
+    assert processor.render(msgs, enable_thinking=True).endswith("<|im_start|>assistant\n")
+
+
+def test_to_rgb_handles_alpha_palette_and_grey():
+    from PIL import Image
+
+    rgba = Image.new("RGBA", (4, 4), (255, 0, 0, 0))  # fully transparent red -> white
+    assert to_rgb(rgba).getpixel((0, 0)) == (255, 255, 255)
+    assert to_rgb(Image.new("L", (4, 4), 128)).getpixel((0, 0)) == (128, 128, 128)
+    assert to_rgb(Image.new("P", (4, 4))).mode == "RGB"
