@@ -1,0 +1,203 @@
+"""The data set and the loader the training loop uses.
+
+`build_dataset` opens every source lazily; its `__getitem__` (run in DataLoader workers) reads one
+record, checks it, renders it, and decodes its images, returning a `Sample` or, for any problem, a
+`BadRecord` — never raising. `build_loader` wraps it in a DataLoader driven by the deterministic,
+sharded, resumable `ShardedBatchSampler`, and counts bad records as batches arrive.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from crossvlm.data.badrecords import BadRecordTracker
+from crossvlm.data.collate import Collator, Sample
+from crossvlm.data.config import DataConfig
+from crossvlm.data.images import ImageTransform, load_image
+from crossvlm.data.readers import find_files, open_reader
+from crossvlm.data.records import BadRecord, RecordError, normalize
+from crossvlm.data.render import TemplateMismatch, encode_conversation, truncate
+from crossvlm.data.sampler import ShardedBatchSampler
+from crossvlm.errors import DataError
+from crossvlm.model.tokens import IMAGE_MARK, VisionTokenIds
+
+# Characters per token assumed when estimating lengths for grouping (only the order matters).
+CHARS_PER_TOKEN = 3.0
+
+
+@dataclass
+class SourceSpan:
+    """The dataset indices [start, stop) of one configured source, and its mixture weight."""
+
+    start: int
+    stop: int
+    weight: float
+
+
+class VLMDataset:
+    """Map-style data set over all files of all sources; item i is a `Sample` or a `BadRecord`."""
+
+    def __init__(self, readers: list, spans: list[SourceSpan], cfg: DataConfig, tokenizer, image_processor,
+                 num_image_tokens: int):
+        self.readers = readers
+        self.spans = spans
+        self.cfg = cfg
+        self.tokenizer = tokenizer
+        self.transform = ImageTransform(image_processor) if image_processor is not None else None
+        self.num_image_tokens = num_image_tokens
+        self.vision = VisionTokenIds.from_tokenizer(tokenizer)
+        self.file_starts = np.cumsum([0] + [len(r) for r in readers])  # (F+1,)
+
+    def __len__(self) -> int:
+        return int(self.file_starts[-1])
+
+    def locate(self, index: int) -> tuple[object, int]:
+        f = int(np.searchsorted(self.file_starts, index, side="right") - 1)
+        return self.readers[f], index - int(self.file_starts[f])
+
+    @property
+    def source_ranges(self) -> list[tuple[int, int, float]]:
+        return [(s.start, s.stop, s.weight) for s in self.spans]
+
+    def __getitem__(self, index: int) -> Sample | BadRecord:
+        reader, row = self.locate(index)
+        location = reader.location(row)
+        try:
+            return self.load(reader, row)
+        except RecordError as err:
+            return BadRecord(err.kind, location, err.detail)
+        except TemplateMismatch as err:
+            return BadRecord("error", location, str(err))
+        except Exception as err:  # noqa: BLE001 — a worker must report, not die; counted as "error"
+            return BadRecord("error", location, f"{type(err).__name__}: {err}")
+
+    def load(self, reader, row: int) -> Sample:
+        import torch
+
+        conv = normalize(reader.read(row))
+        encoded = encode_conversation(conv.messages, self.tokenizer, self.num_image_tokens,
+                                      system_prompt=self.cfg.system_prompt, enable_thinking=self.cfg.enable_thinking)
+        result = truncate(encoded, self.cfg.max_length, self.vision)
+        if result is None:
+            raise RecordError("too_long", f"{len(encoded.input_ids)} tokens > max_length {self.cfg.max_length}")
+        encoded, cut = result
+        # Spans appear in mark order, so the kept images are the first ones.
+        images = [load_image(src, self.cfg.max_image_pixels, self.transform and self.transform.draft_size)
+                  for src in conv.images[: encoded.num_images]]
+        pixel_values = self.transform(images) if images and self.transform else None  # (n, 3, H, W)
+        return Sample(
+            input_ids=torch.tensor(encoded.input_ids, dtype=torch.long),
+            labels=torch.tensor(encoded.labels, dtype=torch.long),
+            pixel_values=pixel_values,
+            location=conv.location,
+            truncated=cut,
+        )
+
+    def length_estimates(self) -> np.ndarray:
+        """Estimated token length of every item, from text sizes and image marks (no rendering)."""
+        per_image = self.num_image_tokens + 2 - len(IMAGE_MARK) / CHARS_PER_TOKEN
+        parts = []
+        for reader in self.readers:
+            chars, marks = reader.length_estimates()
+            parts.append(chars / CHARS_PER_TOKEN + marks * per_image)
+        return np.concatenate(parts) if parts else np.zeros(0)
+
+
+def build_dataset(cfg: DataConfig, tokenizer, image_processor, num_image_tokens: int, split: str | None = None
+                  ) -> VLMDataset:
+    """Open the configured sources (lazily) as one data set.
+
+    `split` ("train", "test", ...) keeps, in every folder source, only files whose name contains it;
+    file sources are used as given.
+    """
+    cfg.validate()
+    readers, spans = [], []
+    for src in cfg.sources:
+        files = find_files(src.path)
+        if split and Path(src.path).is_dir():
+            files = [f for f in files if split in f.stem]
+            if not files:
+                raise DataError(f"{src.path}: no data file with {split!r} in its name")
+        start = sum(len(r) for r in readers)
+        for path in files:
+            readers.append(open_reader(path, src.format, src.image_root, row_group_cache=cfg.row_group_cache))
+        stop = sum(len(r) for r in readers)
+        if stop == start:
+            raise DataError(f"{src.path}: no records")
+        spans.append(SourceSpan(start, stop, src.weight))
+    return VLMDataset(readers, spans, cfg, tokenizer, image_processor, num_image_tokens)
+
+
+class Loader:
+    """Iterable of batches for one rank; resumes at `step` (global batches already consumed).
+
+    Every batch is counted by `tracker`, which raises DataError when bad records pass
+    `max_bad_fraction`. `state_dict()` / `load_state_dict()` carry the step and the counts.
+    """
+
+    def __init__(self, dataset: VLMDataset, cfg: DataConfig, batch_size: int, *, seed: int, rank: int = 0,
+                 world_size: int = 1, start_step: int = 0, epochs: int | None = None, drop_last: bool = True,
+                 pin_memory: bool | None = None, prefetch_factor: int = 2):
+        self.dataset, self.cfg, self.batch_size = dataset, cfg, batch_size
+        self.seed, self.rank, self.world_size = seed, rank, world_size
+        self.step = start_step
+        self.epochs, self.drop_last = epochs, drop_last
+        self.pin_memory, self.prefetch_factor = pin_memory, prefetch_factor
+        self.lengths = dataset.length_estimates() if cfg.group_by_length else None
+        self.collator = Collator(dataset.tokenizer.pad_token_id, cfg.packing, cfg.max_length)
+        sampler = self.sampler()
+        self.steps_per_epoch = sampler.steps_per_epoch
+        self.tracker = BadRecordTracker(cfg.max_bad_fraction, expected_total=sampler.epoch_length)
+
+    def sampler(self) -> ShardedBatchSampler:
+        return ShardedBatchSampler(
+            self.dataset.source_ranges, self.batch_size, seed=self.seed, rank=self.rank,
+            world_size=self.world_size, shuffle=self.cfg.shuffle, lengths=self.lengths, epochs=self.epochs,
+            start_step=self.step, drop_last=self.drop_last,
+        )
+
+    def __len__(self) -> int:
+        return len(self.sampler())
+
+    def __iter__(self):
+        import torch
+        from torch.utils.data import DataLoader
+
+        workers = self.cfg.num_workers
+        loader = DataLoader(
+            self.dataset, batch_sampler=self.sampler(), collate_fn=self.collator, num_workers=workers,
+            pin_memory=torch.cuda.is_available() if self.pin_memory is None else self.pin_memory,
+            prefetch_factor=self.prefetch_factor if workers else None, persistent_workers=False,
+        )
+        for batch in loader:
+            self.step += 1
+            self.tracker.update(batch)
+            yield batch
+
+    def state_dict(self) -> dict:
+        return {"step": self.step, "seed": self.seed, "global_batch": self.batch_size * self.world_size,
+                "bad_records": self.tracker.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state["seed"] != self.seed or state["global_batch"] != self.batch_size * self.world_size:
+            raise DataError(
+                f"cannot resume the data position: the checkpoint used seed {state['seed']} and global batch "
+                f"{state['global_batch']}, this run seed {self.seed} and {self.batch_size * self.world_size}"
+            )
+        self.step = int(state["step"])
+        self.tracker.load_state_dict(state["bad_records"])
+
+
+def build_loader(dataset: VLMDataset, cfg: DataConfig, batch_size: int, *, seed: int, rank: int = 0,
+                 world_size: int = 1, start_step: int = 0, epochs: int | None = None, drop_last: bool = True
+                 ) -> Loader:
+    """Batches of `batch_size` samples for `rank` of `world_size`, from global step `start_step` on.
+
+    `epochs=None` repeats the data forever (the loop stops at its step budget); evaluation passes
+    `epochs=1, drop_last=False` and `cfg.shuffle=False`.
+    """
+    return Loader(dataset, cfg, batch_size, seed=seed, rank=rank, world_size=world_size,
+                  start_step=start_step, epochs=epochs, drop_last=drop_last)

@@ -1,0 +1,276 @@
+"""Lazy, random-access readers for MiniMind-V parquet and LLaVA JSON / JSONL files.
+
+Opening a reader keeps only a small index (numpy arrays), never the records as Python objects:
+- parquet: row counts per row group; a row is read by decoding its row group (only the two columns
+  used), with a small LRU cache of decoded groups per process;
+- JSONL: the byte offset of every line; JSON (an array): the byte span of every element, found by one
+  streaming pass at open. A record is read by seeking to its span and parsing just that.
+Readers are opened in the main process and used in DataLoader workers: file handles are opened lazily
+per process, so a forked worker never shares one with its parent.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections import OrderedDict
+from pathlib import Path
+
+import numpy as np
+
+from crossvlm.data.records import RawRecord, RecordError
+from crossvlm.errors import DataError
+from crossvlm.model.tokens import IMAGE_MARK
+
+SUFFIXES = {".parquet": "minimind", ".json": "llava", ".jsonl": "llava"}
+
+
+def find_files(path: str | Path) -> list[Path]:
+    """The data files of a source: the file itself, or the data files in a folder (sorted, recursive)."""
+    path = Path(path).expanduser()
+    if path.is_file():
+        return [path]
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in SUFFIXES)
+        if not files:
+            raise DataError(f"{path}: folder holds no .parquet, .json or .jsonl file")
+        return files
+    raise DataError(f"{path}: no such file or folder")
+
+
+def detect_format(path: Path) -> str:
+    """`minimind` or `llava`, from the suffix, checked against the file's contents."""
+    kind = SUFFIXES.get(path.suffix.lower())
+    if kind is None:
+        raise DataError(f"{path}: cannot tell the format from the suffix {path.suffix!r}; "
+                        "use .parquet, .json or .jsonl, or force one with --format")
+    return kind
+
+
+def open_reader(path: Path, fmt: str | None = None, image_root: str | Path | None = None, *,
+                row_group_cache: int = 2) -> "ParquetReader | JsonReader":
+    """Open one file for random access; `fmt` forces the format instead of detecting it."""
+    fmt = fmt or detect_format(path)
+    if fmt == "minimind":
+        return ParquetReader(path, row_group_cache=row_group_cache)
+    if fmt == "llava":
+        return JsonReader(path, image_root=image_root)
+    raise DataError(f"{path}: unknown format {fmt!r}; choose minimind or llava")
+
+
+class ParquetReader:
+    """MiniMind-V parquet: `conversations` (JSON string or list of turns), optional `image_bytes`."""
+
+    format = "minimind"
+
+    def __init__(self, path: Path, row_group_cache: int = 2):
+        import pyarrow.parquet as pq
+
+        self.path = Path(path)
+        try:
+            meta = pq.ParquetFile(self.path).metadata
+        except Exception as err:  # pyarrow raises several types for unreadable files
+            raise DataError(f"{self.path}: not a readable parquet file ({err})") from None
+        names = set(meta.schema.names)
+        if "conversations" not in names:
+            raise DataError(f"{self.path}: no `conversations` column (columns: {sorted(names)}); "
+                            "is it a MiniMind-V parquet file?")
+        self.columns = ["conversations"] + (["image_bytes"] if "image_bytes" in names else [])
+        rows = np.array([meta.row_group(g).num_rows for g in range(meta.num_row_groups)], dtype=np.int64)
+        self.group_starts = np.concatenate([[0], np.cumsum(rows)])  # (G+1,)
+        self.max_group_rows = int(rows.max()) if len(rows) else 0
+        self.cache_size = row_group_cache
+        self._file = None
+        self._pid = None
+        self._cache: OrderedDict[int, dict] = OrderedDict()
+
+    def __len__(self) -> int:
+        return int(self.group_starts[-1])
+
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        state.update(_file=None, _pid=None, _cache=OrderedDict())
+        return state
+
+    def _group(self, g: int) -> dict:
+        if self._pid != os.getpid():
+            import pyarrow.parquet as pq
+
+            self._file, self._pid, self._cache = pq.ParquetFile(self.path, memory_map=True), os.getpid(), OrderedDict()
+        if g in self._cache:
+            self._cache.move_to_end(g)
+            return self._cache[g]
+        table = self._file.read_row_group(g, columns=self.columns)
+        # Keep arrow arrays (not Python lists) so a cached group costs its binary size only.
+        group = {name: table.column(name).combine_chunks() for name in self.columns}
+        self._cache[g] = group
+        while len(self._cache) > self.cache_size:
+            self._cache.popitem(last=False)
+        return group
+
+    def read(self, row: int) -> RawRecord:
+        g = int(np.searchsorted(self.group_starts, row, side="right") - 1)
+        group = self._group(g)
+        i = row - int(self.group_starts[g])
+        conversations = group["conversations"][i].as_py()
+        images = group["image_bytes"][i].as_py() if "image_bytes" in group else None
+        if images is None:
+            images = []
+        elif not isinstance(images, list):
+            images = [images]
+        return RawRecord(conversations, images, self.location(row))
+
+    def location(self, row: int) -> str:
+        return f"{self.path} row {row}"
+
+    def length_estimates(self) -> tuple[np.ndarray, np.ndarray]:
+        """(text characters, <image> marks) per row, from the `conversations` column alone."""
+        import pyarrow as pa
+        import pyarrow.compute as pc
+        import pyarrow.parquet as pq
+
+        chars, marks = [], []
+        pf = pq.ParquetFile(self.path)
+        for g in range(pf.num_row_groups):
+            col = pf.read_row_group(g, columns=["conversations"]).column(0).combine_chunks()
+            if pa.types.is_list(col.type) or pa.types.is_large_list(col.type):
+                # list<struct{role, content}>: sum the turn contents of each row.
+                flat = pc.list_flatten(col)
+                content = pc.struct_field(flat, "content") if pa.types.is_struct(flat.type) else flat
+                parents = pc.list_parent_indices(col).to_numpy()
+                n = len(col)
+                chars.append(np.bincount(parents, pc.utf8_length(content).fill_null(0).to_numpy(), n))
+                marks.append(np.bincount(parents, pc.count_substring(content, IMAGE_MARK).fill_null(0).to_numpy(), n))
+            else:
+                chars.append(pc.utf8_length(col).fill_null(0).to_numpy().astype(np.float64))
+                marks.append(pc.count_substring(col, IMAGE_MARK).fill_null(0).to_numpy().astype(np.float64))
+        if not chars:
+            return np.zeros(0), np.zeros(0)
+        return np.concatenate(chars), np.concatenate(marks)
+
+
+class JsonReader:
+    """LLaVA JSON (one array of records) or JSONL (one record a line): `image` paths + `conversations`."""
+
+    format = "llava"
+
+    def __init__(self, path: Path, image_root: str | Path | None = None):
+        self.path = Path(path)
+        self.image_root = Path(image_root).expanduser() if image_root else self.path.parent
+        with open(self.path, "rb") as f:
+            head = f.read(4096).lstrip()
+        if not head:
+            raise DataError(f"{self.path}: file is empty")
+        if head[:1] == b"[":
+            self.starts, self.ends, self.chars, self.marks = _scan_json_array(self.path)
+        elif head[:1] == b"{" and _first_line_is_object(self.path):
+            self.starts, self.ends, self.chars, self.marks = _scan_jsonl(self.path)
+        else:
+            raise DataError(f"{self.path}: neither a JSON array of records nor JSON lines "
+                            f"(starts with {head[:20]!r})")
+        self._file = None
+        self._pid = None
+
+    def __len__(self) -> int:
+        return len(self.starts)
+
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        state.update(_file=None, _pid=None)
+        return state
+
+    def read(self, row: int) -> RawRecord:
+        if self._pid != os.getpid():
+            self._file, self._pid = open(self.path, "rb"), os.getpid()
+        self._file.seek(int(self.starts[row]))
+        raw = self._file.read(int(self.ends[row] - self.starts[row]))
+        location = self.location(row)
+        try:
+            record = json.loads(raw)
+        except ValueError as err:
+            raise RecordError("malformed", f"not valid JSON ({err})") from None
+        if not isinstance(record, dict) or "conversations" not in record:
+            raise RecordError("malformed", "record has no `conversations`")
+        image = record.get("image", record.get("images"))
+        if image is None:
+            paths = []
+        elif isinstance(image, str):
+            paths = [image]
+        elif isinstance(image, list) and all(isinstance(p, str) for p in image):
+            paths = image
+        else:
+            raise RecordError("malformed", f"`image` must be a path or a list of paths, got {image!r:.60}")
+        return RawRecord(record["conversations"], [self.image_root / p for p in paths], location)
+
+    def location(self, row: int) -> str:
+        return f"{self.path} record {row}"
+
+    def length_estimates(self) -> tuple[np.ndarray, np.ndarray]:
+        return self.chars, self.marks
+
+
+def _first_line_is_object(path: Path) -> bool:
+    with open(path, "rb") as f:
+        for line in f:
+            if line.strip():
+                try:
+                    return isinstance(json.loads(line), dict)
+                except ValueError:
+                    return False
+    return False
+
+
+def _scan_jsonl(path: Path):
+    """Byte spans of the non-blank lines, with each line's length and <image> count."""
+    starts, ends, chars, marks = [], [], [], []
+    mark = IMAGE_MARK.encode()
+    pos = 0
+    with open(path, "rb") as f:
+        for line in f:
+            if line.strip():
+                starts.append(pos)
+                ends.append(pos + len(line))
+                chars.append(len(line))
+                marks.append(line.count(mark))
+            pos += len(line)
+    return (np.array(starts, np.int64), np.array(ends, np.int64),
+            np.array(chars, np.float64), np.array(marks, np.float64))
+
+
+def _scan_json_array(path: Path):
+    """Byte spans of the elements of a top-level JSON array, found by one decoding pass.
+
+    Each element is decoded once to find where it ends and then dropped, so the pass holds the file's
+    text but never all records as objects.
+    """
+    text = path.read_text(encoding="utf-8")
+    ascii_only = text.isascii()
+    decoder = json.JSONDecoder()
+    starts, ends, chars, marks = [], [], [], []
+    pos = text.index("[") + 1
+    byte_pos, char_pos = len(text[:pos].encode()), pos  # byte offset of char_pos
+
+    def to_bytes(p: int) -> int:
+        nonlocal byte_pos, char_pos
+        byte_pos += (p - char_pos) if ascii_only else len(text[char_pos:p].encode())
+        char_pos = p
+        return byte_pos
+
+    while True:
+        while pos < len(text) and text[pos] in " \t\r\n,":
+            pos += 1
+        if pos >= len(text):
+            raise DataError(f"{path}: JSON array is not closed")
+        if text[pos] == "]":
+            break
+        try:
+            _, end = decoder.raw_decode(text, pos)
+        except ValueError as err:
+            raise DataError(f"{path}: invalid JSON after record {len(starts)} ({err})") from None
+        starts.append(to_bytes(pos))
+        ends.append(to_bytes(end))
+        chars.append(end - pos)
+        marks.append(text.count(IMAGE_MARK, pos, end))
+        pos = end
+    return (np.array(starts, np.int64), np.array(ends, np.int64),
+            np.array(chars, np.float64), np.array(marks, np.float64))
