@@ -68,10 +68,11 @@ class ParquetReader:
 
         self.path = Path(path)
         try:
-            meta = pq.ParquetFile(self.path).metadata
+            pf = pq.ParquetFile(self.path)
         except Exception as err:  # pyarrow raises several types for unreadable files
             raise DataError(f"{self.path}: not a readable parquet file ({err})") from None
-        names = set(meta.schema.names)
+        meta = pf.metadata
+        names = set(pf.schema_arrow.names)
         if "conversations" not in names:
             raise DataError(f"{self.path}: no `conversations` column (columns: {sorted(names)}); "
                             "is it a MiniMind-V parquet file?")

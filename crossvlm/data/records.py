@@ -87,7 +87,8 @@ def normalize(raw: RawRecord) -> Conversation:
     if not turns:
         raise RecordError("empty_conversation")
 
-    has_role = ["role" in t or "from" in t for t in turns]
+    # A missing key and a null (as parquet stores a struct field some turns lack) both mean "no role".
+    has_role = [t.get("role", t.get("from")) is not None for t in turns]
     if any(has_role) and not all(has_role):
         raise RecordError("unknown_role", f"turn {has_role.index(False)} has no role while others do")
     messages = []
