@@ -1,58 +1,155 @@
-"""`crossvlm chat`: talk to a model, with or without images."""
+"""`crossvlm chat`: talk to a model, with or without images, answers streamed as they are generated.
+
+With `--prompt` it answers once and exits; without, it is an interactive multi-turn chat whose
+slash commands add images (`/image PATH`), start over (`/reset`) or leave (`/quit`). The answer goes
+to stdout; the reasoning of `--thinking` goes to stderr, so `crossvlm chat ... > answer.txt` keeps
+only the answer.
+"""
 
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
+
+HELP = """commands:
+  /image PATH   attach an image to your next message (repeat for several)
+  /reset        forget the conversation and pending images
+  /quit         leave (Ctrl-D works too)"""
+
+
+def add_sampling_args(p: argparse.ArgumentParser) -> None:
+    """The decoding options of `crossvlm chat` and `crossvlm eval`."""
+    g = p.add_argument_group("decoding")
+    g.add_argument("--max-new-tokens", type=int, default=256)
+    g.add_argument("--greedy", action="store_true", help="deterministic greedy decoding")
+    g.add_argument("--temperature", type=float, default=0.7)
+    g.add_argument("--top-p", type=float, default=0.8)
+    g.add_argument("--top-k", type=int, default=20, help="0 turns top-k filtering off")
+    g.add_argument("--repetition-penalty", type=float, default=1.0)
+    g.add_argument("--seed", type=int, help="seed the sampler (reproducible sampled answers)")
+    g.add_argument("--thinking", action="store_true", help="let the model think before answering (Qwen3 <think>)")
+
+
+def sampling_from_args(args: argparse.Namespace):
+    from crossvlm.inference import SamplingParams
+
+    return SamplingParams(
+        max_new_tokens=args.max_new_tokens, greedy=args.greedy, temperature=args.temperature,
+        top_p=args.top_p, top_k=args.top_k, repetition_penalty=args.repetition_penalty, seed=args.seed,
+    )
 
 
 def register(sub) -> None:
     p = sub.add_parser(
         "chat",
-        help="answer a prompt about images with a saved model or base models",
-        description="Answer a prompt with a saved VLM (--model DIR), or with a base LLM and vision "
-        "tower (--llm, --vision; hub ids or local paths) and an untrained projector.",
+        help="chat with a saved model or base models, with images (streams the answer)",
+        description="Chat with a saved VLM (--model DIR), or with a base LLM and vision tower (--llm, "
+        "--vision; hub ids or local paths) and an untrained projector. With --prompt: answer once. "
+        "Without: an interactive chat.\n\n" + HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     src = p.add_argument_group("model")
     src.add_argument("--model", type=Path, help="a saved crossvlm model directory")
     src.add_argument("--llm", help="base LLM: hub id or directory (with --vision)")
     src.add_argument("--vision", help="base vision tower: hub id or directory (with --llm)")
+    src.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 … (default: cuda if available)")
     p.add_argument("--image", type=Path, action="append", default=[],
-                   help="an image file (repeat for several); each is placed before the prompt")
-    p.add_argument("--prompt", required=True, help="the user's message")
+                   help="an image file for the first message (repeat for several); placed before the text")
+    p.add_argument("--prompt", help="answer this one message and exit (default: interactive chat)")
     p.add_argument("--system", help="an optional system prompt")
-    p.add_argument("--greedy", action="store_true", help="deterministic greedy decoding")
-    p.add_argument("--max-new-tokens", type=int, default=256)
-    p.add_argument("--temperature", type=float, default=0.7)
-    p.add_argument("--top-p", type=float, default=0.8)
-    p.add_argument("--top-k", type=int, default=20)
-    p.add_argument("--repetition-penalty", type=float, default=1.0)
-    p.add_argument("--thinking", action="store_true", help="let the model think before answering")
-    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 … (default: cuda if available)")
+    add_sampling_args(p)
     p.set_defaults(func=run)
 
 
-def run(args: argparse.Namespace) -> int:
-    from PIL import Image
+class _Printer:
+    """Writes streamed deltas: reasoning to stderr (dimmed on a terminal), the answer to stdout."""
 
+    def __init__(self):
+        self.thinking = False
+
+    def __call__(self, delta) -> None:
+        if delta.reasoning:
+            if not self.thinking:
+                self.thinking = True
+                sys.stderr.write("\033[2m" if sys.stderr.isatty() else "")
+            sys.stderr.write(delta.reasoning)
+            sys.stderr.flush()
+        if delta.text:
+            self.end_thinking()
+            sys.stdout.write(delta.text)
+            sys.stdout.flush()
+
+    def end_thinking(self) -> None:
+        if self.thinking:
+            self.thinking = False
+            sys.stderr.write(("\033[0m" if sys.stderr.isatty() else "") + "\n")
+            sys.stderr.flush()
+
+
+def answer(chat, messages: list[dict], images: list, sampling, thinking: bool) -> str:
+    """Stream one answer to the terminal; returns its text."""
+    printer = _Printer()
+    stream = chat.stream(messages, images, sampling, enable_thinking=thinking)
+    for delta in stream:
+        printer(delta)
+    printer.end_thinking()
+    sys.stdout.write("\n")
+    sys.stdout.flush()
+    return stream.completion.text
+
+
+def run(args: argparse.Namespace) -> int:
     from crossvlm.errors import CrossVLMError
-    from crossvlm.inference import ChatModel, SamplingParams
+    from crossvlm.inference import ChatModel, open_image
     from crossvlm.model.tokens import IMAGE_MARK
 
     if args.model is None and (args.llm is None or args.vision is None):
         raise CrossVLMError("give --model DIR, or both --llm and --vision")
-    images = []
-    for path in args.image:
-        try:
-            images.append(Image.open(path))
-        except (OSError, ValueError) as err:
-            raise CrossVLMError(f"cannot read image {path}: {err}") from err
+    sampling = sampling_from_args(args)
+    images = [open_image(path, param=str(path)) for path in args.image]
     chat = ChatModel.load(args.model, llm=args.llm, vision=args.vision, device=args.device)
-    messages = [{"role": "system", "content": args.system}] if args.system else []
-    messages.append({"role": "user", "content": IMAGE_MARK * len(images) + args.prompt})
-    sampling = SamplingParams(
-        max_new_tokens=args.max_new_tokens, greedy=args.greedy, temperature=args.temperature,
-        top_p=args.top_p, top_k=args.top_k, repetition_penalty=args.repetition_penalty,
-    )
-    print(chat.chat(messages, images, sampling, enable_thinking=args.thinking))
-    return 0
+    system = [{"role": "system", "content": args.system}] if args.system else []
+
+    if args.prompt is not None:
+        messages = system + [{"role": "user", "content": IMAGE_MARK * len(images) + args.prompt}]
+        answer(chat, messages, images, sampling, args.thinking)
+        return 0
+
+    interactive = sys.stdin.isatty()
+    if interactive:
+        print(f"crossvlm chat — {HELP.splitlines()[1].strip()}; /help lists the commands", file=sys.stderr)
+    messages, history_images, pending = list(system), [], list(images)
+    while True:
+        try:
+            line = input("you> " if interactive else "")
+        except EOFError:
+            return 0
+        line = line.strip()
+        if not line:
+            continue
+        if line.startswith("/"):
+            command, _, rest = line.partition(" ")
+            if command in ("/quit", "/exit"):
+                return 0
+            if command == "/reset":
+                messages, history_images, pending = list(system), [], []
+                print("(conversation reset)", file=sys.stderr)
+            elif command == "/image" and rest.strip():
+                try:
+                    pending.append(open_image(Path(rest.strip()).expanduser(), param=rest.strip()))
+                    print(f"(image attached: {rest.strip()})", file=sys.stderr)
+                except CrossVLMError as err:
+                    print(f"error: {err}", file=sys.stderr)
+            else:
+                print(HELP, file=sys.stderr)
+            continue
+        turn = {"role": "user", "content": IMAGE_MARK * len(pending) + line}
+        try:
+            text = answer(chat, messages + [turn], history_images + pending, sampling, args.thinking)
+        except CrossVLMError as err:  # e.g. the conversation outgrew the context: say so, keep going
+            print(f"error: {err}", file=sys.stderr)
+            continue
+        messages += [turn, {"role": "assistant", "content": text}]
+        history_images += pending
+        pending = []
