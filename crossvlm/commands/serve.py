@@ -1,0 +1,93 @@
+"""`crossvlm serve`: an OpenAI-compatible HTTP server (FastAPI + uvicorn) with a chat page at `/`."""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import os
+import socket
+import sys
+from pathlib import Path
+
+
+def register(sub) -> None:
+    p = sub.add_parser(
+        "serve",
+        help="serve a model over HTTP: OpenAI chat completions and a chat page",
+        description="Serve a saved model: POST /v1/chat/completions (OpenAI format, streaming with "
+        "\"stream\": true), GET /v1/models, GET /health, and a chat page at /. See docs/SERVING.md.",
+    )
+    p.add_argument("--model", type=Path, required=True, help="a saved crossvlm model directory")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: this machine only)")
+    p.add_argument("--port", type=int, default=8000, help="port (0 picks a free one)")
+    p.add_argument("--api-key", default=os.environ.get("CROSSVLM_API_KEY"),
+                   help="require `Authorization: Bearer KEY` on /v1 routes (default: $CROSSVLM_API_KEY)")
+    p.add_argument("--model-name", help="the model id clients see (default: the directory's name)")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 … (default: cuda if available)")
+    g = p.add_argument_group("batching")
+    g.add_argument("--max-batch-size", type=int, default=8, help="most requests answered together (1 = queue)")
+    g.add_argument("--batch-wait-ms", type=float, default=5.0,
+                   help="how long a free worker waits for more requests to batch with the first")
+    g.add_argument("--max-tokens", type=int, default=512, help="token budget when a request gives none")
+    g.add_argument("--thinking", action="store_true", help="thinking mode for requests that do not choose")
+    g = p.add_argument_group("images")
+    g.add_argument("--max-image-pixels", type=int, default=16_000_000, help="largest width x height accepted")
+    g.add_argument("--max-image-mb", type=float, default=20.0, help="largest encoded image, in MB")
+    g.add_argument("--allow-remote-images", action="store_true",
+                   help="fetch http(s) image URLs (the server then requests URLs its clients choose)")
+    g.add_argument("--remote-timeout", type=float, default=10.0, help="seconds one image download may take")
+    g.add_argument("--allow-local-images", type=Path, metavar="DIR",
+                   help="accept file paths / file:// URLs of images inside DIR")
+    p.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
+    p.set_defaults(func=run)
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    from crossvlm.errors import CrossVLMError
+
+    try:
+        family = socket.AF_INET6 if ipaddress.ip_address(host).version == 6 else socket.AF_INET
+    except ValueError:  # a host name
+        family = socket.AF_INET
+    try:
+        return socket.create_server((host, port), family=family)
+    except OSError as err:
+        raise CrossVLMError(f"cannot listen on {host}:{port}: {err}") from err
+
+
+def run(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from crossvlm.errors import ConfigError
+    from crossvlm.inference import ChatModel
+    from crossvlm.serve.app import ServerSettings, create_app
+    from crossvlm.serve.images import ImagePolicy
+
+    problems = []
+    if args.max_batch_size < 1:
+        problems.append(f"--max-batch-size must be at least 1, got {args.max_batch_size}")
+    if args.max_tokens < 1:
+        problems.append(f"--max-tokens must be at least 1, got {args.max_tokens}")
+    if args.allow_local_images is not None and not args.allow_local_images.is_dir():
+        problems.append(f"--allow-local-images {args.allow_local_images} is not a folder")
+    if problems:
+        raise ConfigError("; ".join(problems))
+
+    chat = ChatModel.load(args.model, device=args.device)
+    settings = ServerSettings(
+        model_name=args.model_name or args.model.resolve().name, api_key=args.api_key or None,
+        images=ImagePolicy(max_pixels=args.max_image_pixels, max_bytes=int(args.max_image_mb * 1e6),
+                           allow_remote=args.allow_remote_images, remote_timeout=args.remote_timeout,
+                           local_root=args.allow_local_images),
+        max_batch_size=args.max_batch_size, batch_wait=args.batch_wait_ms / 1000,
+        default_max_tokens=args.max_tokens, thinking=args.thinking,
+    )
+    sock = _bind(args.host, args.port)
+    host, port = sock.getsockname()[:2]
+    url_host = f"[{host}]" if ":" in host else host
+    print(f"crossvlm serve: {settings.model_name} on http://{url_host}:{port} (chat page at /)", flush=True)
+    if settings.api_key is None and not ipaddress.ip_address(host).is_loopback:
+        print("crossvlm serve: warning: listening beyond this machine without --api-key", file=sys.stderr)
+    server = uvicorn.Server(uvicorn.Config(create_app(chat, settings), log_level=args.log_level))
+    server.run(sockets=[sock])
+    return 0

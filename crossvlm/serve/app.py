@@ -1,0 +1,214 @@
+"""The FastAPI application: OpenAI's chat completions (plain and streamed), models, health, chat page.
+
+Every refusal is a 4xx with OpenAI's error body `{"error": {"message", "type", "param", "code"}}`;
+a request is checked and its images decoded before it joins a batch, so a bad request never
+disturbs the others.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import time
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from fastapi import Depends, FastAPI, Request
+from fastapi.concurrency import run_in_threadpool
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from crossvlm.inference import ChatModel, Completion, InputError, Prompt, SamplingParams
+from crossvlm.serve.engine import BatchEngine
+from crossvlm.serve.images import ImagePolicy, image_from_url
+from crossvlm.serve.schema import ChatCompletionRequest, ResponseIds, error_body, usage
+
+STATIC = Path(__file__).parent / "static"
+
+
+@dataclass
+class ServerSettings:
+    """How the server answers; `crossvlm serve` fills it from its options."""
+
+    model_name: str = "crossvlm"
+    """The id `GET /v1/models` lists (any `model` value in a request is accepted)."""
+    api_key: str | None = None
+    """When set, /v1 routes need `Authorization: Bearer <api_key>`."""
+    images: ImagePolicy = field(default_factory=ImagePolicy)
+    max_batch_size: int = 8
+    batch_wait: float = 0.005
+    default_max_tokens: int = 512
+    """Token budget of a request that gives no max_tokens."""
+    thinking: bool = False
+    """Thinking mode for requests that do not choose (`chat_template_kwargs.enable_thinking`)."""
+    max_request_bytes: int = 64_000_000
+
+
+class APIError(Exception):
+    def __init__(self, status: int, message: str, type_: str = "invalid_request_error",
+                 code: str | None = None, param: str | None = None):
+        super().__init__(message)
+        self.status, self.body = status, error_body(message, type_, param, code)
+
+
+def _error(status: int, message: str, type_: str = "invalid_request_error", code: str | None = None,
+           param: str | None = None) -> JSONResponse:
+    return JSONResponse(error_body(message, type_, param, code), status_code=status)
+
+
+def _sse(body: dict | str) -> str:
+    return f"data: {body if isinstance(body, str) else json.dumps(body, ensure_ascii=False, separators=(',', ':'))}\n\n"
+
+
+def create_app(chat: ChatModel, settings: ServerSettings | None = None) -> FastAPI:
+    """The server for one loaded model. The batching engine starts and stops with the app."""
+    settings = settings or ServerSettings()
+    engine = BatchEngine(chat, settings.max_batch_size, settings.batch_wait)
+    page = (STATIC / "index.html").read_text(encoding="utf-8")
+
+    @asynccontextmanager
+    async def lifespan(_app: FastAPI):
+        engine.start()
+        yield
+        engine.close()
+
+    app = FastAPI(title="crossvlm", lifespan=lifespan, docs_url=None, redoc_url=None)
+    app.state.engine = engine
+
+    # -- errors in OpenAI's shape ---------------------------------------------------------------
+    @app.exception_handler(APIError)
+    async def _api_error(_request, exc: APIError):
+        return JSONResponse(exc.body, status_code=exc.status)
+
+    @app.exception_handler(InputError)
+    async def _input_error(_request, exc: InputError):
+        return _error(400, str(exc), code=exc.code, param=exc.param)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(_request, exc: RequestValidationError):
+        errors = exc.errors()
+        if errors and errors[0].get("type") == "json_invalid":
+            detail = (errors[0].get("ctx") or {}).get("error", "")
+            return _error(400, f"request body is not valid JSON: {detail}".rstrip(": "), code="invalid_json")
+        problems, params = [], []
+        for err in errors[:5]:
+            param = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in err.get("loc", ()) if p != "body")
+            params.append(param.lstrip(".") or None)
+            problems.append(f"{params[-1] or 'request body'}: {err.get('msg')}")
+        return _error(400, "; ".join(problems), code="invalid_request", param=params[0] if params else None)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(_request, exc: StarletteHTTPException):
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
+        return _error(exc.status_code, str(exc.detail), code=code)
+
+    @app.exception_handler(Exception)
+    async def _crash(_request, exc: Exception):
+        return _error(500, f"internal error: {type(exc).__name__}: {exc}", "server_error", "internal_error")
+
+    @app.middleware("http")
+    async def _limit_body(request: Request, call_next):
+        length = request.headers.get("content-length", "0")
+        if length.isdigit() and int(length) > settings.max_request_bytes:
+            return _error(413, f"request body is larger than {settings.max_request_bytes} bytes",
+                          code="request_too_large")
+        return await call_next(request)
+
+    def authorize(request: Request) -> None:
+        if settings.api_key is None:
+            return
+        given = request.headers.get("authorization", "")
+        if not hmac.compare_digest(given.encode(), f"Bearer {settings.api_key}".encode()):
+            raise APIError(401, "missing or wrong API key: send `Authorization: Bearer <key>`",
+                           "authentication_error", "invalid_api_key")
+
+    # -- routes ---------------------------------------------------------------------------------
+    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
+    async def chat_page():
+        return page
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok", "model": settings.model_name, "engine": engine.stats()}
+
+    @app.get("/v1/models", dependencies=[Depends(authorize)])
+    async def models():
+        return {"object": "list", "data": [{"id": settings.model_name, "object": "model",
+                                            "created": int(time.time()), "owned_by": "crossvlm"}]}
+
+    def prepare(req: ChatCompletionRequest) -> tuple[Prompt, SamplingParams]:
+        """Decode images and tokenize (in a worker thread: this may download or decode images)."""
+        messages = []
+        for m, message in enumerate(req.messages):
+            role = "system" if message.role == "developer" else message.role
+            content = message.content
+            if isinstance(content, list):
+                content = [
+                    {"type": "text", "text": part.text} if part.type == "text" else
+                    {"type": "image", "image": image_from_url(part.image_url.url, settings.images,
+                                                              f"messages[{m}].content[{p}].image_url")}
+                    for p, part in enumerate(content)
+                ]
+            messages.append({"role": role, "content": content or ""})
+        thinking = settings.thinking
+        if req.chat_template_kwargs and req.chat_template_kwargs.enable_thinking is not None:
+            thinking = req.chat_template_kwargs.enable_thinking
+        prompt = chat.prompt(messages, enable_thinking=thinking)
+        defaults = SamplingParams()
+        sampling = SamplingParams(
+            max_new_tokens=req.max_completion_tokens or req.max_tokens or settings.default_max_tokens,
+            temperature=defaults.temperature if req.temperature is None else req.temperature,
+            top_p=req.top_p or defaults.top_p,
+            top_k=defaults.top_k if req.top_k is None else req.top_k,
+            repetition_penalty=req.repetition_penalty or defaults.repetition_penalty,
+            stop=tuple(req.stop_list()), seed=req.seed,
+        )
+        return prompt, sampling
+
+    @app.post("/v1/chat/completions", dependencies=[Depends(authorize)])
+    async def chat_completions(req: ChatCompletionRequest):
+        prompt, sampling = await run_in_threadpool(prepare, req)
+        ids = ResponseIds(req.model or settings.model_name)
+        job = engine.submit(prompt, sampling)
+        if req.stream:
+            include_usage = bool(req.stream_options and req.stream_options.include_usage)
+            return StreamingResponse(_stream(job, ids, include_usage), media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        done = None
+        try:
+            async for event in job.events():
+                done = event if isinstance(event, Completion) else done
+        finally:
+            if done is None:
+                job.cancel()
+        return ids.completion(done)
+
+    return app
+
+
+async def _stream(job, ids: ResponseIds, include_usage: bool):
+    """Server-sent events in OpenAI's chunk format, ending with `data: [DONE]`."""
+    finished = False
+    try:
+        yield _sse(ids.chunk({"role": "assistant", "content": ""}))
+        async for event in job.events():
+            if isinstance(event, Completion):
+                finished = True
+                yield _sse(ids.chunk({}, event.finish_reason))
+                if include_usage:
+                    yield _sse(ids.chunk({}, usage_=usage(event.prompt_tokens, event.completion_tokens)))
+            else:
+                delta = {}
+                if event.reasoning:
+                    delta["reasoning_content"] = event.reasoning
+                if event.text:
+                    delta["content"] = event.text
+                yield _sse(ids.chunk(delta))
+    except Exception as err:  # noqa: BLE001 — headers are sent: report in the stream, as OpenAI does
+        yield _sse(error_body(f"internal error: {type(err).__name__}: {err}", "server_error", None, "internal_error"))
+    finally:
+        if not finished:
+            job.cancel()  # the client left (or the batch failed): stop generating for it
+    yield _sse("[DONE]")
