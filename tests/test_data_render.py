@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from crossvlm.data.collate import Collator, Sample, pack
+from crossvlm.data.records import BadRecord
 from crossvlm.data.render import IGNORE_INDEX, encode_conversation, encode_prompt, truncate
 from crossvlm.model.tokens import VisionTokenIds
 
@@ -147,6 +148,9 @@ def test_collate_pads_right_and_keeps_image_order():
     assert "position_ids" not in batch
     text_only = Collator(pad_token_id=9)([sample([1, 2], [-100, 2])])
     assert "pixel_values" not in text_only
+    all_bad = Collator(pad_token_id=9)([BadRecord("bad_image", "f row 3")])
+    assert all_bad["input_ids"].shape == (0, 0) and all_bad["num_samples"] == 0
+    assert all_bad["bad_records"] == [BadRecord("bad_image", "f row 3")]
 
 
 def test_packing_restarts_positions_and_orders_images_by_row():
