@@ -36,7 +36,7 @@ class InputError(CrossVLMError, ValueError):
     """A conversation or image that cannot be answered as given.
 
     `code` names the problem for programs (the server returns it in its error body): invalid_image,
-    image_too_large, image_count_mismatch, invalid_content, context_length_exceeded.
+    image_not_found, image_too_large, image_count_mismatch, invalid_content, context_length_exceeded.
     """
 
     def __init__(self, message: str, code: str, param: str | None = None):
@@ -271,7 +271,7 @@ def open_image(source, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS, param: str | 
         if err.kind == "image_too_large":
             raise InputError(f"image has too many pixels: {err.detail}", "image_too_large", param) from None
         if err.kind == "missing_image":
-            raise InputError(f"image file not found: {err.detail}", "invalid_image", param) from None
+            raise InputError(f"image file not found: {err.detail}", "image_not_found", param) from None
         # The detail names the decoder's exception first ("UnidentifiedImageError: ..."); the rest
         # may quote an in-memory file object, which means nothing to a user.
         kind = err.detail.split(":")[0] or err.kind

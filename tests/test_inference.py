@@ -127,7 +127,7 @@ def test_bad_inputs_raise_input_error_with_a_code(chat, tmp_path):
         (_user("no marks"), [shapes_image(0)], "image_count_mismatch"),
         (_user("sneaky <|image_pad|>"), [], "invalid_content"),
         (_user("<image>?"), [b"not an image"], "invalid_image"),
-        (_user("<image>?"), [tmp_path / "missing.png"], "invalid_image"),
+        (_user("<image>?"), [tmp_path / "missing.png"], "image_not_found"),
         (_user("word " * (chat.context_length + 10)), [], "context_length_exceeded"),
     ]
     for messages, images, code in cases:

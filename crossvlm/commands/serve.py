@@ -17,7 +17,10 @@ def register(sub) -> None:
         description="Serve a saved model: POST /v1/chat/completions (OpenAI format, streaming with "
         "\"stream\": true), GET /v1/models, GET /health, and a chat page at /. See docs/SERVING.md.",
     )
-    p.add_argument("--model", type=Path, required=True, help="a saved crossvlm model directory")
+    src = p.add_argument_group("model")
+    src.add_argument("--model", type=Path, help="a saved crossvlm model directory")
+    src.add_argument("--llm", help="or: a base LLM, hub id or directory (with --vision; projector untrained)")
+    src.add_argument("--vision", help="base vision tower: hub id or directory (with --llm)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: this machine only)")
     p.add_argument("--port", type=int, default=8000, help="port (0 picks a free one)")
     p.add_argument("--api-key", default=os.environ.get("CROSSVLM_API_KEY"),
@@ -64,6 +67,8 @@ def run(args: argparse.Namespace) -> int:
     from crossvlm.serve.images import ImagePolicy
 
     problems = []
+    if (args.model is None) == (args.llm is None or args.vision is None):
+        problems.append("give --model DIR, or both --llm and --vision")
     if args.max_batch_size < 1:
         problems.append(f"--max-batch-size must be at least 1, got {args.max_batch_size}")
     if args.max_tokens < 1:
@@ -73,9 +78,9 @@ def run(args: argparse.Namespace) -> int:
     if problems:
         raise ConfigError("; ".join(problems))
 
-    chat = ChatModel.load(args.model, device=args.device)
+    chat = ChatModel.load(args.model, llm=args.llm, vision=args.vision, device=args.device)
     settings = ServerSettings(
-        model_name=args.model_name or args.model.resolve().name, api_key=args.api_key or None,
+        model_name=args.model_name or (args.model.resolve().name if args.model else "crossvlm"), api_key=args.api_key or None,
         images=ImagePolicy(max_pixels=args.max_image_pixels, max_bytes=int(args.max_image_mb * 1e6),
                            allow_remote=args.allow_remote_images, remote_timeout=args.remote_timeout,
                            local_root=args.allow_local_images),

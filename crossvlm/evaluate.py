@@ -1,0 +1,231 @@
+"""Evaluation: read a data set, answer its prompts in batches, score the answers.
+
+An example is a conversation whose last assistant turn is the reference and whatever precedes it
+the prompt, read by the data readers from any format they accept. Short answers (VQA style) get
+exact-match and contains accuracy after normalisation; captions get CIDEr-D and BLEU-1..4 from
+pycocoevalcap (the COCO caption scorers; their Java tokenizer is replaced by a plain one here).
+Rows that carry a `question_type` (the synthetic shapes set) are also scored per type, next to the
+chance level of that type, with the shapes set's own answer normalisation.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from itertools import islice
+from typing import Callable, Iterable, Iterator
+
+from crossvlm.errors import CrossVLMError, DataError
+
+TASKS = ("auto", "vqa", "caption")
+# References of at most this many words (on average) make a short-answer set under --task auto.
+SHORT_ANSWER_WORDS = 3.0
+_NUMBERS = {"zero": "0", "one": "1", "two": "2", "three": "3", "four": "4", "five": "5", "six": "6",
+            "seven": "7", "eight": "8", "nine": "9", "ten": "10"}
+
+
+@dataclass
+class Example:
+    """One thing to answer: the conversation before the reference answer, and its images."""
+
+    messages: list[dict]
+    images: list
+    references: list[str]
+    location: str
+    question_type: str | None = None
+
+
+@dataclass
+class Skipped:
+    """Rows that could not be evaluated, counted by kind (with the first few places)."""
+
+    counts: Counter = field(default_factory=Counter)
+    examples: list[str] = field(default_factory=list)
+
+    def add(self, kind: str, where: str) -> None:
+        self.counts[kind] += 1
+        if len(self.examples) < 5:
+            self.examples.append(f"{kind}: {where}")
+
+
+def _row_metadata(path: Path, fmt: str) -> list[dict]:
+    """Per-row `question_type` / `answer(s)` fields, which the readers do not carry, in reader order."""
+    keys = ("question_type", "answer", "answers")
+    if fmt == "minimind":
+        import pyarrow.parquet as pq
+
+        columns = [k for k in keys if k in pq.read_schema(path).names]
+        return pq.read_table(path, columns=columns).to_pylist() if columns else []
+    text = path.read_text(encoding="utf-8")
+    if text.lstrip().startswith("["):
+        records = json.loads(text)
+    else:
+        records = [json.loads(line) for line in text.splitlines() if line.strip()]
+    return [{k: r.get(k) for k in keys} if isinstance(r, dict) else {} for r in records]
+
+
+def read_examples(path: str | Path, *, fmt: str | None = None, image_root: str | Path | None = None,
+                  limit: int | None = None, skipped: Skipped | None = None) -> Iterator[Example]:
+    """Examples of every data file under `path`, in order; bad rows go to `skipped`."""
+    from crossvlm.data.readers import find_files, open_reader
+    from crossvlm.data.records import RecordError, normalize
+
+    skipped = skipped if skipped is not None else Skipped()
+    made = 0
+    for file in find_files(path):
+        reader = open_reader(file, fmt, image_root)
+        meta = _row_metadata(file, reader.format)
+        for row in range(len(reader)):
+            if limit is not None and made >= limit:
+                return
+            where = reader.location(row)
+            try:
+                conv = normalize(reader.read(row))
+            except RecordError as err:
+                skipped.add(err.kind, where)
+                continue
+            last = max(i for i, m in enumerate(conv.messages) if m["role"] == "assistant")
+            prompt = conv.messages[:last]
+            if not any(m["role"] == "user" for m in prompt):
+                skipped.add("no_question", where)
+                continue
+            info = meta[row] if row < len(meta) else {}
+            references = info.get("answers") or [conv.messages[last]["content"]]
+            n_images = sum(m["content"].count("<image>") for m in prompt)
+            made += 1
+            yield Example(prompt, conv.images[:n_images], [str(r) for r in references], where,
+                          info.get("question_type"))
+
+
+# -- short answers --------------------------------------------------------------------------------
+def normalize_answer(text: str) -> str:
+    """Lower case, punctuation and articles removed, number words as digits: 'Two.' → '2'."""
+    words = re.sub(r"[^\w\s]", " ", text.lower()).split()
+    return " ".join(_NUMBERS.get(w, w) for w in words if w not in ("a", "an", "the"))
+
+
+def vqa_scores(prediction: str, references: list[str], question_type: str | None = None) -> dict:
+    """exact_match: the normalised prediction equals a normalised reference; contains: a reference
+    appears in the prediction as whole words. Shapes-set rows use the set's own normalisation."""
+    if question_type is not None:
+        from crossvlm.data import synth
+
+        norm: Callable[[str], str] = synth.normalize_answer
+        exact = any(synth.score_answer(prediction, r) for r in references)
+    else:
+        norm = normalize_answer
+        exact = any(norm(prediction) == norm(r) for r in references)
+    pred = f" {norm(prediction)} "
+    contains = any(norm(r) and f" {norm(r)} " in pred for r in references)
+    return {"exact_match": exact, "contains": contains or exact}
+
+
+def vqa_metrics(rows: list[dict]) -> dict:
+    """Accuracies over all rows and, where rows have a question type, per type with its chance level."""
+    def summary(group: list[dict]) -> dict:
+        n = len(group)
+        return {"n": n, "exact_match": sum(r["exact_match"] for r in group) / n,
+                "contains": sum(r["contains"] for r in group) / n}
+
+    out = summary(rows) if rows else {"n": 0}
+    by_type = defaultdict(list)
+    for row in rows:
+        if row.get("question_type"):
+            by_type[row["question_type"]].append(row)
+    if by_type:
+        from crossvlm.data.synth import CHANCE, QUESTION_TYPES
+
+        order = [t for t in QUESTION_TYPES if t in by_type] + sorted(set(by_type) - set(QUESTION_TYPES))
+        out["by_question_type"] = {t: {**summary(by_type[t]), "chance": CHANCE.get(t)} for t in order}
+    return out
+
+
+# -- captions -------------------------------------------------------------------------------------
+def caption_tokens(text: str) -> str:
+    """Lower-cased words without punctuation: what COCO's PTB tokenizer gives for plain captions."""
+    return " ".join(re.sub(r"[^\w\s]", " ", text.lower()).split())
+
+
+def caption_metrics(predictions: list[str], references: list[list[str]]) -> dict:
+    """CIDEr-D and BLEU-1..4 (corpus level) with pycocoevalcap's scorers."""
+    try:
+        from pycocoevalcap.bleu.bleu import Bleu
+        from pycocoevalcap.cider.cider import Cider
+    except ImportError as err:
+        raise CrossVLMError("caption metrics need pycocoevalcap: pip install 'crossvlm[serve]' "
+                            "(or pip install pycocoevalcap)") from err
+    if not predictions:
+        return {"n": 0}
+    res = {i: [caption_tokens(p) or "<empty>"] for i, p in enumerate(predictions)}
+    gts = {i: [caption_tokens(r) for r in refs] for i, refs in enumerate(references)}
+    cider, _ = Cider().compute_score(gts, res)
+    bleu, _ = Bleu(4).compute_score(gts, res, verbose=0)
+    return {"n": len(predictions), "cider": float(cider), **{f"bleu_{n + 1}": float(b) for n, b in enumerate(bleu)}}
+
+
+def pick_task(task: str, examples: list[Example]) -> str:
+    """`vqa` or `caption`; `auto` decides by the mean length of the (first batch's) references."""
+    if task != "auto":
+        return task
+    words = [len(r.split()) for e in examples for r in e.references]
+    return "vqa" if words and sum(words) / len(words) <= SHORT_ANSWER_WORDS else "caption"
+
+
+def evaluate(chat, examples: Iterable[Example], *, task: str = "auto", batch_size: int = 16,
+             max_new_tokens: int = 64, enable_thinking: bool = False, skipped: Skipped | None = None,
+             on_prediction: Callable[[dict], None] | None = None, progress: bool = False) -> dict:
+    """Answer the examples greedily, `batch_size` at a time, and score the answers; returns the metrics.
+
+    Examples are read as they are needed, so a large set is never held in memory. `on_prediction`
+    receives one record per example (its prediction, references and scores); prompts that cannot be
+    answered (an undecodable image, too long) are counted in `skipped`.
+    """
+    from crossvlm.inference import InputError, SamplingParams
+
+    if task not in TASKS:
+        raise CrossVLMError(f"unknown task {task!r}; choose one of {TASKS}")
+    sampling = SamplingParams(max_new_tokens=max_new_tokens, greedy=True)
+    skipped = skipped if skipped is not None else Skipped()
+    rows, predictions, references = [], [], []
+    stream = iter(examples)
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(unit="example", desc="eval")
+    while chunk := list(islice(stream, max(1, batch_size))):
+        task = pick_task(task, chunk)
+        batch, prompts = [], []
+        for ex in chunk:
+            try:
+                prompts.append(chat.prompt(ex.messages, ex.images, enable_thinking))
+                batch.append(ex)
+            except InputError as err:
+                skipped.add(err.code, ex.location)
+        for ex, done in zip(batch, chat.generate_prompts(prompts, sampling)):
+            record = {"location": ex.location, "question": _last_user_text(ex.messages),
+                      "prediction": done.text, "references": ex.references}
+            if ex.question_type is not None:
+                record["question_type"] = ex.question_type
+            if task == "vqa":
+                record.update(vqa_scores(done.text, ex.references, ex.question_type))
+            rows.append(record)
+            predictions.append(done.text)
+            references.append(ex.references)
+            if on_prediction is not None:
+                on_prediction(record)
+        if bar is not None:
+            bar.update(len(chunk))
+    if bar is not None:
+        bar.close()
+    if not rows:
+        raise DataError(f"no example could be evaluated (skipped: {dict(skipped.counts) or 'none'})")
+    metrics = vqa_metrics(rows) if task == "vqa" else caption_metrics(predictions, references)
+    return {"task": task, **metrics, "skipped": dict(skipped.counts)}
+
+
+def _last_user_text(messages: list[dict]) -> str:
+    return next((m["content"] for m in reversed(messages) if m["role"] == "user"), "")
