@@ -123,7 +123,7 @@ def histogram(lengths: list[int], bins: int = 10, width: int = 40) -> str:
     """Text histogram of token lengths."""
     if not lengths:
         return "  (no rendered samples)"
-    counts, edges = np.histogram(lengths, bins=bins)
+    counts, edges = np.histogram(lengths, bins=min(bins, max(lengths) - min(lengths) + 1))
     top = max(counts.max(), 1)
     lines = [f"  {int(lo):>6}-{int(hi):<6} {n:>7} {'#' * int(round(width * n / top))}"
              for n, lo, hi in zip(counts, edges[:-1], edges[1:])]

@@ -71,16 +71,18 @@ class _Renderer:
             )
         return full[len(prefix):]
 
-    def segments(self, messages: list[dict]):
-        """Yield (context_text, answer_text, tail_text) per assistant turn, then the leftover turns.
+    def segments(self, messages: list[dict]) -> tuple[list[tuple[str, str, str]], tuple[list, str, list]]:
+        """(context, answer, tail) texts per assistant turn, and what is left after the last answer.
 
         The first segment is rendered from the start of the conversation; later ones after an anchor
         (the conversation's first message) whose rendering is subtracted, because templates cannot
         render an empty list and may add a default system prompt to a list that starts elsewhere.
+        The leftover is (anchor, its rendering, the turns after the last answer).
         """
         anchor: list[dict] = []
         base = ""
         start = 0
+        pieces = []
         for k, m in enumerate(messages):
             if m["role"] != "assistant":
                 continue
@@ -93,12 +95,12 @@ class _Renderer:
             if end < 0:
                 raise TemplateMismatch(f"the chat template does not close assistant turn {k} with {END_OF_TURN}")
             end += len(END_OF_TURN)
-            yield context, answer[:end], answer[end:]
+            pieces.append((context, answer[:end], answer[end:]))
             if not anchor:
                 anchor = messages[:1]
                 base = self.text(anchor)
             start = k + 1
-        self.leftover = (anchor, base, messages[start:])
+        return pieces, (anchor, base, messages[start:])
 
 
 def encode_conversation(messages: list[dict], tokenizer, num_image_tokens: int, *,
@@ -112,7 +114,8 @@ def encode_conversation(messages: list[dict], tokenizer, num_image_tokens: int, 
     renderer = _Renderer(tokenizer, enable_thinking)
     input_ids: list[int] = []
     labels: list[int] = []
-    for context, answer, tail in renderer.segments(msgs):
+    pieces, _ = renderer.segments(msgs)
+    for context, answer, tail in pieces:
         for text, trained in ((context, False), (answer, True), (tail, False)):
             ids = renderer.ids(text)
             input_ids += ids
@@ -133,11 +136,8 @@ def encode_prompt(messages: list[dict], tokenizer, num_image_tokens: int, *,
     """
     msgs = prepare_messages(messages, num_image_tokens, system_prompt)
     renderer = _Renderer(tokenizer, enable_thinking)
-    ids: list[int] = []
-    for pieces in renderer.segments(msgs):
-        for text in pieces:
-            ids += renderer.ids(text)
-    anchor, base, rest = renderer.leftover
+    pieces, (anchor, base, rest) = renderer.segments(msgs)
+    ids = [t for segment in pieces for text in segment for t in renderer.ids(text)]
     if not rest:
         raise ValueError("encode_prompt needs a conversation that ends with a user turn")
     ids += renderer.ids(renderer.after(renderer.text(anchor + rest, generation_prompt=True), base, "the prompt"))
