@@ -23,3 +23,7 @@ class DataError(CrossVLMError):
 
 class CheckpointError(CrossVLMError):
     """A checkpoint is missing, incomplete or does not match the run."""
+
+
+class TrainingError(CrossVLMError):
+    """A run cannot go on (e.g. the loss stayed NaN/inf for too many steps in a row)."""

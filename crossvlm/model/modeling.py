@@ -9,6 +9,7 @@ never built.
 from __future__ import annotations
 
 import inspect
+from itertools import chain
 from pathlib import Path
 
 import torch
@@ -236,12 +237,13 @@ class CrossVLM(PreTrainedModel):
         if num_images:
             visual = self.encode_images(pixel_values)  # (N, M, D)
             embeds = embeds.masked_scatter(is_pad.unsqueeze(-1), visual.to(embeds.dtype))
-        elif self.training and any(p.requires_grad for p in self.projector.parameters()):
-            # A batch without images still touches every projector weight (with zero effect), so
-            # data-parallel ranks agree on which parameters have gradients.
-            dummy = torch.zeros(1, self.config.num_patches, self.config.vision_config.hidden_size,
-                                device=embeds.device, dtype=self._projector_dtype)
-            embeds = embeds + 0.0 * self.projector(dummy).sum().to(embeds.dtype)
+        elif self.training and any(p.requires_grad for p in chain(self.vision.parameters(),
+                                                                  self.projector.parameters())):
+            # A batch without images still runs a blank image through the trainable image path (with
+            # zero effect), so data-parallel ranks agree on which parameters have gradients.
+            size = self.config.vision_config.image_size
+            blank = torch.zeros(1, 3, size, size, device=embeds.device)
+            embeds = embeds + 0.0 * self.encode_images(blank).sum().to(embeds.dtype)
         return embeds
 
     # -- forward ----------------------------------------------------------------------------------

@@ -1,0 +1,1 @@
+"""Training: typed stage configs, one loop for every stage, checkpoints, distributed setup."""

@@ -1,0 +1,263 @@
+"""One training loop for every stage. What a stage trains and on what data is its config.
+
+The loop knows nothing of file formats (the data loader's job) or of the model's internals; it
+builds the parts, steps the optimizer, and keeps the run observable and resumable.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from crossvlm.data.loader import build_dataset, build_loader
+from crossvlm.errors import TrainingError
+from crossvlm.train.checkpoint import find_resume, load_checkpoint, save_checkpoint
+from crossvlm.train.config import TrainConfig
+from crossvlm.train.loggers import build_logger, read_metrics
+from crossvlm.train.optim import build_optimizer, build_scheduler
+from crossvlm.train.runtime import Runtime, init_runtime, seed_everything, shutdown
+from crossvlm.train.setup import (apply_trainable, build_model, count_parameters, merge_adapters,
+                                  set_train_mode)
+
+MODEL_INPUTS = ("input_ids", "attention_mask", "position_ids", "labels", "pixel_values")
+
+
+def train(cfg: TrainConfig) -> Path:
+    """Run a stage; returns the final model directory (out_dir/final)."""
+    rt = init_runtime(cfg.run.device)
+    try:
+        return Trainer(cfg, rt).run()
+    finally:
+        shutdown(rt)
+
+
+def autocast_dtype(name: str, device: torch.device) -> torch.dtype | None:
+    """The autocast precision, or None for plain float32."""
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else None
+    return {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": None}[name]
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig, rt: Runtime):
+        self.cfg, self.rt = cfg, rt
+        self.out_dir = Path(cfg.run.out_dir)
+        self.amp = autocast_dtype(cfg.run.dtype, rt.device)
+        seed_everything(cfg.run.seed)
+
+        model, self.processor = build_model(cfg.model)
+        apply_trainable(model, cfg.trainable)
+        if self.amp is not None and rt.device.type == "cuda":
+            # Frozen weights only ever feed bf16 matmuls under autocast: keep them in bf16.
+            for p in model.parameters():
+                if not p.requires_grad:
+                    p.data = p.data.to(self.amp)
+        model.to(rt.device)
+        if cfg.run.gradient_checkpointing:
+            model.llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if cfg.run.compile:
+            for layer in model.llm.model.layers:
+                layer.compile()
+            model.projector.compile()
+        self.model = model  # the plain module (saving, evaluation)
+        self.engine = self._wrap(model)  # what the forward/backward runs on
+
+        self.num_trainable, self.num_total = count_parameters(model)
+        tok, improc = self.processor.tokenizer, self.processor.image_processor
+        self.dataset = build_dataset(cfg.data, tok, improc, model.num_image_tokens)
+        self.loader = build_loader(self.dataset, cfg.data, cfg.run.batch_size, seed=cfg.run.seed,
+                                   rank=rt.rank, world_size=rt.world_size)
+        self.eval_dataset = (build_dataset(cfg.eval_data, tok, improc, model.num_image_tokens)
+                             if cfg.eval_data else None)
+        accum = cfg.optim.accumulation_steps
+        self.steps_per_epoch = max(1, self.loader.steps_per_epoch // accum)
+        self.total_steps = cfg.run.max_steps or max(1, math.ceil(cfg.run.epochs * self.steps_per_epoch))
+        self.optimizer = build_optimizer(model, cfg.optim, rt.device)
+        self.scheduler = build_scheduler(self.optimizer, cfg.optim, self.total_steps)
+        self.step = 0
+        resume = find_resume(self.out_dir, cfg.run.resume)
+        if resume is not None:
+            meta = load_checkpoint(resume, self.engine, self.optimizer, self.scheduler)
+            self.step = int(meta["step"])
+            self.loader.load_state_dict(meta["data"])
+            rt.print(f"resumed from {resume} at step {self.step}")
+        self.logger = build_logger(
+            rt.is_main, self.out_dir, tensorboard=cfg.run.tensorboard, wandb=cfg.run.wandb,
+            wandb_project=cfg.run.wandb_project, config=cfg.to_dict(), resumed=resume is not None,
+        )
+
+    def _wrap(self, model):
+        if not self.rt.distributed:
+            return model
+        if self.cfg.run.distributed == "fsdp":
+            from torch.distributed.fsdp import fully_shard
+
+            for layer in model.llm.model.layers:
+                fully_shard(layer)
+            return fully_shard(model)
+        from torch.nn.parallel import DistributedDataParallel
+
+        ids = [self.rt.device.index] if self.rt.device.type == "cuda" else None
+        return DistributedDataParallel(model, device_ids=ids)
+
+    # -- steps --------------------------------------------------------------------------------------
+    def _to_device(self, batch: dict) -> dict:
+        if batch["input_ids"].numel() == 0:
+            # Every record of this micro-batch was bad (counted by the loader). Run one unlabelled
+            # pad token instead, so this process still joins the step's gradient exchange.
+            pad = self.processor.tokenizer.pad_token_id
+            batch = {"input_ids": torch.tensor([[pad]]), "attention_mask": torch.ones(1, 1, dtype=torch.long),
+                     "labels": torch.tensor([[-100]])}
+        # use_cache=False: no KV cache in training, and packed rows need it off for transformers to
+        # derive the per-sample attention mask from the restarting position ids.
+        return {"use_cache": False, **{k: batch[k].to(self.rt.device, non_blocking=True) for k in MODEL_INPUTS
+                                       if batch.get(k) is not None}}
+
+    def _autocast(self):
+        if self.amp is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.rt.device.type, dtype=self.amp)
+
+    def train_step(self, batches: list[dict]) -> dict:
+        """Forward/backward over the micro-batches of one optimizer step, then (maybe) step."""
+        rt, world = self.rt, self.rt.world_size
+        local_tokens = sum(int(b["num_tokens"]) for b in batches)
+        global_tokens = rt.all_reduce_sum(torch.tensor(float(local_tokens), device=rt.device)).item()
+        # Each process divides its token-sum loss by (global tokens / world): after DDP averages the
+        # gradients, every labelled token of the step weighs the same, whatever the split.
+        denom = max(global_tokens, 1.0) / world
+        loss_sum = torch.zeros((), device=rt.device)
+        for i, batch in enumerate(batches):
+            sync = i == len(batches) - 1 or not hasattr(self.engine, "no_sync")
+            with (contextlib.nullcontext() if sync else self.engine.no_sync()), self._autocast():
+                loss = self.engine(**self._to_device(batch), num_items_in_batch=denom).loss
+            loss.backward()
+            loss_sum += loss.detach().float()
+        loss_value = rt.all_reduce_sum(loss_sum).item() / world
+        tokens_seen = rt.all_reduce_sum(torch.tensor(
+            float(sum(int(b["input_ids"].numel() if b.get("attention_mask") is None
+                          else b["attention_mask"].sum()) for b in batches)), device=rt.device)).item()
+        if not math.isfinite(loss_value) or global_tokens == 0:
+            self.optimizer.zero_grad(set_to_none=True)
+            return {"loss": loss_value, "skipped": True, "tokens": tokens_seen}
+        params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        clip = self.cfg.optim.grad_clip or float("inf")
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, clip).item()
+        if not math.isfinite(grad_norm):
+            self.optimizer.zero_grad(set_to_none=True)
+            return {"loss": loss_value, "skipped": True, "tokens": tokens_seen}
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return {"loss": loss_value, "grad_norm": grad_norm, "skipped": False, "tokens": tokens_seen}
+
+    @torch.no_grad()
+    def evaluate(self) -> float | None:
+        """Mean loss per labelled token over the first `eval_batches` held-out batches."""
+        if self.eval_dataset is None:
+            return None
+        self.model.eval()
+        eval_cfg = replace(self.cfg.eval_data, shuffle=False)
+        loader = build_loader(self.eval_dataset, eval_cfg, self.cfg.run.batch_size, seed=0, rank=self.rt.rank,
+                              world_size=self.rt.world_size, epochs=1, drop_last=False)
+        total = torch.zeros(2, device=self.rt.device)  # (loss sum, tokens)
+        for i, batch in enumerate(loader):
+            if i >= self.cfg.run.eval_batches:
+                break
+            n = int(batch["num_tokens"])
+            if n == 0:
+                continue
+            with self._autocast():
+                loss = self.model(**self._to_device(batch)).loss
+            total += torch.tensor([loss.float().item() * n, n], device=self.rt.device)
+        set_train_mode(self.model)
+        total = self.rt.all_reduce_sum(total)
+        return (total[0] / total[1]).item() if total[1] > 0 else None
+
+    # -- the run --------------------------------------------------------------------------------------
+    def run(self) -> Path:
+        cfg, rt = self.cfg, self.rt
+        rt.print(f"training {self.num_trainable:,} of {self.num_total:,} parameters for {self.total_steps} steps "
+                 f"({self.steps_per_epoch} per epoch) on {rt.world_size} process(es), device {rt.device}")
+        set_train_mode(self.model)
+        batches = iter(self.loader)
+        bar = tqdm(total=self.total_steps, initial=self.step, disable=not (rt.is_main and cfg.run.progress),
+                   desc=Path(cfg.run.out_dir).name, dynamic_ncols=True)
+        nonfinite_in_row, window_tokens, window_start = 0, 0.0, time.perf_counter()
+        while self.step < self.total_steps:
+            micro = [next(batches) for _ in range(cfg.optim.accumulation_steps)]
+            result = self.train_step(micro)
+            lr = self.scheduler.get_last_lr()[-1]
+            self.scheduler.step()
+            self.step += 1
+            window_tokens += result["tokens"]
+            if result["skipped"]:
+                nonfinite_in_row += 1
+                rt.print(f"step {self.step}: non-finite loss or gradient ({result['loss']}), step skipped")
+                self.logger.log(self.step, {"skipped_nonfinite": 1, "loss_raw": str(result["loss"])})
+                if nonfinite_in_row >= cfg.run.max_nonfinite_in_row:
+                    raise TrainingError(
+                        f"the loss or gradient was NaN/inf for {nonfinite_in_row} steps in a row (last at step "
+                        f"{self.step}); lower optim.lr, check the data, or use run.dtype bfloat16 instead of float16"
+                    )
+            else:
+                nonfinite_in_row = 0
+            bar.update(1)
+            if not result["skipped"] and (self.step % cfg.run.log_interval == 0 or self.step == self.total_steps):
+                elapsed = time.perf_counter() - window_start
+                metrics = {"loss": result["loss"], "lr": lr, "tokens_per_s": window_tokens / max(elapsed, 1e-9),
+                           "grad_norm": result.get("grad_norm"), "epoch": self.step / self.steps_per_epoch}
+                metrics["bad_records"] = self.loader.tracker.bad
+                self.logger.log(self.step, metrics)
+                bar.set_postfix(loss=f"{result['loss']:.4f}", lr=f"{lr:.2e}",
+                                tok_s=f"{metrics['tokens_per_s']:.0f}")
+                window_tokens, window_start = 0.0, time.perf_counter()
+            if cfg.run.eval_interval and self.step % cfg.run.eval_interval == 0 and self.step < self.total_steps:
+                self._log_eval()
+            if cfg.run.save_interval and self.step % cfg.run.save_interval == 0 and self.step < self.total_steps:
+                self.save_checkpoint()
+        bar.close()
+        self._log_eval()
+        self.save_checkpoint()
+        final = self.save_final()
+        self.logger.close()
+        if rt.is_main and cfg.run.plot:
+            from crossvlm.train.plots import plot_curves
+
+            plot_curves(read_metrics(self.out_dir / "metrics.jsonl"), self.out_dir / "curves.png",
+                        title=self.out_dir.name)
+        return final
+
+    def _log_eval(self) -> None:
+        loss = self.evaluate()
+        if loss is not None:
+            self.logger.log(self.step, {"eval_loss": loss})
+            self.rt.print(f"step {self.step}: held-out loss {loss:.4f}")
+
+    def save_checkpoint(self) -> None:
+        save_checkpoint(self.rt, self.out_dir, self.step, self.engine, self.optimizer, self.scheduler,
+                        data_state=self.loader.state_dict(), config=self.cfg.to_dict(),
+                        keep_last=self.cfg.run.keep_last)
+
+    def save_final(self) -> Path:
+        """The trained model as a directory `crossvlm chat` and the next stage load."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        final = self.out_dir / "final"
+        full_state = None
+        if self.rt.distributed and self.cfg.run.distributed == "fsdp":
+            full_state = get_model_state_dict(self.engine, options=StateDictOptions(full_state_dict=True,
+                                                                                    cpu_offload=True))
+        if self.rt.is_main:
+            model = merge_adapters(self.model) if full_state is None else self.model
+            model.config.freeze_vision = True  # a saved model starts frozen; the next stage decides
+            model.save_pretrained(final, state_dict=full_state)
+            self.processor.save_pretrained(final)
+            self.rt.print(f"saved the model to {final}")
+        self.rt.barrier()
+        return final
