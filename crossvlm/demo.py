@@ -93,8 +93,9 @@ def query_attention_picture(model_dir: Path, test_parquet: Path, out: Path, n_im
     from crossvlm.train.plots import plot_query_attention
 
     chat = ChatModel.load(model_dir, device="cpu")
-    rows = pq.read_table(test_parquet, columns=["image_bytes"]).slice(0, n_images).to_pylist()
-    images = [Image.open(io.BytesIO(r["image_bytes"])).convert("RGB") for r in rows]
+    rows = pq.read_table(test_parquet, columns=["image_id", "image_bytes"]).to_pylist()
+    distinct = list({r["image_id"]: r for r in rows}.values())[:n_images]  # the test set asks several questions per image
+    images = [Image.open(io.BytesIO(r["image_bytes"])).convert("RGB") for r in distinct]
     pixels = chat.processor.preprocess_images(images)
     with torch.no_grad():
         attention = chat.model.projector.query_attention(chat.model.vision_features(pixels))
@@ -164,3 +165,24 @@ def run_demo(out: Path, *, seed: int = 0, n_train: int = 6000, n_test: int = 300
               "visual_tokens": chat.model.num_image_tokens, "examples": score.examples}
     (out / "demo_result.json").write_text(json.dumps(result, indent=2))
     return result
+
+
+def compare_projectors(out: Path, **demo_kwargs) -> dict:
+    """The demo twice with the same budget, once per projector; held-out accuracy side by side."""
+    from crossvlm.data.synth import CHANCE, QUESTION_TYPES
+
+    results = {name: run_demo(Path(out) / name, projector=name, **demo_kwargs) for name in ("cross_attn", "mlp")}
+    head = f"{'question type':<14}{'chance':>8}" + "".join(f"{name:>12}" for name in results)
+    lines = [head]
+    for q in QUESTION_TYPES:
+        lines.append(f"{q:<14}{CHANCE[q]:>8.1%}" + "".join(f"{r['accuracy']['per_type'].get(q, 0):>12.1%}"
+                                                           for r in results.values()))
+    lines.append(f"{'overall':<14}{'':>8}" + "".join(f"{r['accuracy']['overall']:>12.1%}" for r in results.values()))
+    lines.append(f"{'visual tokens':<14}{'':>8}" + "".join(f"{r['visual_tokens']:>12}" for r in results.values()))
+    lines.append(f"{'train time':<14}{'':>8}" + "".join(f"{r['timings']['pretrain_s'] + r['timings']['sft_s']:>11.0f}s"
+                                                        for r in results.values()))
+    table = "\n".join(lines)
+    print("\n[compare] same data, same steps, same seed:\n" + table, flush=True)
+    summary = {"table": table, "results": results}
+    (Path(out) / "comparison.json").write_text(json.dumps(summary, indent=2))
+    return summary

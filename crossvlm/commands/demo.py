@@ -20,12 +20,18 @@ def register(sub) -> None:
     p.add_argument("--pretrain-steps", type=int, help="override the demo config's pretrain steps")
     p.add_argument("--sft-steps", type=int, help="override the demo config's SFT steps")
     p.add_argument("--projector", choices=("cross_attn", "mlp"), default="cross_attn")
+    p.add_argument("--compare-projectors", action="store_true",
+                   help="run the demo with each projector on the same budget and print them side by side")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    from crossvlm.demo import run_demo
+    from crossvlm.demo import compare_projectors, run_demo
 
-    run_demo(args.out, seed=args.seed, n_train=args.train_images, n_test=args.test_images,
-             pretrain_steps=args.pretrain_steps, sft_steps=args.sft_steps, projector=args.projector)
+    budget = dict(seed=args.seed, n_train=args.train_images, n_test=args.test_images,
+                  pretrain_steps=args.pretrain_steps, sft_steps=args.sft_steps)
+    if args.compare_projectors:
+        compare_projectors(args.out, **budget)
+    else:
+        run_demo(args.out, projector=args.projector, **budget)
     return 0
