@@ -56,11 +56,14 @@ def test_content_parts_equal_image_marks(chat):
 
 
 def test_stream_deltas_add_up_to_the_answer(chat):
-    messages = _user("<image>is there a star?")
-    stream = chat.stream(messages, [shapes_image(8)], GREEDY)
-    deltas = [d.text for d in stream]
-    assert len(deltas) > 1
-    assert "".join(deltas) == stream.completion.text == chat.chat(messages, [shapes_image(8)], GREEDY).text
+    pieces = []
+    for seed, question in enumerate(["is there a star?", "what colour is the circle?", "count the shapes"]):
+        messages = _user("<image>" + question)
+        stream = chat.stream(messages, [shapes_image(seed)], GREEDY)
+        deltas = [d.text for d in stream]
+        assert "".join(deltas) == stream.completion.text == chat.chat(messages, [shapes_image(seed)], GREEDY).text
+        pieces.append(len(deltas))
+    assert max(pieces) > 1, "answers arrive in pieces"
 
 
 def test_stop_strings_cut_the_answer(chat):
