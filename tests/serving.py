@@ -12,8 +12,6 @@ from contextlib import contextmanager
 
 from PIL import Image, ImageDraw
 
-GREEDY = {"temperature": 0}
-
 
 def shapes_image(seed: int, size: tuple[int, int] = (64, 64)) -> Image.Image:
     """A few coloured discs on a coloured background, different for every seed."""
