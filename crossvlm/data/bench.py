@@ -16,13 +16,14 @@ def bench_loader(data_path: str | Path, vision_dir: str | Path, llm_dir: str | P
     The first batch (worker start-up, first row-group reads) is timed apart as `first_batch_s`; the
     rates count the batches after it.
     """
-    from transformers import AutoImageProcessor, AutoTokenizer
+    from transformers import AutoTokenizer
 
     from crossvlm.data.config import DataConfig, SourceConfig
     from crossvlm.data.loader import build_dataset, build_loader
+    from crossvlm.model.processor import load_image_processor
 
     tokenizer = AutoTokenizer.from_pretrained(str(llm_dir))
-    processor = AutoImageProcessor.from_pretrained(str(vision_dir))
+    processor = load_image_processor(vision_dir)
     results = []
     for workers in num_workers:
         cfg = DataConfig(sources=[SourceConfig(str(data_path), fmt, image_root)], max_length=max_length,

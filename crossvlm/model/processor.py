@@ -26,6 +26,20 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
+def load_image_processor(path: str | Path):
+    """The image processor saved with a vision model (or a crossvlm model directory).
+
+    Some transformers releases only offer the torchvision-backed processor through
+    AutoImageProcessor and raise when torchvision is missing; the PIL-backed one is then used.
+    """
+    from transformers import AutoImageProcessor
+
+    try:
+        return AutoImageProcessor.from_pretrained(str(path))
+    except ImportError:
+        return AutoImageProcessor.from_pretrained(str(path), use_fast=False)
+
+
 class CrossVLMProcessor:
     """Turns conversations and images into model inputs.
 
@@ -44,23 +58,19 @@ class CrossVLMProcessor:
     @classmethod
     def from_pretrained(cls, path: str | Path) -> "CrossVLMProcessor":
         """Load from a saved CrossVLM directory (tokenizer, image processor and config.json)."""
-        from transformers import AutoImageProcessor, AutoTokenizer
+        from transformers import AutoTokenizer
 
         from crossvlm.model.configuration import CrossVLMConfig
 
         config = CrossVLMConfig.from_pretrained(str(path))
-        return cls(
-            AutoTokenizer.from_pretrained(str(path)), AutoImageProcessor.from_pretrained(str(path)),
-            config.num_image_tokens,
-        )
+        return cls(AutoTokenizer.from_pretrained(str(path)), load_image_processor(path), config.num_image_tokens)
 
     @classmethod
     def from_base_models(cls, llm: str | Path, vision: str | Path, num_image_tokens: int) -> "CrossVLMProcessor":
         """The tokenizer of a base LLM and the image processor of a base vision tower."""
-        from transformers import AutoImageProcessor, AutoTokenizer
+        from transformers import AutoTokenizer
 
-        return cls(AutoTokenizer.from_pretrained(str(llm)), AutoImageProcessor.from_pretrained(str(vision)),
-                   num_image_tokens)
+        return cls(AutoTokenizer.from_pretrained(str(llm)), load_image_processor(vision), num_image_tokens)
 
     def save_pretrained(self, path: str | Path) -> None:
         self.tokenizer.save_pretrained(str(path))
