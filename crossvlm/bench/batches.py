@@ -1,0 +1,88 @@
+"""Fixed-length training batches for the benchmarks, decoded from real JPEG bytes in DataLoader workers.
+
+Every sample is `<|vision_start|> <|image_pad|>×M <|vision_end|>` followed by random text ids, so all
+variants see the same text length and no padding; the labels cover the last `labelled` positions.
+Its image is camera-sized JPEG bytes decoded and processed by the vision model's own image
+processor, with the same functions the real loader uses (`load_image`, `ImageTransform`), so the
+time the step waits in `next()` is a real loader's.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from crossvlm.data.images import ImageTransform, load_image
+from crossvlm.model.modeling import IGNORE_INDEX
+from crossvlm.model.tokens import VisionTokenIds
+
+MAX_IMAGE_PIXELS = 64_000_000
+
+
+@dataclass(frozen=True)
+class SampleShape:
+    """Text tokens per sample (vision start/end included, image pads not) and how many are labelled."""
+
+    text_tokens: int
+    labelled: int
+
+
+def jpeg_pool(folder: Path, size: tuple[int, int] = (640, 480), count: int = 64, seed: int = 0) -> list[bytes]:
+    """`count` encoded camera-like JPEGs (smooth colour fields with noise, ~60 KB at 640×480)."""
+    import pyarrow.parquet as pq
+
+    from crossvlm.data.bench import write_photo_parquet
+
+    path = write_photo_parquet(Path(folder) / "bench_photos.parquet", rows=count, size=size, seed=seed)
+    return [bytes(b) for b in pq.read_table(path, columns=["image_bytes"]).column("image_bytes").to_pylist()]
+
+
+class FixedLengthSamples(torch.utils.data.Dataset):
+    """`length` samples of one shape; sample i is the same in every run (seeded by i)."""
+
+    def __init__(self, jpegs: list[bytes], image_processor, vision_ids: VisionTokenIds, num_image_tokens: int,
+                 shape: SampleShape, text_vocab: int, length: int, seed: int = 0):
+        if shape.text_tokens < 3 or not 0 < shape.labelled <= shape.text_tokens - 2:
+            raise ValueError(f"{shape} leaves no room for the vision start/end tokens and the labels")
+        self.jpegs, self.vision_ids, self.num_image_tokens = jpegs, vision_ids, num_image_tokens
+        self.transform = ImageTransform(image_processor)
+        self.shape, self.text_vocab, self.length, self.seed = shape, text_vocab, length, seed
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, i: int) -> dict:
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + i)
+        ids = self.vision_ids
+        text = torch.randint(0, self.text_vocab, (self.shape.text_tokens - 2,), generator=g)
+        input_ids = torch.cat([torch.tensor([ids.start]), torch.full((self.num_image_tokens,), ids.pad),
+                               torch.tensor([ids.end]), text])  # (M + text_tokens,)
+        labels = torch.full_like(input_ids, IGNORE_INDEX)
+        labels[-self.shape.labelled:] = input_ids[-self.shape.labelled:]
+        image = load_image(self.jpegs[i % len(self.jpegs)], MAX_IMAGE_PIXELS, self.transform.draft_size)
+        return {"input_ids": input_ids, "labels": labels, "pixel_values": self.transform([image])[0]}  # (3, H, W)
+
+
+def collate(samples: list[dict]) -> dict:
+    """Stack into the batch dict the training loop takes (no padding, so the mask is all ones)."""
+    input_ids = torch.stack([s["input_ids"] for s in samples])  # (B, T)
+    labels = torch.stack([s["labels"] for s in samples])  # (B, T)
+    return {
+        "input_ids": input_ids,
+        "labels": labels,
+        "attention_mask": torch.ones_like(input_ids),
+        "pixel_values": torch.stack([s["pixel_values"] for s in samples]),  # (B, 3, H, W)
+        "num_tokens": int((labels != IGNORE_INDEX).sum()),
+        "num_samples": len(samples),
+    }
+
+
+def batch_loader(dataset: FixedLengthSamples, batch_size: int, num_workers: int, prefetch_factor: int = 2):
+    """A DataLoader as the training loop builds one (pinned memory on CUDA, no persistent workers)."""
+    return torch.utils.data.DataLoader(
+        dataset, batch_size=batch_size, shuffle=False, drop_last=True, collate_fn=collate,
+        num_workers=num_workers, pin_memory=torch.cuda.is_available(),
+        prefetch_factor=prefetch_factor if num_workers else None, persistent_workers=False,
+    )

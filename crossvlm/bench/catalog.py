@@ -1,0 +1,21 @@
+"""What the benchmarks can run, by name: plain data, importable without torch (the CLI's help lists it)."""
+
+TRAIN_VARIANTS = ("ours", "mlp", "naive")
+"""ours: crossvlm's design in the real loop; mlp: the loop with the MLP projector; naive: bench/naive.py."""
+
+LEVERS = {
+    "compile": "+ torch.compile of the decoder layers and the projector (run.compile)",
+    "batch2x": "+ twice the batch size per process",
+    "chunked-ce": "+ LM head and cross-entropy in chunks of labelled rows, logits recomputed in backward",
+    "no-bf16-frozen": "- frozen weights kept in float32 (autocast re-casts them every forward)",
+    "full-logits": "- logits over every position and the whole vocabulary, then cross-entropy (HF-style)",
+    "unfused-adamw": "- AdamW without fused=True (torch's default foreach implementation)",
+}
+"""Extra `ours` variants of `bench train`, one lever each: "+" adds, "-" takes away."""
+
+GENERATE_VARIANTS = {
+    "dynamic": {},
+    "static": {"cache_implementation": "static", "disable_compile": True},
+    "static+compile": {"cache_implementation": "static"},
+}
+"""`generate()` options of each `bench generate` variant (transformers compiles a static cache on CUDA)."""

@@ -1,0 +1,111 @@
+"""What the benchmarks share: the random base models, the device clock, memory, the environment record."""
+
+from __future__ import annotations
+
+import gc
+import json
+import os
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from crossvlm.errors import ConfigError
+
+# The file write_random_models writes last: its presence means the folder is complete.
+_LAST_WRITTEN = Path("vision") / "preprocessor_config.json"
+
+
+def say(*args) -> None:
+    """A progress line, flushed at once (benchmarks run for minutes)."""
+    print(*args, flush=True)
+
+
+def ensure_models(folder: Path, preset: str, rt=None) -> tuple[Path, Path]:
+    """`folder/llm` and `folder/vision` of `preset`: written once (by rank 0), then reused.
+
+    Raises ConfigError if the folder holds models of another preset.
+    """
+    from crossvlm.make_model import PRESETS, write_random_models
+
+    folder = Path(folder)
+    if (rt is None or rt.is_main) and not (folder / _LAST_WRITTEN).is_file():
+        say(f"writing random {preset} base models to {folder} ...")
+        start = time.perf_counter()
+        write_random_models(folder, preset)
+        say(f"  wrote them in {time.perf_counter() - start:.1f} s")
+    if rt is not None:
+        rt.barrier()
+    config = json.loads((folder / "llm" / "config.json").read_text())
+    expected = PRESETS[preset].llm
+    if (config["hidden_size"], config["num_hidden_layers"]) != (expected["hidden_size"], expected["num_hidden_layers"]):
+        raise ConfigError(f"{folder} holds models of another preset than {preset!r} (hidden size "
+                          f"{config['hidden_size']}); point --models at an empty folder or one of that preset")
+    return folder / "llm", folder / "vision"
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn, device: torch.device) -> tuple[float, object]:
+    """(seconds, result) of `fn()`, the device synchronised before and after."""
+    synchronize(device)
+    start = time.perf_counter()
+    result = fn()
+    synchronize(device)
+    return time.perf_counter() - start, result
+
+
+def median(values: list[float]) -> float | None:
+    return statistics.median(values) if values else None
+
+
+def free_memory(device: torch.device) -> None:
+    """Drop what the last variant left (its tensors must be unreferenced) and reset the peak counter."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def peak_memory_gib(device: torch.device) -> float | None:
+    """Peak tensor memory since the last `free_memory` (torch.cuda.max_memory_allocated); None off CUDA."""
+    if device.type != "cuda":
+        return None
+    return torch.cuda.max_memory_allocated(device) / 2**30
+
+
+def default_workers(world_size: int = 1) -> int:
+    """DataLoader workers per process: the cores left for each process after its main thread, at most 8."""
+    return max(1, min(8, (os.cpu_count() or 2) // world_size - 1))
+
+
+def env_info(device: torch.device, world_size: int = 1) -> dict:
+    """The facts a reader needs to compare two benchmark files."""
+    import transformers
+
+    info = {
+        "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "cpu_count": os.cpu_count(),
+        "device": str(device),
+        "world_size": world_size,
+    }
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        info.update(gpu=props.name, gpu_memory_gib=round(props.total_memory / 2**30, 1),
+                    cuda=torch.version.cuda)
+    return info
+
+
+def write_json(path: Path, data: dict) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=2, default=str) + "\n")
+    return path

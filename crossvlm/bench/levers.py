@@ -1,0 +1,63 @@
+"""The speed levers `crossvlm bench train` measures one at a time, on top of crossvlm's training step.
+
+A "+" lever is something crossvlm's loop does not do by default (or not at all) and the bench adds;
+a "-" lever takes away something the loop does, to show what it is worth. The two loss levers
+replace `CrossVLM.loss_from_hidden` on the benchmarked instance only (the model class and the LLM's
+modules are untouched); both compute the same loss as the stock method (tests/test_bench.py).
+"""
+
+from __future__ import annotations
+
+import types
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from crossvlm.bench.catalog import LEVERS  # noqa: F401  (re-exported: the levers and what they do)
+from crossvlm.model.modeling import IGNORE_INDEX
+
+CE_CHUNK_ROWS = 1024
+
+
+def _denominator(selected: torch.Tensor, num_items_in_batch) -> torch.Tensor | int | float:
+    return num_items_in_batch if num_items_in_batch is not None else selected.sum().clamp(min=1)
+
+
+def full_logits_loss(self, hidden: torch.Tensor, labels: torch.Tensor, num_items_in_batch=None) -> torch.Tensor:
+    """Same loss as `CrossVLM.loss_from_hidden`, computing logits everywhere like `labels=` in HF."""
+    targets = labels[:, 1:]  # (B, T-1)
+    logits = self.llm.lm_head(hidden[:, :-1])  # (B, T-1, V): the tensor the design avoids
+    loss_sum = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX,
+                               reduction="sum")
+    return loss_sum / _denominator(targets != IGNORE_INDEX, num_items_in_batch)
+
+
+def _chunk_loss_sum(head: torch.nn.Module, h: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(head(h).float(), targets, reduction="sum")
+
+
+def chunked_ce_loss(self, hidden: torch.Tensor, labels: torch.Tensor, num_items_in_batch=None) -> torch.Tensor:
+    """Same loss as `CrossVLM.loss_from_hidden`; at most CE_CHUNK_ROWS rows of logits live at once."""
+    targets = labels[:, 1:]  # (B, T-1)
+    selected = targets != IGNORE_INDEX
+    h, t = hidden[:, :-1][selected], targets[selected]  # (n, D), (n,)
+    loss_sum = hidden.new_zeros((), dtype=torch.float32)
+    for i in range(0, h.shape[0], CE_CHUNK_ROWS):
+        loss_sum = loss_sum + checkpoint(_chunk_loss_sum, self.llm.lm_head, h[i:i + CE_CHUNK_ROWS],
+                                         t[i:i + CE_CHUNK_ROWS], use_reentrant=False)
+    return loss_sum / _denominator(selected, num_items_in_batch)
+
+
+LOSS_LEVERS = {"full-logits": full_logits_loss, "chunked-ce": chunked_ce_loss}
+
+
+def apply_model_levers(model, levers: tuple[str, ...]) -> None:
+    """Apply the levers that act on a built CrossVLM (after the loop's own setup)."""
+    for name in levers:
+        if name in LOSS_LEVERS:
+            model.loss_from_hidden = types.MethodType(LOSS_LEVERS[name], model)
+        elif name == "no-bf16-frozen":
+            for p in model.parameters():
+                if not p.requires_grad:
+                    p.data = p.data.float()

@@ -1,0 +1,186 @@
+"""`crossvlm bench train | generate | data | all`: speed benchmarks on random models of real shapes.
+
+See docs/PERFORMANCE.md for what each measures and how MFU is defined.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from crossvlm.errors import ConfigError
+
+
+def _names(text: str) -> tuple[str, ...]:
+    """A comma-separated list; 'none' is the empty one."""
+    return () if text.strip() in ("", "none") else tuple(n.strip() for n in text.split(",") if n.strip())
+
+
+def _levers(text: str) -> tuple[str, ...]:
+    from crossvlm.bench.catalog import LEVERS
+
+    return tuple(LEVERS) if text.strip() == "all" else _names(text)
+
+
+def _size(text: str) -> tuple[int, int]:
+    try:
+        w, h = (int(x) for x in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected WIDTHxHEIGHT, e.g. 640x480, got {text!r}") from None
+    return w, h
+
+
+def _common(p: argparse.ArgumentParser, out_help: str) -> None:
+    p.add_argument("--preset", choices=("full", "tiny"), default="full",
+                   help="random base models with Qwen3-0.6B + CLIP ViT-B/16 shapes (full) or tiny ones (CPU tests)")
+    p.add_argument("--models", type=Path, help="folder holding (or to receive) the preset's random base models, "
+                   "reused between runs; default: a temporary folder")
+    p.add_argument("--out", type=Path, help=out_help)
+
+
+def _train_options(p: argparse.ArgumentParser) -> None:
+    from crossvlm.bench.catalog import LEVERS
+
+    p.add_argument("--batch-size", type=int, default=16, help="samples per step per process, every variant")
+    p.add_argument("--steps", type=int, default=20, help="measured steps per variant")
+    p.add_argument("--warmup", type=int, default=5,
+                   help="unmeasured steps first (workers × 2 more fill the loader's queue)")
+    p.add_argument("--max-seconds", type=float, default=60.0, help="cap on the measured time of one variant")
+    p.add_argument("--compile", action="store_true", help="compile decoder layers and projector of ours and mlp")
+    p.add_argument("--workers", type=int, help="DataLoader workers per process (default: cores per process - 1, <= 8)")
+    p.add_argument("--jpeg-size", type=_size, default=(640, 480), metavar="WxH", help="size of the decoded JPEGs")
+    p.add_argument("--profile", type=Path, metavar="DIR",
+                   help="also profile a few steps per variant: DIR/*.trace.json.gz and DIR/*.kernels.txt")
+    p.add_argument("--levers", type=_levers, default=None,
+                   help="comma-separated extra 'ours' variants, one lever each, or 'all' / 'none': "
+                   + "; ".join(f"{k} ({v})" for k, v in LEVERS.items()))
+
+
+def _train_config(args: argparse.Namespace, stage: str, levers_default: tuple[str, ...]):
+    from crossvlm.bench.catalog import TRAIN_VARIANTS
+    from crossvlm.bench.train import TrainBenchConfig
+
+    return TrainBenchConfig(
+        preset=args.preset, stage=stage, models=args.models, batch_size=args.batch_size, steps=args.steps,
+        warmup=args.warmup, max_seconds=args.max_seconds, compile=args.compile,
+        variants=getattr(args, "variants", None) or TRAIN_VARIANTS,
+        levers=args.levers if args.levers is not None else levers_default, workers=args.workers,
+        jpeg_size=args.jpeg_size, profile=args.profile,
+    )
+
+
+def register(sub) -> None:
+    parser = sub.add_parser("bench", help="speed benchmarks: training step, generation, data loader",
+                            description="Speed benchmarks on random models of the real shapes (docs/PERFORMANCE.md).")
+    actions = parser.add_subparsers(dest="bench_command", metavar="BENCHMARK", required=True)
+
+    p = actions.add_parser("train", help="training step: ours vs the MLP path vs the tutorial baseline",
+                           description="Time one stage's training step for crossvlm's design, its MLP-projector "
+                           "path and the naive tutorial design (bench/naive.py), fed by a DataLoader over JPEG "
+                           "bytes. Under torchrun each process runs its own batch; rank 0 reports the aggregate.")
+    _common(p, "write the report as JSON to this file")
+    p.add_argument("--stage", choices=("pretrain", "sft"), default="sft")
+    p.add_argument("--variants", type=_names, default=None, help="comma-separated subset of ours,mlp,naive")
+    _train_options(p)
+    p.set_defaults(func=_train)
+
+    p = actions.add_parser("generate", help="time to first token, decode speed, batch throughput",
+                           description="TTFT with one image, decode tokens/s at batch 1 and aggregate tokens/s at "
+                           "batch B, for the dynamic cache, the static cache, and the static cache compiled.")
+    _common(p, "write the report as JSON to this file")
+    _generate_options(p)
+    p.set_defaults(func=_generate)
+
+    p = actions.add_parser("data", help="data loader images/s per worker count on camera-sized JPEGs",
+                           description="The real loader (crossvlm.data.bench.bench_loader) over generated JPEGs.")
+    _common(p, "write the report as JSON to this file")
+    _data_options(p)
+    p.add_argument("--seconds", type=float, default=4.0, help="measuring time per worker count")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--photos", type=int, default=512, help="JPEGs in the generated data set")
+    p.add_argument("--jpeg-size", type=_size, default=(640, 480), metavar="WxH")
+    p.set_defaults(func=_data)
+
+    p = actions.add_parser("all", help="train (both stages), generate and data in one go",
+                           description="Every benchmark; DIR gets train_pretrain.json, train_sft.json, "
+                           "generate.json, data.json and summary.md (rewritten after each part).")
+    p.add_argument("--preset", choices=("full", "tiny"), default="full")
+    p.add_argument("--models", type=Path, help="folder holding (or to receive) the random base models")
+    p.add_argument("--out", type=Path, required=True, metavar="DIR", help="report folder")
+    _train_options(p)
+    _generate_options(p, prefix="gen-")
+    _data_options(p, flag="--data-workers")
+    p.set_defaults(func=_all)
+
+
+def _generate_options(p: argparse.ArgumentParser, prefix: str = "") -> None:
+    from crossvlm.bench.catalog import GENERATE_VARIANTS as VARIANTS
+
+    p.add_argument(f"--{prefix}variants", dest="gen_variants", type=_names, default=tuple(VARIANTS),
+                   help=f"comma-separated subset of {','.join(VARIANTS)}")
+    p.add_argument("--new-tokens", type=int, default=64, help="tokens per decode call")
+    p.add_argument(f"--{prefix}batch-size", dest="gen_batch_size", type=int, default=64,
+                   help="prompts in the throughput call")
+
+
+def _data_options(p: argparse.ArgumentParser, flag: str = "--workers") -> None:
+    p.add_argument(flag, dest="data_workers", type=int, nargs="+", default=[0, 2, 4, 8],
+                   help="worker counts to measure")
+
+
+def _generate_config(args: argparse.Namespace):
+    from crossvlm.bench.generate import GenerateBenchConfig
+
+    return GenerateBenchConfig(preset=args.preset, models=args.models, variants=args.gen_variants,
+                               new_tokens=args.new_tokens, batch_size=args.gen_batch_size)
+
+
+def _finish(report: dict, out: Path | None) -> int:
+    from crossvlm.bench.common import write_json
+    from crossvlm.bench.report import table
+
+    if out is not None:
+        print(f"wrote {write_json(out, report)}", flush=True)
+    print("\n" + table(report), flush=True)
+    failed = [r["variant"] for r in report.get("variants", []) if "error" in r]
+    return 1 if failed else 0
+
+
+def _train(args: argparse.Namespace) -> int:
+    from crossvlm.bench.train import run_train_bench
+    from crossvlm.train.runtime import init_runtime, shutdown
+
+    cfg = _train_config(args, args.stage, ())
+    rt = init_runtime("auto")
+    try:
+        report = run_train_bench(cfg, rt)
+        return _finish(report, args.out) if rt.is_main else 0
+    finally:
+        shutdown(rt)
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from crossvlm.bench.generate import run_generate_bench
+
+    return _finish(run_generate_bench(_generate_config(args)), args.out)
+
+
+def _data(args: argparse.Namespace) -> int:
+    from crossvlm.bench.loader import run_data_bench
+
+    if args.seconds <= 0 or args.photos < args.batch_size:
+        raise ConfigError("bench data: --seconds must be > 0 and --photos at least --batch-size")
+    report = run_data_bench(args.preset, args.models, tuple(args.data_workers), args.seconds, args.batch_size,
+                            args.photos, args.jpeg_size)
+    return _finish(report, args.out)
+
+
+def _all(args: argparse.Namespace) -> int:
+    from crossvlm.bench.suite import run_all
+
+    train, generate = _train_config(args, "sft", ("compile",)), _generate_config(args)
+    train.validate()
+    generate.validate()
+    summary = run_all(args.out, train, generate, tuple(args.data_workers))
+    print("\n" + summary.read_text(), flush=True)
+    return 0
