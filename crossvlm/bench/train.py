@@ -316,8 +316,8 @@ def _measure(ctx: _Context, v: Variant, runner: Runner) -> dict:
         synchronize(rt.device)
         t2 = time.perf_counter()
         if i == 0 and rt.is_main:
-            rest = (f"; {warm - 1} more warmup steps ({data_warmup} of them fill the loader's queue)" if warm
-                    else " (measured: no warmup)")
+            rest = (f", a warmup step: {warm} unmeasured in all, {data_warmup} of them for the loader's queue"
+                    if warm else " (measured: no warmup)")
             say(f"  first step {t2 - t0:.2f} s{rest}")
         if i >= warm:
             waits.append(t1 - t0)
