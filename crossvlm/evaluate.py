@@ -155,7 +155,7 @@ def caption_metrics(predictions: list[str], references: list[list[str]]) -> dict
         from pycocoevalcap.bleu.bleu import Bleu
         from pycocoevalcap.cider.cider import Cider
     except ImportError as err:
-        raise CrossVLMError("caption metrics need pycocoevalcap: pip install 'crossvlm[serve]' "
+        raise CrossVLMError("caption metrics need pycocoevalcap: pip install 'crossvlm[eval]' "
                             "(or pip install pycocoevalcap)") from err
     if not predictions:
         return {"n": 0}
