@@ -126,8 +126,11 @@ def run_demo(out: Path, *, seed: int = 0, n_train: int = 6000, n_test: int = 300
                                      "model.projector_type": projector,
                                      "data.sources": [str(data["pretrain_train"])],
                                      "eval_data.sources": [str(data["pretrain_test"])]}),
+        # The captions go into the SFT mix too: they name every shape's kind, colour and place,
+        # the densest signal a from-scratch tiny model gets about what a shape looks like.
         ("sft", DEMO_SFT, {"model.init_from": str(out / "pretrain" / "final"),
-                           "data.sources": [str(data["sft_train"])],
+                           "data.sources": [{"path": str(data["sft_train"])},
+                                            {"path": str(data["pretrain_train"]), "weight": 0.5}],
                            "eval_data.sources": [str(data["sft_test"])]}),
     ):
         steps = pretrain_steps if name == "pretrain" else sft_steps
