@@ -4,22 +4,27 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from crossvlm.data.synth import QUESTION_TYPES
 
 
-def test_demo_runs_both_stages_and_reports(tmp_path, capsys):
+@pytest.mark.parametrize("projector,tokens", [("cross_attn", 64), ("mlp", 256)])
+def test_demo_runs_both_stages_and_reports(tmp_path, capsys, projector, tokens):
     from crossvlm.cli import main
 
     assert main(["demo", "--out", str(tmp_path), "--train-images", "64", "--test-images", "4",
-                 "--pretrain-steps", "2", "--sft-steps", "3"]) == 0
+                 "--pretrain-steps", "2", "--sft-steps", "3", "--projector", projector]) == 0
     out = capsys.readouterr().out
     result = json.loads((tmp_path / "demo_result.json").read_text())
     assert set(result["accuracy"]["per_type"]) == set(QUESTION_TYPES)
     assert result["accuracy"]["counts"] == {q: 4 for q in QUESTION_TYPES}
-    assert result["visual_tokens"] == 64
+    assert result["visual_tokens"] == tokens
+    assert "bad" not in out.split("[demo] held-out")[0].lower()  # no sample lost to max_length
     for q in QUESTION_TYPES:
         assert q in out  # the table, with the chance level beside each type
     assert "chance" in out and "expected:" in out
-    for picture in ("pretrain/curves.png", "sft/curves.png", "query_attention.png"):
+    pictures = ("pretrain/curves.png", "sft/curves.png") + (("query_attention.png",) if projector == "cross_attn" else ())
+    for picture in pictures:
         assert (tmp_path / picture).stat().st_size > 1000
     assert (tmp_path / "sft" / "final" / "model.safetensors").exists()

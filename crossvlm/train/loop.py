@@ -143,15 +143,18 @@ class Trainer:
         tokens_seen = rt.all_reduce_sum(torch.tensor(
             float(sum(int(b["input_ids"].numel() if b.get("attention_mask") is None
                           else b["attention_mask"].sum()) for b in batches)), device=rt.device)).item()
-        if not math.isfinite(loss_value) or global_tokens == 0:
+        if global_tokens == 0:  # every sample of the step was bad (the loader counted them)
             self.optimizer.zero_grad(set_to_none=True)
-            return {"loss": loss_value, "skipped": True, "tokens": tokens_seen}
+            return {"loss": loss_value, "skipped": True, "tokens": tokens_seen, "why": "no labelled token"}
+        if not math.isfinite(loss_value):
+            self.optimizer.zero_grad(set_to_none=True)
+            return {"loss": loss_value, "skipped": True, "tokens": tokens_seen, "why": "non-finite loss"}
         params = [p for g in self.optimizer.param_groups for p in g["params"]]
         clip = self.cfg.optim.grad_clip or float("inf")
         grad_norm = torch.nn.utils.clip_grad_norm_(params, clip).item()
         if not math.isfinite(grad_norm):
             self.optimizer.zero_grad(set_to_none=True)
-            return {"loss": loss_value, "skipped": True, "tokens": tokens_seen}
+            return {"loss": loss_value, "skipped": True, "tokens": tokens_seen, "why": "non-finite gradient"}
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         return {"loss": loss_value, "grad_norm": grad_norm, "skipped": False, "tokens": tokens_seen}
@@ -196,9 +199,12 @@ class Trainer:
             self.scheduler.step()
             self.step += 1
             window_tokens += result["tokens"]
-            if result["skipped"]:
+            if result["skipped"] and result["why"] == "no labelled token":
+                rt.print(f"step {self.step}: no labelled token in the whole step, step skipped")
+                self.logger.log(self.step, {"skipped_empty": 1})
+            elif result["skipped"]:
                 nonfinite_in_row += 1
-                rt.print(f"step {self.step}: non-finite loss or gradient ({result['loss']}), step skipped")
+                rt.print(f"step {self.step}: {result['why']} ({result['loss']}), step skipped")
                 self.logger.log(self.step, {"skipped_nonfinite": 1, "loss_raw": str(result["loss"])})
                 if nonfinite_in_row >= cfg.run.max_nonfinite_in_row:
                     raise TrainingError(
