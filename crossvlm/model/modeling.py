@@ -173,7 +173,7 @@ class CrossVLM(PreTrainedModel):
 
     @property
     def _projector_dtype(self) -> torch.dtype:
-        return self.projector.out.weight.dtype if hasattr(self.projector, "out") else self.projector.fc2.weight.dtype
+        return next(self.projector.parameters()).dtype
 
     def save_pretrained(self, save_directory, *args, **kwargs):
         """Save config.json + model.safetensors, and the LLM's generation defaults (stop tokens)."""
