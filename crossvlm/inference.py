@@ -410,6 +410,7 @@ class ChatModel:
             ids[i, longest - len(p.input_ids):] = torch.tensor(p.input_ids)
             mask[i, longest - len(p.input_ids):] = 1
         images = [im for p in prompts for im in p.images]
+        self.model.check_image_tokens(ids, len(images))  # on the host copy: no GPU sync
         pixels = self.processor.preprocess_images(images).to(self.device) if images else None  # (N, 3, H, W)
         if settings[0].seed is not None and not settings[0].is_greedy:
             torch.manual_seed(settings[0].seed)

@@ -161,6 +161,19 @@ def test_debug_run_matches_reference_losses(tiny_models, shapes, tmp_path):
     assert got[12] < got[1] - 0.5  # and it does learn
 
 
+def test_compiled_run_matches_eager_losses(tiny_models, shapes, tmp_path):
+    """run.compile (decoder layers, projector, vision layers through torch.compile) changes speed only."""
+    from crossvlm.train.loop import train
+
+    ref = json.loads((ASSETS / "debug_losses.json").read_text())["losses"]
+    overrides = debug_overrides(tiny_models, shapes["sft_train"], tmp_path, **{"run.max_steps": 3, "run.compile": True})
+    train(load_config(config_path("debug.yaml"), overrides))
+    got = losses(tmp_path)
+    assert sorted(got) == [1, 2, 3]  # losses 1-3 follow the two warm-up updates, as in the 12-step reference
+    for step in got:
+        assert got[step] == pytest.approx(ref[str(step)], rel=2e-3, abs=2e-3), f"step {step}"
+
+
 def test_final_model_loads_for_chat_and_as_the_next_stage(tiny_models, shapes, tmp_path):
     from crossvlm.inference import ChatModel, SamplingParams
     from crossvlm.train.loop import train

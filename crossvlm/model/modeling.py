@@ -211,9 +211,14 @@ class CrossVLM(PreTrainedModel):
         features = self.vision_features(pixel_values)
         return self.projector(features.to(self._projector_dtype))
 
-    def _check_image_tokens(self, is_pad: torch.Tensor, num_images: int) -> None:
+    def check_image_tokens(self, input_ids: torch.Tensor, num_images: int) -> None:
+        """Raise ImageTokenMismatch unless every sample holds whole image spans, one per image.
+
+        Reads the ids on the host: callers with host copies of the batch (the trainer, the chat
+        model) run it there, so the forward on a GPU needs no host sync for it.
+        """
         m = self.num_image_tokens
-        per_sample = is_pad.sum(1).tolist()  # one host sync per forward, for a clear error
+        per_sample = (input_ids == self.config.image_token_id).sum(1).tolist()
         bad = [(i, n) for i, n in enumerate(per_sample) if n % m]
         if bad:
             desc = ", ".join(f"sample {i} has {n}" for i, n in bad)
@@ -233,7 +238,11 @@ class CrossVLM(PreTrainedModel):
         embeds = self.llm.get_input_embeddings()(input_ids)  # (B, T, D)
         is_pad = input_ids == self.config.image_token_id  # (B, T)
         num_images = 0 if pixel_values is None else pixel_values.shape[0]
-        self._check_image_tokens(is_pad, num_images)
+        if input_ids.device.type == "cpu":
+            self.check_image_tokens(input_ids, num_images)
+        else:  # checked on the host copy by the trainer and the chat model; here without a host sync
+            torch._assert_async(is_pad.sum() == num_images * self.num_image_tokens,
+                                "the number of <|image_pad|> tokens does not match the images given")
         if num_images:
             visual = self.encode_images(pixel_values)  # (N, M, D)
             embeds = embeds.masked_scatter(is_pad.unsqueeze(-1), visual.to(embeds.dtype))

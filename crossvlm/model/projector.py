@@ -122,6 +122,13 @@ class CrossAttentionProjector(nn.Module):
     def num_tokens(self) -> int:
         return self.num_queries
 
+    def compile(self, *args, **kwargs) -> None:
+        # Make the cached fixed tensors eagerly first: under CUDA graphs (mode="reduce-overhead") a
+        # tensor made inside the compiled forward is a graph output, overwritten by the next replay.
+        for device in {p.device for p in self.parameters()}:
+            self._fixed(device)
+        super().compile(*args, **kwargs)
+
     def _fixed(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(pos_q (M, D), pos_k (P, D), dist2 (M, P)) on `device`, float32."""
         if device not in self._fixed_cache:

@@ -21,6 +21,7 @@ from crossvlm.errors import ConfigError
 LLM_MODES = ("frozen", "full", "lora", "last_n")
 DTYPES = ("auto", "bfloat16", "float16", "float32")
 DISTRIBUTED = ("ddp", "fsdp")
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
 @dataclass
@@ -118,8 +119,12 @@ class RunSection:
     """`auto`, `cpu`, or `cuda` (under torchrun each process takes its local rank's GPU)."""
     distributed: str = "ddp"
     """With several processes: `ddp` (replicated) or `fsdp` (FSDP2 sharding)."""
+    ddp_bf16_grads: bool = False
+    """Under DDP on GPUs, all-reduce gradients in bfloat16 (half the bytes; DDP's bf16_compress_hook)."""
     compile: bool = False
-    """`torch.compile` the LLM's decoder layers and the projector."""
+    """`torch.compile` the LLM's decoder layers, the projector and the vision tower's layers."""
+    compile_mode: str = "default"
+    """`torch.compile` mode; `reduce-overhead` replays each compiled layer as a CUDA graph."""
     gradient_checkpointing: bool = False
     """Recompute LLM activations in the backward pass (less memory, ~30% more compute)."""
     log_interval: int = 10
@@ -184,6 +189,8 @@ class TrainConfig:
             p.append("optim.grad_clip must be >= 0")
         if r.dtype not in DTYPES:
             p.append(f"run.dtype {r.dtype!r} is not one of {list(DTYPES)}")
+        if r.compile_mode not in COMPILE_MODES:
+            p.append(f"run.compile_mode {r.compile_mode!r} is not one of {list(COMPILE_MODES)}")
         if r.distributed not in DISTRIBUTED:
             p.append(f"run.distributed {r.distributed!r} is not one of {list(DISTRIBUTED)}")
         if r.batch_size < 1:

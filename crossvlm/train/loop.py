@@ -23,9 +23,15 @@ from crossvlm.train.loggers import build_logger, read_metrics
 from crossvlm.train.optim import build_optimizer, build_scheduler
 from crossvlm.train.runtime import Runtime, init_runtime, seed_everything, shutdown
 from crossvlm.train.setup import (apply_trainable, build_model, count_parameters, merge_adapters,
-                                  set_train_mode)
+                                  set_train_mode, vision_layers)
 
 MODEL_INPUTS = ("input_ids", "attention_mask", "position_ids", "labels", "pixel_values")
+
+
+def _sequence_tokens(batch: dict) -> int:
+    """Tokens of a batch the model runs, padding excluded."""
+    mask = batch.get("attention_mask")
+    return int(batch["input_ids"].numel() if mask is None else mask.sum())
 
 
 def train(cfg: TrainConfig) -> Path:
@@ -62,9 +68,10 @@ class Trainer:
         if cfg.run.gradient_checkpointing:
             model.llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if cfg.run.compile:
-            for layer in model.llm.model.layers:
-                layer.compile()
-            model.projector.compile()
+            # Layer by layer: one compiled graph serves every decoder layer, so compiling takes
+            # seconds, and the HF glue between layers (masks, rotary, cache) stays eager.
+            for layer in [*model.llm.model.layers, *vision_layers(model.vision), model.projector]:
+                layer.compile(mode=cfg.run.compile_mode)
         self.model = model  # the plain module (saving, evaluation)
         self.engine = self._wrap(model)  # what the forward/backward runs on
 
@@ -104,7 +111,13 @@ class Trainer:
         from torch.nn.parallel import DistributedDataParallel
 
         ids = [self.rt.device.index] if self.rt.device.type == "cuda" else None
-        return DistributedDataParallel(model, device_ids=ids)
+        # Gradients as views into the communication buckets: no copy into them, less memory.
+        engine = DistributedDataParallel(model, device_ids=ids, gradient_as_bucket_view=True)
+        if self.cfg.run.ddp_bf16_grads and self.rt.device.type == "cuda":
+            from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import bf16_compress_hook
+
+            engine.register_comm_hook(None, bf16_compress_hook)
+        return engine
 
     # -- steps --------------------------------------------------------------------------------------
     def _to_device(self, batch: dict) -> dict:
@@ -114,6 +127,8 @@ class Trainer:
             pad = self.processor.tokenizer.pad_token_id
             batch = {"input_ids": torch.tensor([[pad]]), "attention_mask": torch.ones(1, 1, dtype=torch.long),
                      "labels": torch.tensor([[-100]])}
+        pixels = batch.get("pixel_values")
+        self.model.check_image_tokens(batch["input_ids"], 0 if pixels is None else len(pixels))  # on the host copy
         # use_cache=False: no KV cache in training, and packed rows need it off for transformers to
         # derive the per-sample attention mask from the restarting position ids.
         return {"use_cache": False, **{k: batch[k].to(self.rt.device, non_blocking=True) for k in MODEL_INPUTS
@@ -125,13 +140,24 @@ class Trainer:
         return torch.autocast(self.rt.device.type, dtype=self.amp)
 
     def train_step(self, batches: list[dict]) -> dict:
-        """Forward/backward over the micro-batches of one optimizer step, then (maybe) step."""
+        """Forward/backward over the micro-batches of one optimizer step, then (maybe) step.
+
+        The host waits for the GPU once per step (to decide whether the loss and gradients are finite
+        before stepping); the token counts come from the collator on the host.
+        """
         rt, world = self.rt, self.rt.world_size
-        local_tokens = sum(int(b["num_tokens"]) for b in batches)
-        global_tokens = rt.all_reduce_sum(torch.tensor(float(local_tokens), device=rt.device)).item()
+        counts = torch.tensor([float(sum(int(b["num_tokens"]) for b in batches)),
+                               float(sum(_sequence_tokens(b) for b in batches))], dtype=torch.float64)
+        if rt.distributed:
+            counts = rt.all_reduce_sum(counts.to(rt.device)).cpu()
+        global_tokens, tokens_seen = counts.tolist()
+        if global_tokens == 0:  # every sample of the step, on every rank, was bad (the loader counted them)
+            return {"loss": float("nan"), "skipped": True, "tokens": tokens_seen, "why": "no labelled token"}
         # Each process divides its token-sum loss by (global tokens / world): after DDP averages the
         # gradients, every labelled token of the step weighs the same, whatever the split.
-        denom = max(global_tokens, 1.0) / world
+        denom = global_tokens / world
+        if self.cfg.run.compile and self.cfg.run.compile_mode == "reduce-overhead":
+            torch.compiler.cudagraph_mark_step_begin()  # the last step's graph outputs are free to reuse
         loss_sum = torch.zeros((), device=rt.device)
         for i, batch in enumerate(batches):
             sync = i == len(batches) - 1 or not hasattr(self.engine, "no_sync")
@@ -139,25 +165,18 @@ class Trainer:
                 loss = self.engine(**self._to_device(batch), num_items_in_batch=denom).loss
             loss.backward()
             loss_sum += loss.detach().float()
-        loss_value = rt.all_reduce_sum(loss_sum).item() / world
-        tokens_seen = rt.all_reduce_sum(torch.tensor(
-            float(sum(int(b["input_ids"].numel() if b.get("attention_mask") is None
-                          else b["attention_mask"].sum()) for b in batches)), device=rt.device)).item()
-        if global_tokens == 0:  # every sample of the step was bad (the loader counted them)
-            self.optimizer.zero_grad(set_to_none=True)
-            return {"loss": loss_value, "skipped": True, "tokens": tokens_seen, "why": "no labelled token"}
-        if not math.isfinite(loss_value):
-            self.optimizer.zero_grad(set_to_none=True)
-            return {"loss": loss_value, "skipped": True, "tokens": tokens_seen, "why": "non-finite loss"}
+        loss_sum = rt.all_reduce_sum(loss_sum) / world
         params = [p for g in self.optimizer.param_groups for p in g["params"]]
         clip = self.cfg.optim.grad_clip or float("inf")
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, clip).item()
-        if not math.isfinite(grad_norm):
-            self.optimizer.zero_grad(set_to_none=True)
-            return {"loss": loss_value, "skipped": True, "tokens": tokens_seen, "why": "non-finite gradient"}
-        self.optimizer.step()
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, clip)
+        loss_value, grad_norm = torch.stack([loss_sum, grad_norm.float()]).tolist()  # the step's one sync
+        why = ("non-finite loss" if not math.isfinite(loss_value)
+               else "non-finite gradient" if not math.isfinite(grad_norm) else None)
+        if why is None:
+            self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return {"loss": loss_value, "grad_norm": grad_norm, "skipped": False, "tokens": tokens_seen}
+        return {"loss": loss_value, "grad_norm": grad_norm, "skipped": why is not None, "tokens": tokens_seen,
+                "why": why}
 
     @torch.no_grad()
     def evaluate(self) -> float | None:
