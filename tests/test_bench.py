@@ -266,7 +266,7 @@ def test_bench_generate_and_data_commands(tiny_models, tmp_path, capsys):
     records = {r["variant"]: r for r in json.loads(out.read_text())["variants"]}
     assert records["static+compile"] == {"variant": "static+compile",
                                          "skipped": "transformers compiles generate on CUDA only"}
-    for name in ("dynamic", "static"):
+    for name in ("dynamic", "static", "graph"):
         assert records[name]["ttft_ms"] > 0 and records[name]["aggregate_tokens_per_s"] > 0
     out = tmp_path / "data.json"
     assert main(["bench", "data", "--preset", "tiny", "--models", str(tiny_models), "--workers", "0",

@@ -156,6 +156,38 @@ def test_greedy_generation_with_kv_cache_equals_without(vlm, processor):
     assert cached.tolist() == seq[0, ids.shape[1]:].tolist()
 
 
+def test_static_decoder_equals_generate_on_a_padded_batch(vlm, processor):
+    """The static-cache greedy loop (`crossvlm bench generate` variant `graph`) = CrossVLM.generate."""
+    from crossvlm.model.decoding import StaticDecoder
+
+    texts = [processor.render([{"role": "user", "content": c}])
+             for c in ("<image>where is the red circle?", "<image>hi", "how many shapes?")]
+    tok = processor.tokenizer
+    tok.padding_side = "left"
+    batch = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+    pix = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(5))
+    ids, mask, prompt = batch["input_ids"], batch["attention_mask"], batch["input_ids"].shape[1]
+    decoder = StaticDecoder(vlm, max_length=prompt + 16)
+
+    def both(eos):
+        want = vlm.generate(ids, pix, attention_mask=mask, max_new_tokens=12, do_sample=False, eos_token_id=eos,
+                            pad_token_id=tok.pad_token_id)
+        got = decoder.generate(ids, pix, mask, max_new_tokens=12, eos_token_id=eos, pad_token_id=tok.pad_token_id,
+                               check_every=4)
+        return got.tolist(), want.tolist()
+
+    got, want = both(None)
+    assert got == want and len(got[0]) == prompt + 12
+    new = [row[prompt:] for row in want]
+    # Stop tokens taken from the free run: rows stop at different steps, then all of them early.
+    for eos in ([new[1][0], new[2][1]], [new[0][0], new[1][0], new[2][1]]):
+        got, want = both(eos)
+        assert got == want
+    assert len(want[0]) < prompt + 12 and tok.pad_token_id in [t for row in want for t in row[prompt:]]
+    with pytest.raises(ValueError, match="exceeds the decoder's max_length"):
+        StaticDecoder(vlm, max_length=8).generate(batch["input_ids"], pix, max_new_tokens=4)
+
+
 def test_projector_queries_are_distinct_at_init(vlm):
     # Identical inputs for every image position: only the queries' own codes can tell them apart.
     features = torch.zeros(2, vlm.config.num_patches, vlm.config.vision_config.hidden_size)

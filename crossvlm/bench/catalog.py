@@ -4,8 +4,10 @@ TRAIN_VARIANTS = ("ours", "mlp", "naive")
 """ours: crossvlm's design in the real loop; mlp: the loop with the MLP projector; naive: bench/naive.py."""
 
 LEVERS = {
-    "compile": "+ torch.compile of the decoder layers and the projector (run.compile)",
+    "compile": "+ torch.compile of the decoder layers, the projector and the vision layers (run.compile)",
+    "cudagraphs": "+ compiled with mode reduce-overhead: each compiled layer replayed as a CUDA graph",
     "batch2x": "+ twice the batch size per process",
+    "bf16-allreduce": "+ under DDP, gradients all-reduced in bfloat16 (run.ddp_bf16_grads)",
     "chunked-ce": "+ LM head and cross-entropy in chunks of labelled rows, logits recomputed in backward",
     "no-bf16-frozen": "- frozen weights kept in float32 (autocast re-casts them every forward)",
     "full-logits": "- logits over every position and the whole vocabulary, then cross-entropy (HF-style)",
@@ -17,5 +19,8 @@ GENERATE_VARIANTS = {
     "dynamic": {},
     "static": {"cache_implementation": "static", "disable_compile": True},
     "static+compile": {"cache_implementation": "static"},
+    "graph": {"decoder": "crossvlm.model.decoding.StaticDecoder"},
 }
-"""`generate()` options of each `bench generate` variant (transformers compiles a static cache on CUDA)."""
+"""`generate()` options of each `bench generate` variant (transformers compiles a static cache on CUDA);
+`graph` is crossvlm's own greedy loop instead of `generate()`: static cache, each decode step one CUDA
+graph replay, a host sync every 16 tokens."""

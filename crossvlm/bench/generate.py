@@ -5,11 +5,13 @@ prompt is one user turn with one camera-sized JPEG, rendered by the processor as
 Every path is `CrossVLM.generate` (merged embeddings as the prefill, then Qwen3's own `generate`);
 greedy, `min_new_tokens` = `max_new_tokens` so random weights cannot stop early at an EOS.
 
-Variants (transformers' own levers, no code of ours):
+Variants (transformers' own levers, then ours):
 - `dynamic`: the stock path (DynamicCache);
 - `static`: `cache_implementation="static"` with `disable_compile=True`;
 - `static+compile`: `cache_implementation="static"`, which transformers compiles on CUDA for the
-  decode steps (`torch.compile`, mode "reduce-overhead": CUDA graphs); the prefill stays eager.
+  decode steps (`torch.compile`, mode "reduce-overhead": CUDA graphs); the prefill stays eager;
+- `graph`: `crossvlm.model.decoding.StaticDecoder`, our greedy loop over a static cache, the decode
+  step compiled with CUDA graphs on a GPU (eager on a CPU), the prefill eager.
 
 Timings are CUDA-synchronised wall times. TTFT = a `max_new_tokens=1` call (prefill + first token,
 inputs already on the device; the image processor's CPU time is reported apart as `preprocess_ms`).
@@ -79,27 +81,48 @@ def _generate(model, inputs: dict, new_tokens: int, options: dict):
     return model.generate(**inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, **options)
 
 
+def _generator(model, name: str, new_tokens: int):
+    """generate(inputs, n) for a variant: `CrossVLM.generate` with the variant's options, or crossvlm's
+    StaticDecoder (one per batch size, its cache sized for the prompt plus `new_tokens`)."""
+    options = VARIANTS[name]
+    if "decoder" not in options:
+        return lambda inputs, n: _generate(model, inputs, n, options)
+    from crossvlm.model.decoding import StaticDecoder
+
+    decoders = {}
+
+    def generate(inputs, n):
+        ids = inputs["input_ids"]
+        if ids.shape[0] not in decoders:
+            decoders[ids.shape[0]] = StaticDecoder(model, max_length=ids.shape[1] + new_tokens)
+        return decoders[ids.shape[0]].generate(ids, inputs.get("pixel_values"), inputs.get("attention_mask"),
+                                               max_new_tokens=n)
+
+    return generate
+
+
 def _run_variant(model, name: str, one: dict, many: dict, cfg: GenerateBenchConfig, device: torch.device) -> dict:
     options = VARIANTS[name]
     n, b = cfg.new_tokens, many["input_ids"].shape[0]
+    generate = _generator(model, name, n)
     free_memory(device)
     say(f"[generate] {name}: warming up (compiles here if the variant compiles) ...")
     start = time.perf_counter()
-    warm_calls = 2 if "disable_compile" not in options and "cache_implementation" in options else 1
-    for _ in range(warm_calls):  # the first call compiles, the next records the CUDA graphs
-        _generate(model, one, n, options)
-        _generate(model, many, n, options)
+    compiles = "decoder" in options or ("disable_compile" not in options and "cache_implementation" in options)
+    for _ in range(2 if compiles else 1):  # the first call compiles, the next records the CUDA graphs
+        generate(one, n)
+        generate(many, n)
     warmup_s = time.perf_counter() - start
-    _generate(model, one, 1, options)
-    ttft = [timed(lambda: _generate(model, one, 1, options), device)[0] for _ in range(cfg.ttft_repeats)]
+    generate(one, 1)
+    ttft = [timed(lambda: generate(one, 1), device)[0] for _ in range(cfg.ttft_repeats)]
     full, out = [], None
     for _ in range(cfg.decode_repeats):
-        seconds, out = timed(lambda: _generate(model, one, n, options), device)
+        seconds, out = timed(lambda: generate(one, n), device)
         full.append(seconds)
     new = out.shape[1] - one["input_ids"].shape[1]
     if new != n:
         raise RuntimeError(f"asked for {n} new tokens, got {new}")
-    batch_s = [timed(lambda: _generate(model, many, n, options), device)[0] for _ in range(cfg.batch_repeats)]
+    batch_s = [timed(lambda: generate(many, n), device)[0] for _ in range(cfg.batch_repeats)]
     ttft_s, full_s = median(ttft), median(full)
     # On a busy CPU the two medians can cross for very short calls; no decode speed is better than a wrong one.
     decode_s = (full_s - ttft_s) / (n - 1) if full_s > ttft_s else None

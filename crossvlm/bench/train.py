@@ -62,7 +62,7 @@ class TrainBenchConfig:
     max_seconds: float = 60.0
     """Stop measuring a variant after this long (at least 3 steps are kept)."""
     compile: bool = False
-    """Compile the decoder layers and projector of `ours` and `mlp`."""
+    """Compile (`run.compile`) the decoder layers, vision layers and projector of `ours` and `mlp`."""
     variants: tuple[str, ...] = BASE_VARIANTS
     """Which of ours, mlp, naive to run."""
     levers: tuple[str, ...] = ()
@@ -154,7 +154,7 @@ def plan(cfg: TrainBenchConfig) -> list[Variant]:
     for lever in cfg.levers:
         if lever == "compile" and cfg.compile:
             continue  # already in `ours`
-        out.append(Variant(f"ours+{lever}", "cross_attn", (lever,), cfg.compile or lever == "compile",
+        out.append(Variant(f"ours+{lever}", "cross_attn", (lever,), cfg.compile or lever in ("compile", "cudagraphs"),
                            2 * b if lever == "batch2x" else b))
     return out
 
@@ -186,6 +186,10 @@ def _stage_overrides(ctx: _Context, v: Variant) -> dict:
         "run.progress": False, "run.plot": False, "data.sources": [str(ctx.photos)], "data.num_workers": 0,
     }
     overrides.update({"model.projector_type": v.design, "run.batch_size": v.batch_size, "run.compile": v.compile})
+    if "bf16-allreduce" in v.levers:
+        overrides["run.ddp_bf16_grads"] = True
+    if "cudagraphs" in v.levers:
+        overrides["run.compile_mode"] = "reduce-overhead"
     if "unfused-adamw" in v.levers:
         overrides["optim.fused"] = False
     return overrides

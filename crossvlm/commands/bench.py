@@ -46,7 +46,7 @@ def _train_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--warmup", type=int, default=5,
                    help="unmeasured steps first (workers × 2 more fill the loader's queue)")
     p.add_argument("--max-seconds", type=float, default=60.0, help="cap on the measured time of one variant")
-    p.add_argument("--compile", action="store_true", help="compile decoder layers and projector of ours and mlp")
+    p.add_argument("--compile", action="store_true", help="compile (run.compile) the decoder layers, vision layers and projector of ours and mlp")
     p.add_argument("--workers", type=int, help="DataLoader workers per process (default: cores per process - 1, <= 8)")
     p.add_argument("--jpeg-size", type=_size, default=(640, 480), metavar="WxH", help="size of the decoded JPEGs")
     p.add_argument("--profile", type=Path, metavar="DIR",
