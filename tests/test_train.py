@@ -82,6 +82,15 @@ def test_minimind_flags_are_aliases_of_config_keys(tmp_path):
         ["--freeze_llm", "0", "--data_path", str(data)])).trainable.llm == "full"
 
 
+def test_one_data_source_on_the_command_line(tmp_path):
+    data = tmp_path / "x.parquet"
+    data.write_bytes(b"")
+    for flag in ("--data.sources", "--eval_data.sources"):
+        cfg = load_config(config_path("sft.yaml"), parse_overrides(["--data.sources", str(data), flag, str(data)]))
+        section = cfg.eval_data if flag.startswith("--eval") else cfg.data
+        assert [src.path for src in section.sources] == [str(data)]  # one path, not one source per character
+
+
 def test_unknown_override_is_an_error():
     with pytest.raises(ConfigError, match="--bogus"):
         parse_overrides(["--bogus", "1"])

@@ -61,7 +61,10 @@ class DataConfig:
         if unknown:
             raise ConfigError(f"data: unknown keys {unknown}; known: {sorted(cls.__dataclass_fields__)}")
         sources = []
-        for i, src in enumerate(raw.pop("sources", []) or []):
+        given = raw.pop("sources", []) or []
+        if isinstance(given, (str, Path, dict)):  # one source, e.g. `--data.sources file.parquet`
+            given = [given]
+        for i, src in enumerate(given):
             if isinstance(src, str):
                 src = {"path": src}
             if not isinstance(src, dict):
