@@ -74,6 +74,20 @@ def test_scenes_are_unambiguous_and_cover_the_attributes():
     assert seen["size"] == set(SIZES) and len(seen["cell"]) == 9 and seen["n"] == {1, 2, 3}
 
 
+def test_captions_parse_back_into_their_scenes(shapes):
+    from crossvlm.data.synth import caption, parse_caption, sample_scene
+
+    rng = random.Random(3)
+    for _ in range(500):
+        scene = sample_scene(rng)
+        assert parse_caption(caption(scene)) == scene
+    for row in pq.read_table(shapes["pretrain_test"], columns=["conversations"]).to_pylist()[:50]:
+        text = json.loads(row["conversations"])[-1]["content"]
+        assert 1 <= len(parse_caption(text)) <= 3
+    with pytest.raises(ValueError, match="not a shapes caption"):
+        parse_caption("Two shapes.")
+
+
 def test_chance_levels_and_scoring():
     assert set(CHANCE) == set(QUESTION_TYPES)
     assert CHANCE["colour"] == pytest.approx(1 / 6) and CHANCE["count"] == pytest.approx(1 / 3)

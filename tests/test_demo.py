@@ -9,12 +9,12 @@ import pytest
 from crossvlm.data.synth import QUESTION_TYPES
 
 
-@pytest.mark.parametrize("projector,tokens", [("cross_attn", 64), ("mlp", 256)])
+@pytest.mark.parametrize("projector,tokens", [("cross_attn", 9), ("mlp", 64)])
 def test_demo_runs_both_stages_and_reports(tmp_path, capsys, projector, tokens):
     from crossvlm.cli import main
 
     assert main(["demo", "--out", str(tmp_path), "--train-images", "64", "--test-images", "4",
-                 "--pretrain-steps", "2", "--sft-steps", "3", "--projector", projector]) == 0
+                 "--vision-steps", "2", "--pretrain-steps", "2", "--sft-steps", "3", "--projector", projector]) == 0
     out = capsys.readouterr().out
     result = json.loads((tmp_path / "demo_result.json").read_text())
     assert set(result["accuracy"]["per_type"]) == set(QUESTION_TYPES)

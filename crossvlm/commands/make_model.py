@@ -5,16 +5,18 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from crossvlm.make_model import PRESETS
+
 
 def register(sub) -> None:
     p = sub.add_parser(
         "make-model",
         help="write random base models (DIR/llm, DIR/vision) in Hugging Face format",
         description="Write a randomly initialised Qwen3ForCausalLM + tokenizer (DIR/llm) and "
-        "CLIPVisionModel + image processor (DIR/vision). 'tiny' runs tests and the CPU demo; "
-        "'full' has the real Qwen3-0.6B and CLIP ViT-B/16 shapes, for benchmarks.",
+        "CLIPVisionModel + image processor (DIR/vision). 'tiny' runs tests, 'demo' (tiny with 8-pixel "
+        "patches) the CPU demo; 'full' has the real Qwen3-0.6B and CLIP ViT-B/16 shapes, for benchmarks.",
     )
-    p.add_argument("--preset", choices=("tiny", "full"), default="tiny")
+    p.add_argument("--preset", choices=sorted(PRESETS), default="tiny")
     p.add_argument("--out", type=Path, required=True, help="output directory")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=run)

@@ -126,6 +126,18 @@ def caption(shapes: list[Shape]) -> str:
     return f"{count}: {listed}."
 
 
+_CAPTION_PART = re.compile(r"a (\w+) (\w+) (\w+) at ([a-z ]+?)(?=, | and |\.$)")
+
+
+def parse_caption(text: str) -> list[Shape]:
+    """The shapes a caption of `caption()` describes (its inverse)."""
+    shapes = [Shape(kind, colour, size, POSITIONS.index(where)) for size, colour, kind, where
+              in _CAPTION_PART.findall(text.split(": ", 1)[-1])]
+    if not shapes:
+        raise ValueError(f"not a shapes caption: {text!r}")
+    return shapes
+
+
 def question_blocks(shapes: list[Shape], rng: random.Random) -> dict[str, list[tuple[str, str]]]:
     """One block of (question, answer) turns per question type, about randomly chosen shapes."""
     def ask(qtype: str, **fields) -> str:
