@@ -24,9 +24,8 @@ class StaticDecoder:
 
         self.model, self.max_length = model, max_length
         self.cache = StaticCache(config=model.llm.config, max_cache_len=max_length)
-        compile = model.llm.device.type == "cuda" if compile is None else compile
-        self._step = (torch.compile(self._decode_step, mode="reduce-overhead")
-                      if compile else self._decode_step)
+        self.compiled = model.llm.device.type == "cuda" if compile is None else compile
+        self._step = torch.compile(self._decode_step, mode="reduce-overhead") if self.compiled else self._decode_step
 
     def _forward(self, **inputs) -> torch.Tensor:
         out = self.model.llm(**inputs, use_cache=True, logits_to_keep=1, **{_CACHE_KWARG: self.cache})
@@ -55,7 +54,7 @@ class StaticDecoder:
         positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # left padding: rows start at 0
         token = self._forward(inputs_embeds=self.model.embed(input_ids, pixel_values), position_ids=positions,
                               attention_mask=mask)
-        eos = torch.tensor([] if eos_token_id is None else eos_token_id, device=device).flatten()
+        eos = torch.tensor([] if eos_token_id is None else eos_token_id, dtype=input_ids.dtype, device=device).flatten()
         out = torch.full((batch, max_new_tokens), pad_token_id, dtype=input_ids.dtype, device=device)
         done = torch.zeros(batch, 1, dtype=torch.bool, device=device)
         written = torch.zeros(max_new_tokens, dtype=torch.bool, device=device)  # a row still running wrote here
@@ -68,7 +67,7 @@ class StaticDecoder:
                 break
             position += 1
             mask[:, prompt + i] = 1
-            if self._step is not self._decode_step:
+            if self.compiled:
                 torch.compiler.cudagraph_mark_step_begin()
             token = self._step(token, position, mask).clone()  # a copy: the graph's output is reused
         return torch.cat([input_ids, out[:, :int(written.nonzero().max()) + 1]], dim=1)
