@@ -9,17 +9,22 @@ import pytest
 from crossvlm.data.synth import QUESTION_TYPES
 
 
-@pytest.mark.parametrize("projector,tokens", [("cross_attn", 9), ("mlp", 64)])
-def test_demo_runs_both_stages_and_reports(tmp_path, capsys, projector, tokens):
+# The MLP run also skips the tower's teaching step (--vision-steps 0).
+@pytest.mark.parametrize("projector,tokens,vision_steps", [("cross_attn", 9, 2), ("mlp", 64, 0)])
+def test_demo_runs_both_stages_and_reports(tmp_path, capsys, projector, tokens, vision_steps):
     from crossvlm.cli import main
 
     assert main(["demo", "--out", str(tmp_path), "--train-images", "64", "--test-images", "4",
-                 "--vision-steps", "2", "--pretrain-steps", "2", "--sft-steps", "3", "--projector", projector]) == 0
+                 "--vision-steps", str(vision_steps), "--pretrain-steps", "2", "--sft-steps", "3", "--projector", projector]) == 0
     out = capsys.readouterr().out
     result = json.loads((tmp_path / "demo_result.json").read_text())
     assert set(result["accuracy"]["per_type"]) == set(QUESTION_TYPES)
     assert result["accuracy"]["counts"] == {q: 4 for q in QUESTION_TYPES}
     assert result["visual_tokens"] == tokens
+    if vision_steps:
+        assert 0 <= result["vision_kind_accuracy"] <= 1 and "vision_s" in result["timings"]
+    else:
+        assert result["vision_kind_accuracy"] is None and "vision: skipped" in out
     assert "bad" not in out.split("[demo] held-out")[0].lower()  # no sample lost to max_length
     for q in QUESTION_TYPES:
         assert q in out  # the table, with the chance level beside each type

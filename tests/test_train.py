@@ -89,6 +89,10 @@ def test_one_data_source_on_the_command_line(tmp_path):
         cfg = load_config(config_path("sft.yaml"), parse_overrides(["--data.sources", str(data), flag, str(data)]))
         section = cfg.eval_data if flag.startswith("--eval") else cfg.data
         assert [src.path for src in section.sources] == [str(data)]  # one path, not one source per character
+    from crossvlm.data.config import DataConfig
+
+    for given in (data, [data], {"path": str(data)}):  # a Path, in a list or alone, or one mapping
+        assert [src.path for src in DataConfig.from_dict({"sources": given}).sources] == [str(data)]
 
 
 def test_unknown_override_is_an_error():

@@ -20,7 +20,7 @@ def register(sub) -> None:
     p.add_argument("--train-images", type=int, default=6000)
     p.add_argument("--test-images", type=int, default=300)
     p.add_argument("--vision-steps", type=int, default=VISION_STEPS,
-                   help=f"steps teaching the tiny vision tower the shapes first (default: {VISION_STEPS})")
+                   help=f"steps teaching the tiny vision tower the shapes first (default: {VISION_STEPS}; 0 skips it)")
     p.add_argument("--pretrain-steps", type=int, help="override the demo config's pretrain steps")
     p.add_argument("--sft-steps", type=int, help="override the demo config's SFT steps")
     p.add_argument("--projector", choices=("cross_attn", "mlp"), default="cross_attn")

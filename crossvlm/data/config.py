@@ -65,8 +65,8 @@ class DataConfig:
         if isinstance(given, (str, Path, dict)):  # one source, e.g. `--data.sources file.parquet`
             given = [given]
         for i, src in enumerate(given):
-            if isinstance(src, str):
-                src = {"path": src}
+            if isinstance(src, (str, Path)):
+                src = {"path": str(src)}
             if not isinstance(src, dict):
                 raise ConfigError(f"data.sources[{i}]: expected a path or a mapping, got {src!r}")
             bad = sorted(set(src) - set(SourceConfig.__dataclass_fields__))
