@@ -175,8 +175,10 @@ def test_naive_projector_splices_each_sample_and_keeps_the_rest(tiny_models):
     torch.testing.assert_close(batched[:, :1].expand_as(batched), batched, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("lever", ["full-logits", "chunked-ce"])
+@pytest.mark.parametrize("lever", ["full-logits", "chunked-ce", "compiled"])
 def test_loss_levers_give_the_stock_loss_and_gradients(tiny_models, lever, monkeypatch):
+    """The bench's loss levers, and the loss `run.compile` compiles (`compile_loss`), change speed
+    and memory only."""
     from crossvlm.bench import levers
 
     monkeypatch.setattr(levers, "CE_CHUNK_ROWS", 5)  # several chunks, the last one short
@@ -185,7 +187,9 @@ def test_loss_levers_give_the_stock_loss_and_gradients(tiny_models, lever, monke
     results = []
     for apply in (False, True):
         model.zero_grad()
-        if apply:
+        if apply and lever == "compiled":
+            model.compile_loss()
+        elif apply:
             levers.apply_model_levers(model, (lever,))
         loss = model(input_ids=input_ids, pixel_values=pixels, labels=labels, num_items_in_batch=9).loss
         loss.backward()
@@ -255,6 +259,18 @@ def test_bench_train_command_sft_writes_json_and_profile(tiny_models, tmp_path, 
     printed = capsys.readouterr().out
     assert printed.rstrip().splitlines()[-1].startswith("MFU: not applicable")
     assert "| ours |" in printed
+
+
+def test_bench_train_runs_levers_alone_and_batches_larger_than_the_photo_pool(tiny_models, tmp_path):
+    """`--variants none` runs only the lever variants; a batch above the 64 pooled photos still runs."""
+    from crossvlm.cli import main
+
+    out = tmp_path / "train.json"
+    assert main(["bench", "train", "--preset", "tiny", "--models", str(tiny_models), "--stage", "pretrain",
+                 "--steps", "1", "--warmup", "0", "--batch-size", "40", "--workers", "0", "--variants", "none",
+                 "--levers", "batch2x", "--jpeg-size", "160x120", "--out", str(out)]) == 0
+    (record,) = json.loads(out.read_text())["variants"]
+    assert record["variant"] == "ours+batch2x" and record["batch_size"] == 80 and record["steps_measured"] == 1
 
 
 def test_bench_generate_and_data_commands(tiny_models, tmp_path, capsys):

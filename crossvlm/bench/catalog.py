@@ -9,6 +9,7 @@ LEVERS = {
     "batch2x": "+ twice the batch size per process",
     "bf16-allreduce": "+ under DDP, gradients all-reduced in bfloat16 (run.ddp_bf16_grads)",
     "chunked-ce": "+ LM head and cross-entropy in chunks of labelled rows, logits recomputed in backward",
+    "eager-ce": "- under --compile, the LM head and cross-entropy left eager (float32 logits written out)",
     "no-bf16-frozen": "- frozen weights kept in float32 (autocast re-casts them every forward)",
     "full-logits": "- logits over every position and the whole vocabulary, then cross-entropy (HF-style)",
     "unfused-adamw": "- AdamW without fused=True (torch's default foreach implementation)",
@@ -19,8 +20,9 @@ GENERATE_VARIANTS = {
     "dynamic": {},
     "static": {"cache_implementation": "static", "disable_compile": True},
     "static+compile": {"cache_implementation": "static"},
-    "graph": {"decoder": "crossvlm.model.decoding.StaticDecoder"},
+    "graph": {"decoder": "crossvlm.model.decoding.StaticDecoder", "mode": "reduce-overhead"},
+    "graph-autotune": {"decoder": "crossvlm.model.decoding.StaticDecoder", "mode": "max-autotune"},
 }
 """`generate()` options of each `bench generate` variant (transformers compiles a static cache on CUDA);
-`graph` is crossvlm's own greedy loop instead of `generate()`: static cache, each decode step one CUDA
-graph replay, a host sync every 16 tokens."""
+`graph` is crossvlm's own greedy loop instead of `generate()`: static cache, the prefill and each decode
+step one CUDA graph replay, a host sync every 16 tokens; `graph-autotune` compiles it with max-autotune."""

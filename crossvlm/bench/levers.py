@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from crossvlm.bench.catalog import LEVERS  # noqa: F401  (re-exported: the levers and what they do)
-from crossvlm.model.modeling import IGNORE_INDEX
+from crossvlm.model.modeling import IGNORE_INDEX, labelled_ce_sum
 
 CE_CHUNK_ROWS = 1024
 
@@ -33,10 +33,6 @@ def full_logits_loss(self, hidden: torch.Tensor, labels: torch.Tensor, num_items
     return loss_sum / _denominator(targets != IGNORE_INDEX, num_items_in_batch)
 
 
-def _chunk_loss_sum(head: torch.nn.Module, h: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    return F.cross_entropy(head(h).float(), targets, reduction="sum")
-
-
 def chunked_ce_loss(self, hidden: torch.Tensor, labels: torch.Tensor, num_items_in_batch=None) -> torch.Tensor:
     """Same loss as `CrossVLM.loss_from_hidden`; at most CE_CHUNK_ROWS rows of logits live at once."""
     targets = labels[:, 1:]  # (B, T-1)
@@ -44,7 +40,7 @@ def chunked_ce_loss(self, hidden: torch.Tensor, labels: torch.Tensor, num_items_
     h, t = hidden[:, :-1][selected], targets[selected]  # (n, D), (n,)
     loss_sum = hidden.new_zeros((), dtype=torch.float32)
     for i in range(0, h.shape[0], CE_CHUNK_ROWS):
-        loss_sum = loss_sum + checkpoint(_chunk_loss_sum, self.llm.lm_head, h[i:i + CE_CHUNK_ROWS],
+        loss_sum = loss_sum + checkpoint(labelled_ce_sum, self.llm.lm_head, h[i:i + CE_CHUNK_ROWS],
                                          t[i:i + CE_CHUNK_ROWS], use_reentrant=False)
     return loss_sum / _denominator(selected, num_items_in_batch)
 
@@ -57,6 +53,8 @@ def apply_model_levers(model, levers: tuple[str, ...]) -> None:
     for name in levers:
         if name in LOSS_LEVERS:
             model.loss_from_hidden = types.MethodType(LOSS_LEVERS[name], model)
+        elif name == "eager-ce":
+            model._ce_sum = labelled_ce_sum  # undo `compile_loss`
         elif name == "no-bf16-frozen":
             for p in model.parameters():
                 if not p.requires_grad:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import math
 import tempfile
 import time
 import traceback
@@ -183,7 +184,11 @@ def _stage_overrides(ctx: _Context, v: Variant) -> dict:
     overrides = {
         "model.init_from": None, "model.llm": str(ctx.llm_dir), "model.vision": str(ctx.vision_dir),
         "run.out_dir": str(ctx.tmp / "runs" / v.name), "run.max_steps": 10_000, "run.seed": cfg.seed,
-        "run.progress": False, "run.plot": False, "data.sources": [str(ctx.photos)], "data.num_workers": 0,
+        "run.progress": False, "run.plot": False, "data.num_workers": 0,
+        # The loop's own loader is built but never read (the bench feeds its batches); its epoch must
+        # still hold one global batch, so the small photo file is repeated as often as needed.
+        "data.sources": [{"path": str(ctx.photos),
+                          "weight": math.ceil(v.batch_size * ctx.rt.world_size / len(ctx.jpegs))}],
     }
     overrides.update({"model.projector_type": v.design, "run.batch_size": v.batch_size, "run.compile": v.compile})
     if "bf16-allreduce" in v.levers:

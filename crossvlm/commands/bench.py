@@ -63,7 +63,7 @@ def _train_config(args: argparse.Namespace, stage: str, levers_default: tuple[st
     return TrainBenchConfig(
         preset=args.preset, stage=stage, models=args.models, batch_size=args.batch_size, steps=args.steps,
         warmup=args.warmup, max_seconds=args.max_seconds, compile=args.compile,
-        variants=getattr(args, "variants", None) or TRAIN_VARIANTS,
+        variants=TRAIN_VARIANTS if getattr(args, "variants", None) is None else args.variants,  # "none": levers only
         levers=args.levers if args.levers is not None else levers_default, workers=args.workers,
         jpeg_size=args.jpeg_size, profile=args.profile,
     )

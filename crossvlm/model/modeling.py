@@ -70,6 +70,11 @@ def load_vision(name_or_path: str | Path, dtype: torch.dtype | None = None) -> C
     return vision
 
 
+def labelled_ce_sum(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Summed cross-entropy of `head(hidden)` (n, V) against `targets` (n,), in float32."""
+    return F.cross_entropy(head(hidden).float(), targets, reduction="sum")
+
+
 def _cache_of(output):
     cache = getattr(output, "past_key_values", None)
     return cache if cache is not None else getattr(output, "cache", None)
@@ -102,6 +107,17 @@ class CrossVLM(PreTrainedModel):
             self.projector = MLPProjector(vision_dim, llm_dim, config.num_patches)
         self.post_init()
         self.apply_vision_freeze()
+        self._ce_sum = labelled_ce_sum  # compiled by `compile_loss`
+
+    def compile_loss(self) -> None:
+        """Compile the LM head + cross-entropy into one graph.
+
+        Eagerly the float32 copy of the (n × vocabulary) logits is written, read by log-softmax, and
+        its gradient written and cast back; compiled, the logits stay in the head's dtype and the
+        softmax, target pick and gradient are fused reductions over them. Shapes are dynamic in n
+        (labelled rows vary per batch); no CUDA graphs for that reason.
+        """
+        self._ce_sum = torch.compile(labelled_ce_sum)
 
     def apply_vision_freeze(self) -> None:
         """Freeze the vision tower if the config says so (loading makes fresh, trainable tensors)."""
@@ -301,8 +317,7 @@ class CrossVLM(PreTrainedModel):
         targets = labels[:, 1:]  # (B, T-1): position t predicts token t+1
         selected = targets != IGNORE_INDEX
         h = hidden[:, :-1][selected]  # (n, D): only the n labelled positions
-        logits = self.llm.lm_head(h)  # (n, V)
-        loss_sum = F.cross_entropy(logits.float(), targets[selected], reduction="sum")
+        loss_sum = self._ce_sum(self.llm.lm_head, h, targets[selected])
         denom = num_items_in_batch if num_items_in_batch is not None else selected.sum().clamp(min=1)
         return loss_sum / denom
 

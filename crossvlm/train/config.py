@@ -122,7 +122,8 @@ class RunSection:
     ddp_bf16_grads: bool = False
     """Under DDP on GPUs, all-reduce gradients in bfloat16 (half the bytes; DDP's bf16_compress_hook)."""
     compile: bool = False
-    """`torch.compile` the LLM's decoder layers, the projector and the vision tower's layers."""
+    """`torch.compile` the LLM's decoder layers, the projector, the vision tower's layers and the loss (LM head +
+    cross-entropy)."""
     compile_mode: str = "default"
     """`torch.compile` mode; `reduce-overhead` replays each compiled layer as a CUDA graph."""
     gradient_checkpointing: bool = False

@@ -69,9 +69,11 @@ class Trainer:
             model.llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if cfg.run.compile:
             # Layer by layer: one compiled graph serves every decoder layer, so compiling takes
-            # seconds, and the HF glue between layers (masks, rotary, cache) stays eager.
+            # seconds, and the HF glue between layers (masks, rotary, cache) stays eager. The LM
+            # head and cross-entropy compile as one more graph.
             for layer in [*model.llm.model.layers, *vision_layers(model.vision), model.projector]:
                 layer.compile(mode=cfg.run.compile_mode)
+            model.compile_loss()
         self.model = model  # the plain module (saving, evaluation)
         self.engine = self._wrap(model)  # what the forward/backward runs on
 
