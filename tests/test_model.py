@@ -156,8 +156,10 @@ def test_greedy_generation_with_kv_cache_equals_without(vlm, processor):
     assert cached.tolist() == seq[0, ids.shape[1]:].tolist()
 
 
-def test_static_decoder_equals_generate_on_a_padded_batch(vlm, processor):
-    """The static-cache greedy loop (`crossvlm bench generate` variant `graph`) = CrossVLM.generate."""
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+def test_static_decoder_equals_generate_on_a_padded_batch(vlm, processor, compiled):
+    """The static-cache greedy loop (`crossvlm bench generate` variant `graph`) = CrossVLM.generate,
+    eager and compiled (on CUDA the compiled functions also replay as CUDA graphs)."""
     from crossvlm.model.decoding import StaticDecoder
 
     texts = [processor.render([{"role": "user", "content": c}])
@@ -167,7 +169,9 @@ def test_static_decoder_equals_generate_on_a_padded_batch(vlm, processor):
     batch = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False)
     pix = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(5))
     ids, mask, prompt = batch["input_ids"], batch["attention_mask"], batch["input_ids"].shape[1]
-    decoder = StaticDecoder(vlm, max_length=prompt + 16)
+    # Prompts padded further on the left to a multiple of 8 tokens: the bucketing changes nothing.
+    assert prompt % 8
+    decoder = StaticDecoder(vlm, max_length=prompt + 24, compile=compiled, prompt_multiple=8)
 
     def both(eos):
         want = vlm.generate(ids, pix, attention_mask=mask, max_new_tokens=12, do_sample=False, eos_token_id=eos,
@@ -178,6 +182,9 @@ def test_static_decoder_equals_generate_on_a_padded_batch(vlm, processor):
 
     got, want = both(None)
     assert got == want and len(got[0]) == prompt + 12
+    # A batch of another size gets a cache of its own.
+    one = decoder.generate(ids[:1], pix[:1], mask[:1], max_new_tokens=12, pad_token_id=tok.pad_token_id)
+    assert one.tolist() == want[:1]
     new = [row[prompt:] for row in want]
     # Stop tokens taken from the free run: rows stop at different steps, then all of them early.
     for eos in ([new[1][0], new[2][1]], [new[0][0], new[1][0], new[2][1]]):

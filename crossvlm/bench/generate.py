@@ -10,8 +10,11 @@ Variants (transformers' own levers, then ours):
 - `static`: `cache_implementation="static"` with `disable_compile=True`;
 - `static+compile`: `cache_implementation="static"`, which transformers compiles on CUDA for the
   decode steps (`torch.compile`, mode "reduce-overhead": CUDA graphs); the prefill stays eager;
-- `graph`: `crossvlm.model.decoding.StaticDecoder`, our greedy loop over a static cache, the decode
-  step compiled with CUDA graphs on a GPU (eager on a CPU), the prefill eager.
+- `graph`: `crossvlm.model.decoding.StaticDecoder`, our greedy loop over a static cache; on a GPU
+  the prefill (prompt padded to a multiple of 64 tokens) and the decode step are each compiled and
+  replayed as CUDA graphs (eager on a CPU);
+- `graph-autotune`: the same compiled with mode `max-autotune` (Triton matmul templates tuned per
+  shape, their epilogues fused; longer to compile).
 
 Timings are CUDA-synchronised wall times. TTFT = a `max_new_tokens=1` call (prefill + first token,
 inputs already on the device; the image processor's CPU time is reported apart as `preprocess_ms`).
@@ -34,6 +37,7 @@ from crossvlm.bench.common import ensure_models, env_info, free_memory, median, 
 from crossvlm.errors import ConfigError
 
 PROMPT = "<image>\nDescribe this image in detail."
+PROMPT_MULTIPLE = 64
 
 
 @dataclass
@@ -94,7 +98,9 @@ def _generator(model, name: str, new_tokens: int):
     def generate(inputs, n):
         ids = inputs["input_ids"]
         if ids.shape[0] not in decoders:
-            decoders[ids.shape[0]] = StaticDecoder(model, max_length=ids.shape[1] + new_tokens)
+            bucket = -(-ids.shape[1] // PROMPT_MULTIPLE) * PROMPT_MULTIPLE  # the prefill's shape in every call
+            decoders[ids.shape[0]] = StaticDecoder(model, max_length=bucket + new_tokens, mode=options["mode"],
+                                                   prompt_multiple=PROMPT_MULTIPLE)
         return decoders[ids.shape[0]].generate(ids, inputs.get("pixel_values"), inputs.get("attention_mask"),
                                                max_new_tokens=n)
 

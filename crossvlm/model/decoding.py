@@ -1,17 +1,22 @@
-"""Greedy decoding over a static KV cache, each decode step one CUDA-graph replay.
+"""Greedy decoding over a static KV cache, the prefill and each decode step one CUDA-graph replay.
 
 `CrossVLM.generate` hands the merged prompt to the stock `generate()`, which is general (sampling,
 logits processors, streamers) and pays for it in host work on every token. `StaticDecoder` does one
-thing: greedy decoding of a batch, with the KV cache allocated once (`transformers.StaticCache`) and
-the one-token decode step compiled with `torch.compile(mode="reduce-overhead")` on CUDA, so a token
-costs one graph replay. Positions, the attention mask and the cache's length advance on the device;
-the host waits for the GPU only every `check_every` tokens, to see whether every row has stopped.
-On a CPU the same loop runs eagerly (the tests compare it with `CrossVLM.generate`).
+thing: greedy decoding of a batch, with the KV cache allocated once (`transformers.StaticCache`).
+On CUDA two functions are compiled with `torch.compile(mode="reduce-overhead")`: the prefill (vision
+tower, projector, merge and the LLM over the prompt) and the one-token decode step, so the first
+token costs one graph replay and every later token one more. Prompts are left-padded to a multiple
+of `prompt_multiple` tokens, so the prefill compiles once per length bucket (and batch size), not
+once per prompt. Positions, the attention mask and the cache's length advance on the device; the
+host waits for the GPU only every `check_every` tokens, to see whether every row has stopped. On a
+CPU the same loop runs eagerly unless asked to compile (the tests compare both with
+`CrossVLM.generate`).
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from crossvlm.model.modeling import _CACHE_KWARG
 
@@ -19,17 +24,43 @@ from crossvlm.model.modeling import _CACHE_KWARG
 class StaticDecoder:
     """Greedy generation for one CrossVLM, with a cache of `max_length` tokens per row."""
 
-    def __init__(self, model, max_length: int, compile: bool | None = None):
+    def __init__(self, model, max_length: int, compile: bool | None = None, prompt_multiple: int = 64,
+                 mode: str = "reduce-overhead"):
         from transformers import StaticCache
 
-        self.model, self.max_length = model, max_length
-        self.cache = StaticCache(config=model.llm.config, max_cache_len=max_length)
+        self.model, self.max_length, self.prompt_multiple = model, max_length, prompt_multiple
+        self._new_cache = lambda: StaticCache(config=model.llm.config, max_cache_len=max_length)
+        self.cache = self._new_cache()
         self.compiled = model.llm.device.type == "cuda" if compile is None else compile
-        self._step = torch.compile(self._decode_step, mode="reduce-overhead") if self.compiled else self._decode_step
+        if self.compiled:
+            self._prefill = torch.compile(self._prefill_step, mode=mode)
+            self._step = torch.compile(self._decode_step, mode=mode)
+        else:
+            self._prefill, self._step = self._prefill_step, self._decode_step
+
+    def _cache_for(self, batch: int, device: torch.device) -> None:
+        """An empty cache of `batch` rows, its tensors allocated here, outside any compiled function: made
+        inside a CUDA graph they would belong to the graph's memory pool and be overwritten."""
+        if self.cache.layers[0].is_initialized and self.cache.layers[0].keys.shape[0] != batch:
+            self.cache = self._new_cache()
+        if not self.cache.layers[0].is_initialized:
+            cfg = self.model.llm.config
+            head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+            self.cache.early_initialization(batch, cfg.num_key_value_heads, head_dim, self.model.llm.dtype, device)
+        self.cache.reset()
 
     def _forward(self, **inputs) -> torch.Tensor:
         out = self.model.llm(**inputs, use_cache=True, logits_to_keep=1, **{_CACHE_KWARG: self.cache})
         return out.logits[:, -1].argmax(-1, keepdim=True)  # (B, 1)
+
+    def _prefill_step(self, input_ids, pixel_values, position_ids, attention_mask) -> torch.Tensor:
+        return self._forward(inputs_embeds=self.model.embed(input_ids, pixel_values), position_ids=position_ids,
+                             attention_mask=attention_mask)
+
+    def _run(self, fn, *args) -> torch.Tensor:
+        if self.compiled:
+            torch.compiler.cudagraph_mark_step_begin()
+        return fn(*args).clone()  # a copy: a graph's output is overwritten by its next replay
 
     def _decode_step(self, token, position_ids, attention_mask) -> torch.Tensor:
         return self._forward(input_ids=token, position_ids=position_ids, attention_mask=attention_mask)
@@ -48,12 +79,14 @@ class StaticDecoder:
         device = input_ids.device
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
+        # Left-pad the prompt to its length bucket (masked out, so the answer is unchanged).
+        padded = min(-(-prompt // self.prompt_multiple) * self.prompt_multiple, self.max_length - max_new_tokens)
+        ids = F.pad(input_ids, (padded - prompt, 0), value=pad_token_id)
         mask = torch.zeros(batch, self.max_length, dtype=attention_mask.dtype, device=device)
-        mask[:, :prompt] = attention_mask
-        self.cache.reset()
-        positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # left padding: rows start at 0
-        token = self._forward(inputs_embeds=self.model.embed(input_ids, pixel_values), position_ids=positions,
-                              attention_mask=mask)
+        mask[:, padded - prompt:padded] = attention_mask
+        self._cache_for(batch, device)
+        positions = (mask[:, :padded].long().cumsum(-1) - 1).clamp(min=0)  # left padding: rows start at 0
+        token = self._run(self._prefill, ids, pixel_values, positions, mask)
         eos = torch.tensor([] if eos_token_id is None else eos_token_id, dtype=input_ids.dtype, device=device).flatten()
         out = torch.full((batch, max_new_tokens), pad_token_id, dtype=input_ids.dtype, device=device)
         done = torch.zeros(batch, 1, dtype=torch.bool, device=device)
@@ -66,8 +99,6 @@ class StaticDecoder:
             if i == max_new_tokens - 1 or ((i + 1) % check_every == 0 and bool(done.all())):
                 break
             position += 1
-            mask[:, prompt + i] = 1
-            if self.compiled:
-                torch.compiler.cudagraph_mark_step_begin()
-            token = self._step(token, position, mask).clone()  # a copy: the graph's output is reused
+            mask[:, padded + i] = 1
+            token = self._run(self._step, token, position, mask)
         return torch.cat([input_ids, out[:, :int(written.nonzero().max()) + 1]], dim=1)
