@@ -280,9 +280,13 @@ def test_bench_generate_and_data_commands(tiny_models, tmp_path, capsys):
     assert main(["bench", "generate", "--preset", "tiny", "--models", str(tiny_models), "--new-tokens", "3",
                  "--batch-size", "2", "--out", str(out)]) == 0
     records = {r["variant"]: r for r in json.loads(out.read_text())["variants"]}
+    assert set(records) == {"dynamic", "static", "static+compile", "graph"}  # graph-autotune only when named
     assert records["static+compile"] == {"variant": "static+compile",
                                          "skipped": "transformers compiles generate on CUDA only"}
-    for name in ("dynamic", "static", "graph"):
+    assert main(["bench", "generate", "--preset", "tiny", "--models", str(tiny_models), "--new-tokens", "3",
+                 "--batch-size", "2", "--variants", "graph-autotune", "--out", str(out)]) == 0
+    records.update({r["variant"]: r for r in json.loads(out.read_text())["variants"]})
+    for name in ("dynamic", "static", "graph", "graph-autotune"):
         assert records[name]["ttft_ms"] > 0 and records[name]["aggregate_tokens_per_s"] > 0
     out = tmp_path / "data.json"
     assert main(["bench", "data", "--preset", "tiny", "--models", str(tiny_models), "--workers", "0",

@@ -26,3 +26,6 @@ GENERATE_VARIANTS = {
 """`generate()` options of each `bench generate` variant (transformers compiles a static cache on CUDA);
 `graph` is crossvlm's own greedy loop instead of `generate()`: static cache, the prefill and each decode
 step one CUDA graph replay, a host sync every 16 tokens; `graph-autotune` compiles it with max-autotune."""
+
+DEFAULT_GENERATE_VARIANTS = ("dynamic", "static", "static+compile", "graph")
+"""What `bench generate` runs unless told: `graph-autotune` compiles for minutes more and is asked for by name."""

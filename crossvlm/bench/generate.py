@@ -32,7 +32,7 @@ from pathlib import Path
 
 import torch
 
-from crossvlm.bench.catalog import GENERATE_VARIANTS as VARIANTS
+from crossvlm.bench.catalog import DEFAULT_GENERATE_VARIANTS, GENERATE_VARIANTS as VARIANTS
 from crossvlm.bench.common import ensure_models, env_info, free_memory, median, peak_memory_gib, say, timed
 from crossvlm.errors import ConfigError
 
@@ -47,7 +47,7 @@ class GenerateBenchConfig:
     preset: str = "full"
     models: Path | None = None
     """Folder with (or to receive) the preset's random base models; None: a temporary folder."""
-    variants: tuple[str, ...] = tuple(VARIANTS)
+    variants: tuple[str, ...] = DEFAULT_GENERATE_VARIANTS
     new_tokens: int = 64
     """Tokens generated per decode call."""
     batch_size: int = 64

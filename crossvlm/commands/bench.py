@@ -114,10 +114,10 @@ def register(sub) -> None:
 
 
 def _generate_options(p: argparse.ArgumentParser, prefix: str = "") -> None:
-    from crossvlm.bench.catalog import GENERATE_VARIANTS as VARIANTS
+    from crossvlm.bench.catalog import DEFAULT_GENERATE_VARIANTS, GENERATE_VARIANTS as VARIANTS
 
-    p.add_argument(f"--{prefix}variants", dest="gen_variants", type=_names, default=tuple(VARIANTS),
-                   help=f"comma-separated subset of {','.join(VARIANTS)}")
+    p.add_argument(f"--{prefix}variants", dest="gen_variants", type=_names, default=DEFAULT_GENERATE_VARIANTS,
+                   help=f"comma-separated subset of {','.join(VARIANTS)} (default: {','.join(DEFAULT_GENERATE_VARIANTS)})")
     p.add_argument("--new-tokens", type=int, default=64, help="tokens per decode call")
     p.add_argument(f"--{prefix}batch-size", dest="gen_batch_size", type=int, default=64,
                    help="prompts in the throughput call")
