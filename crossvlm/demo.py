@@ -200,7 +200,9 @@ def run_demo(out: Path, *, seed: int = 0, n_train: int = 6000, n_test: int = 300
     t0 = time.perf_counter()
     timings = {}
     llm, vision = write_random_models(out / "models", "demo", seed=seed)
-    data = write_synthetic(out / "data", seed=seed, n_train=n_train, n_test=n_test)
+    # One question per SFT row: a row has a quarter of a whole conversation's tokens, so a step costs
+    # less and more steps fit the budget, and no earlier answer sits in the context (docs/TRAINING.md).
+    data = write_synthetic(out / "data", seed=seed, n_train=n_train, n_test=n_test, one_question_per_row=True)
     timings["setup_s"] = time.perf_counter() - t0
     say(f"[demo] tiny models in {out / 'models'}, {n_train} training / {n_test} held-out images in {out / 'data'}")
     seen = None

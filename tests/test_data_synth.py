@@ -49,6 +49,25 @@ def test_files_are_minimind_parquet_with_a_checkable_test_split(shapes):
     assert len(train_turns) == 12  # four one-turn blocks and the two-turn exchange
 
 
+
+def test_one_question_per_row_splits_the_same_conversations(shapes, tmp_path):
+    rowwise = write_synthetic(tmp_path, seed=7, n_train=60, n_test=20, one_question_per_row=True)
+    for name in ("pretrain_train", "pretrain_test", "sft_test"):
+        assert rows(rowwise[name]) == rows(shapes[name])  # same images, captions and held-out questions
+    conversations = {r["image_id"]: json.loads(r["conversations"]) for r in rows(shapes["sft_train"])}
+    split = rows(rowwise["sft_train"])
+    assert len(split) == 60 * len(QUESTION_TYPES)
+    by_image = {}
+    for r in split:
+        messages = json.loads(r["conversations"])
+        assert messages[0]["content"].startswith("<image>\n") and len(messages) in (2, 4)
+        by_image.setdefault(r["image_id"], []).append(messages)
+    for image_id, blocks in by_image.items():
+        # Concatenated in order (the image mark only on the first), the blocks are the image's conversation.
+        joined = [dict(m, content=m["content"].removeprefix("<image>\n")) for b in blocks for m in b]
+        whole = conversations[image_id]
+        assert joined == [whole[0] | {"content": whole[0]["content"].removeprefix("<image>\n")}, *whole[1:]]
+
 def test_deterministic_and_held_out_images_are_new(shapes, tmp_path):
     again = write_synthetic(tmp_path / "again", seed=7, n_train=60, n_test=20)
     other = write_synthetic(tmp_path / "other", seed=8, n_train=60, n_test=20)

@@ -8,7 +8,9 @@ answers are one or two words, so a tiny model can learn it on a CPU in minutes.
 
 Files (MiniMind-V parquet: `conversations` JSON string, `image_bytes` JPEG):
 - pretrain_train / pretrain_test: one caption conversation per image;
-- sft_train: one conversation per training image, all question blocks in random order;
+- sft_train: one conversation per training image, all question blocks in random order; or, with
+  `one_question_per_row`, one row per (training image, question block; the two-turn exchange is
+  one block): shorter sequences, so a step costs less and no earlier answer sits in the context;
 - sft_test: one row per (test image, question type), with `question_type` and `answer` columns; the
   conversation ends with the expected answer, so the prompt is everything before the last turn.
 Test images are fresh renderings from a separate random stream (and checked not to repeat a
@@ -166,8 +168,12 @@ def _conversation(turns: list[tuple[str, str]]) -> str:
 
 
 def write_synthetic(out_dir: str | Path, seed: int = 0, n_train: int = 10_000, n_test: int = 500,
-                    image_size: int = 64) -> dict[str, Path]:
-    """Write the shapes set under `out_dir`; returns {"pretrain_train": path, ...}."""
+                    image_size: int = 64, one_question_per_row: bool = False) -> dict[str, Path]:
+    """Write the shapes set under `out_dir`; returns {"pretrain_train": path, ...}.
+
+    The images, captions and questions are the same whatever `one_question_per_row` says; only how
+    sft_train groups the question blocks into rows changes.
+    """
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -197,7 +203,11 @@ def write_synthetic(out_dir: str | Path, seed: int = 0, n_train: int = 10_000, n
             if split == "train":
                 order = list(QUESTION_TYPES)
                 rng.shuffle(order)
-                _add(tables["sft_train"], _conversation([t for q in order for t in blocks[q]]), image, image_id)
+                if one_question_per_row:
+                    for qtype in order:
+                        _add(tables["sft_train"], _conversation(blocks[qtype]), image, image_id)
+                else:
+                    _add(tables["sft_train"], _conversation([t for q in order for t in blocks[q]]), image, image_id)
             else:
                 for qtype in QUESTION_TYPES:
                     _add(tables["sft_test"], _conversation(blocks[qtype]), image, image_id,
