@@ -95,6 +95,27 @@ def test_one_data_source_on_the_command_line(tmp_path):
         assert [src.path for src in DataConfig.from_dict({"sources": given}).sources] == [str(data)]
 
 
+def test_cpu_training_leaves_the_loader_workers_their_cores(monkeypatch):
+    from crossvlm.train.loop import _cpu_threads
+    from crossvlm.train.runtime import Runtime
+
+    from crossvlm.data.config import DataConfig
+    from crossvlm.train.config import TrainConfig
+
+    cfg = TrainConfig(data=DataConfig(num_workers=1))
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(6)), raising=False)
+    before = torch.get_num_threads()
+    with _cpu_threads(cfg, Runtime(torch.device("cpu"))):
+        assert torch.get_num_threads() == 5
+    with _cpu_threads(cfg, Runtime(torch.device("cpu"), world_size=2)):  # two processes on one machine
+        assert torch.get_num_threads() == 2
+    assert torch.get_num_threads() == before
+    monkeypatch.setenv("OMP_NUM_THREADS", "4")  # the user's setting wins
+    with _cpu_threads(cfg, Runtime(torch.device("cpu"))):
+        assert torch.get_num_threads() == before
+
+
 def test_unknown_override_is_an_error():
     with pytest.raises(ConfigError, match="--bogus"):
         parse_overrides(["--bogus", "1"])
