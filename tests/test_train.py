@@ -104,12 +104,16 @@ def test_cpu_training_leaves_the_loader_workers_their_cores(monkeypatch):
 
     cfg = TrainConfig(data=DataConfig(num_workers=1))
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(6)), raising=False)
     before = torch.get_num_threads()
     with _cpu_threads(cfg, Runtime(torch.device("cpu"))):
         assert torch.get_num_threads() == 5
     with _cpu_threads(cfg, Runtime(torch.device("cpu"), world_size=2)):  # two processes on one machine
         assert torch.get_num_threads() == 2
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "3")  # torchrun: 3 of the processes on this machine
+    with _cpu_threads(cfg, Runtime(torch.device("cpu"), world_size=6)):
+        assert torch.get_num_threads() == 1
     assert torch.get_num_threads() == before
     monkeypatch.setenv("OMP_NUM_THREADS", "4")  # the user's setting wins
     with _cpu_threads(cfg, Runtime(torch.device("cpu"))):

@@ -1,9 +1,10 @@
 """The speed levers `crossvlm bench train` measures one at a time, on top of crossvlm's training step.
 
 A "+" lever is something crossvlm's loop does not do by default (or not at all) and the bench adds;
-a "-" lever takes away something the loop does, to show what it is worth. The two loss levers
-replace `CrossVLM.loss_from_hidden` on the benchmarked instance only (the model class and the LLM's
-modules are untouched); both compute the same loss as the stock method (tests/test_bench.py).
+a "-" lever takes away something the loop does, to show what it is worth (`eager-ce` undoes the
+compiled loss of `run.compile`). The loss levers full-logits and chunked-ce replace
+`CrossVLM.loss_from_hidden` on the benchmarked instance only (the model class and the LLM's modules
+are untouched); both compute the same loss as the stock method (tests/test_bench.py).
 """
 
 from __future__ import annotations
@@ -54,7 +55,7 @@ def apply_model_levers(model, levers: tuple[str, ...]) -> None:
         if name in LOSS_LEVERS:
             model.loss_from_hidden = types.MethodType(LOSS_LEVERS[name], model)
         elif name == "eager-ce":
-            model._ce_sum = labelled_ce_sum  # undo `compile_loss`
+            model.compile_loss(False)  # undo run.compile's
         elif name == "no-bf16-frozen":
             for p in model.parameters():
                 if not p.requires_grad:

@@ -107,17 +107,17 @@ class CrossVLM(PreTrainedModel):
             self.projector = MLPProjector(vision_dim, llm_dim, config.num_patches)
         self.post_init()
         self.apply_vision_freeze()
-        self._ce_sum = labelled_ce_sum  # compiled by `compile_loss`
+        self.compile_loss(False)  # eager until asked
 
-    def compile_loss(self) -> None:
-        """Compile the LM head + cross-entropy into one graph.
+    def compile_loss(self, enable: bool = True) -> None:
+        """Compile the LM head + cross-entropy into one graph (`enable=False`: back to eager).
 
         Eagerly the float32 copy of the (n × vocabulary) logits is written, read by log-softmax, and
         its gradient written and cast back; compiled, the logits stay in the head's dtype and the
         softmax, target pick and gradient are fused reductions over them. Shapes are dynamic in n
         (labelled rows vary per batch); no CUDA graphs for that reason.
         """
-        self._ce_sum = torch.compile(labelled_ce_sum)
+        self._ce_sum = torch.compile(labelled_ce_sum) if enable else labelled_ce_sum
 
     def apply_vision_freeze(self) -> None:
         """Freeze the vision tower if the config says so (loading makes fresh, trainable tensors)."""

@@ -57,8 +57,9 @@ def _cpu_threads(cfg: TrainConfig, rt: Runtime):
         yield
         return
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    processes = int(os.environ.get("LOCAL_WORLD_SIZE", rt.world_size))  # this machine's, under torchrun
     before = torch.get_num_threads()
-    torch.set_num_threads(max(1, cores // rt.world_size - cfg.data.num_workers))
+    torch.set_num_threads(max(1, cores // processes - cfg.data.num_workers))
     try:
         yield
     finally:
