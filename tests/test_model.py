@@ -195,6 +195,29 @@ def test_static_decoder_equals_generate_on_a_padded_batch(vlm, processor, compil
         StaticDecoder(vlm, max_length=8).generate(batch["input_ids"], pix, max_new_tokens=4)
 
 
+def test_compiled_prefill_is_one_graph_on_a_fresh_model(tiny_vlm_dir, processor):
+    """What the image path makes on its first call is made before compiling, outside any CUDA graph:
+    transformers' hidden-state hooks (installed under a lock torch.compile cannot trace, which split
+    the prefill) and the projector's cached position codes (inside a graph they were its outputs,
+    overwritten by the next replay: the error this caught on a GPU)."""
+    from crossvlm.model.decoding import StaticDecoder
+
+    model = CrossVLM.from_pretrained(tiny_vlm_dir).eval()  # fresh: no call has installed the hooks yet
+    ids, _ = _image_prompt(processor)
+    pix = torch.randn(1, 3, 64, 64)
+    assert not model.projector._fixed_cache
+    decoder = StaticDecoder(model, max_length=ids.shape[1] + 4, compile=True)
+    assert list(model.projector._fixed_cache) == [ids.device]
+    decoder._cache_for(1, ids.device)
+    mask = torch.ones(1, ids.shape[1] + 4, dtype=torch.long)
+    positions = torch.arange(ids.shape[1])[None]
+    with torch.no_grad():
+        explained = torch._dynamo.explain(decoder._prefill_step)(ids, pix, positions, mask)
+    # On a CPU the image-token check reads the ids on the host (a break on purpose); nothing else may.
+    where = [str(b.user_stack[-1]) for b in explained.break_reasons]
+    assert where and all("check_image_tokens" in w for w in where), where
+
+
 def test_projector_queries_are_distinct_at_init(vlm):
     # Identical inputs for every image position: only the queries' own codes can tell them apart.
     features = torch.zeros(2, vlm.config.num_patches, vlm.config.vision_config.hidden_size)

@@ -21,11 +21,13 @@ GENERATE_VARIANTS = {
     "static": {"cache_implementation": "static", "disable_compile": True},
     "static+compile": {"cache_implementation": "static"},
     "graph": {"decoder": "crossvlm.model.decoding.StaticDecoder", "mode": "reduce-overhead"},
-    "graph-autotune": {"decoder": "crossvlm.model.decoding.StaticDecoder", "mode": "max-autotune"},
+    "graph-autotune": {"decoder": "crossvlm.model.decoding.StaticDecoder", "mode": "reduce-overhead",
+                       "decode_mode": "max-autotune"},
 }
 """`generate()` options of each `bench generate` variant (transformers compiles a static cache on CUDA);
 `graph` is crossvlm's own greedy loop instead of `generate()`: static cache, the prefill and each decode
-step one CUDA graph replay, a host sync every 16 tokens; `graph-autotune` compiles it with max-autotune."""
+step one CUDA graph replay, a host sync every 16 tokens; `graph-autotune` compiles its decode step with
+max-autotune."""
 
 DEFAULT_GENERATE_VARIANTS = ("dynamic", "static", "static+compile", "graph")
 """What `bench generate` runs unless told: `graph-autotune` compiles for minutes more and is asked for by name."""

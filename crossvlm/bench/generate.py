@@ -13,8 +13,9 @@ Variants (transformers' own levers, then ours):
 - `graph`: `crossvlm.model.decoding.StaticDecoder`, our greedy loop over a static cache; on a GPU
   the prefill (prompt padded to a multiple of 64 tokens) and the decode step are each compiled and
   replayed as CUDA graphs (eager on a CPU);
-- `graph-autotune`: the same compiled with mode `max-autotune` (Triton matmul templates tuned per
-  shape, their epilogues fused; longer to compile).
+- `graph-autotune`: the same with the decode step compiled in mode `max-autotune` (Triton matmul
+  templates tuned per shape, their epilogues fused; minutes more to compile). The prefill stays in
+  `reduce-overhead`: tuning its many shapes (the vision tower's too) takes longer than 5 minutes.
 
 Timings are CUDA-synchronised wall times. TTFT = a `max_new_tokens=1` call (prefill + first token,
 inputs already on the device; the image processor's CPU time is reported apart as `preprocess_ms`).
@@ -100,6 +101,7 @@ def _generator(model, name: str, new_tokens: int):
         if ids.shape[0] not in decoders:
             bucket = -(-ids.shape[1] // PROMPT_MULTIPLE) * PROMPT_MULTIPLE  # the prefill's shape in every call
             decoders[ids.shape[0]] = StaticDecoder(model, max_length=bucket + new_tokens, mode=options["mode"],
+                                                   decode_mode=options.get("decode_mode"),
                                                    prompt_multiple=PROMPT_MULTIPLE)
         return decoders[ids.shape[0]].generate(ids, inputs.get("pixel_values"), inputs.get("attention_mask"),
                                                max_new_tokens=n)

@@ -25,7 +25,9 @@ class StaticDecoder:
     """Greedy generation for one CrossVLM, with a cache of `max_length` tokens per row."""
 
     def __init__(self, model, max_length: int, compile: bool | None = None, prompt_multiple: int = 64,
-                 mode: str = "reduce-overhead"):
+                 mode: str = "reduce-overhead", decode_mode: str | None = None):
+        """`mode` compiles the prefill, `decode_mode` (default: `mode`) the decode step: the step has one
+        shape per batch size, so tuning it (`max-autotune`) costs far less than tuning the prefill."""
         from transformers import StaticCache
 
         self.model, self.max_length, self.prompt_multiple = model, max_length, prompt_multiple
@@ -33,10 +35,22 @@ class StaticDecoder:
         self.cache = self._new_cache()
         self.compiled = model.llm.device.type == "cuda" if compile is None else compile
         if self.compiled:
+            self._warm_image_path()
             self._prefill = torch.compile(self._prefill_step, mode=mode)
-            self._step = torch.compile(self._decode_step, mode=mode)
+            self._step = torch.compile(self._decode_step, mode=decode_mode or mode)
         else:
             self._prefill, self._step = self._prefill_step, self._decode_step
+
+    @torch.no_grad()
+    def _warm_image_path(self) -> None:
+        """One eager pass of the image path (tower and projector) on a blank image, so what it makes on
+        its first call is made outside any CUDA graph: transformers installs its hidden-state hooks on
+        a model's first call, under a lock torch.compile cannot trace (met inside the compiled prefill,
+        it split the prefill into several graphs), and the projector caches its fixed position codes
+        per device (made inside a graph, they were its outputs, overwritten by the next replay)."""
+        size = self.model.config.vision_config.image_size
+        vision = self.model.vision
+        self.model.encode_images(torch.zeros(1, 3, size, size, dtype=vision.dtype, device=vision.device))
 
     def _cache_for(self, batch: int, device: torch.device) -> None:
         """An empty cache of `batch` rows, its tensors allocated here, outside any compiled function: made
