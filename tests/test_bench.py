@@ -284,8 +284,14 @@ def test_bench_generate_and_data_commands(tiny_models, tmp_path, capsys):
     assert records["static+compile"] == {"variant": "static+compile",
                                          "skipped": "transformers compiles generate on CUDA only"}
     assert main(["bench", "generate", "--preset", "tiny", "--models", str(tiny_models), "--new-tokens", "3",
-                 "--batch-size", "2", "--variants", "graph-autotune", "--out", str(out)]) == 0
+                 "--batch-size", "2", "--variants", "graph-autotune", "--profile", str(tmp_path / "prof"),
+                 "--out", str(out)]) == 0
     records.update({r["variant"]: r for r in json.loads(out.read_text())["variants"]})
+    kernels = Path(records["graph-autotune"]["kernels"])
+    assert kernels == tmp_path / "prof" / "generate_graph-autotune.kernels.txt"
+    assert "3 new tokens" in kernels.read_text() and "aten::" in kernels.read_text()
+    assert Path(records["graph-autotune"]["trace"]).stat().st_size > 0
+    assert "kernels" not in records["graph"]  # profiled only when asked
     for name in ("dynamic", "static", "graph", "graph-autotune"):
         assert records[name]["ttft_ms"] > 0 and records[name]["aggregate_tokens_per_s"] > 0
     out = tmp_path / "data.json"

@@ -60,6 +60,36 @@ def timed(fn, device: torch.device) -> tuple[float, object]:
     return time.perf_counter() - start, result
 
 
+def profiled(fn, device: torch.device, stem: Path, title: str, enabled: bool = True) -> dict:
+    """Run `fn()` under torch.profiler; write `stem.trace.json.gz` (Perfetto, chrome://tracing) and
+    `stem.kernels.txt` (the 30 ops with the most self GPU time, self CPU time on a CPU). With
+    `enabled` False (the other ranks of a distributed run) `fn` runs unprofiled and nothing is written."""
+    import contextlib
+
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=activities) if enabled else contextlib.nullcontext() as prof:
+        fn()
+        synchronize(device)
+    if not enabled:
+        return {}
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    trace = Path(f"{stem}.trace.json.gz")  # gzipped: Perfetto and chrome://tracing open it as is
+    prof.export_chrome_trace(str(trace))
+    averages = prof.key_averages()
+    sort = "self_device_time_total" if cuda else "self_cpu_time_total"
+    try:
+        table = averages.table(sort_by=sort, row_limit=30)
+    except (AttributeError, KeyError):  # torch versions before the cuda -> device renaming
+        table = averages.table(sort_by="self_cuda_time_total", row_limit=30)
+    kernels = Path(f"{stem}.kernels.txt")
+    kernels.write_text(f"{title}, sorted by {sort}\n\n{table}\n")
+    say(f"  profile: {trace} and {kernels}")
+    return {"trace": str(trace), "kernels": str(kernels)}
+
+
 def median(values: list[float]) -> float | None:
     return statistics.median(values) if values else None
 

@@ -34,7 +34,8 @@ from pathlib import Path
 import torch
 
 from crossvlm.bench.catalog import DEFAULT_GENERATE_VARIANTS, GENERATE_VARIANTS as VARIANTS
-from crossvlm.bench.common import ensure_models, env_info, free_memory, median, peak_memory_gib, say, timed
+from crossvlm.bench.common import (ensure_models, env_info, free_memory, median, peak_memory_gib, profiled, say,
+                                   timed)
 from crossvlm.errors import ConfigError
 
 PROMPT = "<image>\nDescribe this image in detail."
@@ -58,6 +59,8 @@ class GenerateBenchConfig:
     batch_repeats: int = 2
     jpeg_size: tuple[int, int] = (640, 480)
     seed: int = 0
+    profile: Path | None = None
+    """Also profile one batch-1 call of `new_tokens` tokens per variant into this folder."""
 
     def validate(self) -> None:
         from crossvlm.make_model import PRESETS
@@ -145,6 +148,9 @@ def _run_variant(model, name: str, one: dict, many: dict, cfg: GenerateBenchConf
         "batch_size": b,
         "peak_memory_gib": peak_memory_gib(device),
     }
+    if cfg.profile:
+        record.update(profiled(lambda: generate(one, n), device, Path(cfg.profile) / f"generate_{name.replace('+', '_')}",
+                               f"{name}, one prompt, {n} new tokens (prefill + {n - 1} decode steps)"))
     decode = "n/a" if decode_s is None else f"{1 / decode_s:.1f}"
     say(f"[generate] {name}: TTFT {record['ttft_ms']:.1f} ms, decode {decode} tok/s at batch 1, "
         f"{record['aggregate_tokens_per_s']:.0f} tok/s at batch {b} (warmup {warmup_s:.1f} s)")

@@ -16,7 +16,6 @@ each. Under torchrun each process runs its own batch; rank 0 reports the aggrega
 
 from __future__ import annotations
 
-import contextlib
 import importlib.util
 import math
 import tempfile
@@ -32,7 +31,7 @@ from crossvlm.bench.batches import FixedLengthSamples, SampleShape, batch_loader
 from crossvlm.bench.catalog import LEVERS
 from crossvlm.bench.catalog import TRAIN_VARIANTS as BASE_VARIANTS
 from crossvlm.bench.common import (default_workers, ensure_models, env_info, free_memory, median, peak_memory_gib,
-                                   say, synchronize)
+                                   profiled, say, synchronize)
 from crossvlm.bench.flops import (PEAK_BF16_FLOPS, LLMShape, VisionShape, Workload, projector_forward_flops,
                                   required_step_flops, step_flops)
 from crossvlm.bench.levers import apply_model_levers
@@ -280,31 +279,13 @@ def _reduce(rt, values: list[float], op: str) -> list[float]:
 
 def _profile(ctx: _Context, v: Variant, runner: Runner, batches) -> dict:
     """A few steps under torch.profiler (rank 0): a Chrome trace and a table of the top kernels."""
-    from torch.profiler import ProfilerActivity, profile
-
-    rt, cuda = ctx.rt, ctx.rt.device.type == "cuda"
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
-    with profile(activities=activities) if rt.is_main else contextlib.nullcontext() as prof:
+    def steps():
         for _ in range(ctx.cfg.profile_steps):
             runner.step(next(batches))
-        synchronize(rt.device)
-    if not rt.is_main:
-        return {}
-    folder = Path(ctx.cfg.profile)
-    folder.mkdir(parents=True, exist_ok=True)
-    stem = folder / f"train_{ctx.cfg.stage}_{v.name.replace('+', '_')}"
-    trace = Path(f"{stem}.trace.json.gz")  # gzipped: Perfetto and chrome://tracing open it as is
-    prof.export_chrome_trace(str(trace))
-    averages = prof.key_averages()
-    sort = "self_device_time_total" if cuda else "self_cpu_time_total"
-    try:
-        table = averages.table(sort_by=sort, row_limit=30)
-    except (AttributeError, KeyError):  # torch versions before the cuda -> device renaming
-        table = averages.table(sort_by="self_cuda_time_total", row_limit=30)
-    kernels = Path(f"{stem}.kernels.txt")
-    kernels.write_text(f"{v.name}, stage {ctx.cfg.stage}, {ctx.cfg.profile_steps} steps, sorted by {sort}\n\n{table}\n")
-    say(f"  profile: {trace} and {kernels}")
-    return {"trace": str(trace), "kernels": str(kernels)}
+
+    stem = Path(ctx.cfg.profile) / f"train_{ctx.cfg.stage}_{v.name.replace('+', '_')}"
+    return profiled(steps, ctx.rt.device, stem, f"{v.name}, stage {ctx.cfg.stage}, {ctx.cfg.profile_steps} steps",
+                    enabled=ctx.rt.is_main)
 
 
 def _measure(ctx: _Context, v: Variant, runner: Runner) -> dict:

@@ -121,6 +121,9 @@ def _generate_options(p: argparse.ArgumentParser, prefix: str = "") -> None:
     p.add_argument("--new-tokens", type=int, default=64, help="tokens per decode call")
     p.add_argument(f"--{prefix}batch-size", dest="gen_batch_size", type=int, default=64,
                    help="prompts in the throughput call")
+    if not prefix:  # `bench all` has its own --profile (the training parts')
+        p.add_argument("--profile", type=Path, metavar="DIR",
+                       help="also profile one batch-1 call per variant: DIR/generate_*.trace.json.gz and *.kernels.txt")
 
 
 def _data_options(p: argparse.ArgumentParser, flag: str = "--workers") -> None:
@@ -132,7 +135,8 @@ def _generate_config(args: argparse.Namespace):
     from crossvlm.bench.generate import GenerateBenchConfig
 
     return GenerateBenchConfig(preset=args.preset, models=args.models, variants=args.gen_variants,
-                               new_tokens=args.new_tokens, batch_size=args.gen_batch_size)
+                               new_tokens=args.new_tokens, batch_size=args.gen_batch_size,
+                               profile=getattr(args, "profile", None) if args.bench_command == "generate" else None)
 
 
 def _finish(report: dict, out: Path | None) -> int:
