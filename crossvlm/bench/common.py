@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import json
 import os
@@ -64,8 +65,6 @@ def profiled(fn, device: torch.device, stem: Path, title: str, enabled: bool = T
     """Run `fn()` under torch.profiler; write `stem.trace.json.gz` (Perfetto, chrome://tracing) and
     `stem.kernels.txt` (the 30 ops with the most self GPU time, self CPU time on a CPU). With
     `enabled` False (the other ranks of a distributed run) `fn` runs unprofiled and nothing is written."""
-    import contextlib
-
     from torch.profiler import ProfilerActivity, profile
 
     cuda = device.type == "cuda"
