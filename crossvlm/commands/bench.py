@@ -136,7 +136,7 @@ def _generate_config(args: argparse.Namespace):
 
     return GenerateBenchConfig(preset=args.preset, models=args.models, variants=args.gen_variants,
                                new_tokens=args.new_tokens, batch_size=args.gen_batch_size,
-                               profile=getattr(args, "profile", None) if args.bench_command == "generate" else None)
+                               profile=args.profile if args.bench_command == "generate" else None)  # `all`: training's
 
 
 def _finish(report: dict, out: Path | None) -> int:
