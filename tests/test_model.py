@@ -240,6 +240,97 @@ def test_queries_start_out_looking_at_their_own_region():
             assert row.argmax().item() in own
 
 
+def test_cell_locality_sees_only_its_own_cell():
+    """8x8 patches under a 3x3 query grid: a patch belongs to the cell its centre lies in."""
+    proj = CrossAttentionProjector(vision_dim=64, llm_dim=32, num_patches=64, num_queries=9, num_heads=4,
+                                   locality="cell")
+    assert proj.locality is None  # a fixed mask: nothing to learn, nothing saved
+    features = torch.randn(2, 64, 64)
+    attn = proj.query_attention(features)  # (2, 9, 64)
+    cell_of_row = [0, 0, 0, 1, 1, 2, 2, 2]  # centres 0.5..7.5 times 3/8, floored
+    for q in range(9):
+        own = [y * 8 + x for y in range(8) for x in range(8)
+               if cell_of_row[y] * 3 + cell_of_row[x] == q]
+        outside = [p for p in range(64) if p not in own]
+        assert attn[:, q, outside].abs().max() == 0, f"query {q} looks outside its cell"
+        assert torch.allclose(attn[:, q, own].sum(-1), torch.ones(2))
+    # A change outside a cell leaves that cell's token unchanged.
+    changed = features.clone()
+    changed[:, 63] += 5.0  # bottom-right patch: cell 8
+    with torch.no_grad():
+        before, after = proj(features), proj(changed)
+    assert torch.equal(before[:, :8], after[:, :8]) and not torch.equal(before[:, 8], after[:, 8])
+
+
+@pytest.mark.parametrize("position", ["residual", "keys"])
+def test_position_codes_reach_the_tokens_only_through_the_residual(position):
+    """With the same feature at every patch and the learned queries zeroed, the queries differ only by
+    their position codes: in the values and residual stream ("residual") the tokens tell the cells
+    apart; added only where scores are formed ("keys"), every query reads the same value."""
+    torch.manual_seed(0)
+    proj = CrossAttentionProjector(vision_dim=64, llm_dim=32, num_patches=64, num_queries=9, num_heads=4,
+                                   position=position)
+    with torch.no_grad():
+        proj.queries.zero_()
+        tokens = proj(torch.randn(1, 1, 64).expand(2, 64, 64))[0]  # (9, 32)
+        # The codes still steer the attention: queries look at different patches.
+        attn = proj.query_attention(torch.randn(1, 64, 64))[0]
+    spread = torch.cdist(tokens, tokens).max() / tokens.norm(dim=-1).mean()
+    assert (spread > 0.1) if position == "residual" else (spread < 1e-5), spread
+    assert len(set(attn.argmax(-1).tolist())) >= 5
+
+
+def test_pool_init_starts_as_an_average_of_each_cell():
+    """init="pool": uniform attention over the cell, values and outputs at unit gain, MLPs off, so before
+    the output layers each token is its query plus the blocks' unit-gain maps of its cell's average."""
+    torch.manual_seed(0)
+    proj = CrossAttentionProjector(vision_dim=64, llm_dim=32, num_patches=64, num_queries=9, num_heads=4,
+                                   locality="cell", position="keys", kv_norm=False, init="pool")
+    features = torch.randn(2, 64, 64)
+    seen = {}
+    proj.norm_out.register_forward_hook(lambda m, args, out: seen.update(x=args[0]))
+    with torch.no_grad():
+        proj(features)
+        own = proj.query_attention(features)[0] > 0  # (9, 64): the cell mask
+        avg = (own.float() / own.sum(-1, keepdim=True)) @ proj.kv_in(features)  # (2, 9, 64)
+        maps = [b.o_proj.weight @ b.kv_proj.weight[64:] for b in proj.blocks]
+        expected = proj.queries + sum(avg @ m.T for m in maps)
+        assert torch.allclose(proj.query_attention(features)[:, own], 1 / own.sum(-1).repeat_interleave(
+            own.sum(-1)).float().expand(2, -1))
+    assert torch.allclose(seen["x"], expected, atol=1e-5)
+    for m in maps:  # unit gain: norms are kept
+        assert torch.allclose(m @ m.T, torch.eye(64), atol=1e-5)
+
+
+def test_locality_kinds_and_output_scale_are_checked_config_values(tiny_models):
+    from crossvlm.errors import ConfigError
+    from crossvlm.model import CrossVLM
+    from crossvlm.model.configuration import CrossVLMConfig
+
+    assert CrossVLMConfig(projector_locality=True).projector_locality == "gaussian"  # older configs
+    assert CrossVLMConfig(projector_locality=False).projector_locality == "none"
+    with pytest.raises(ConfigError, match="projector_locality='nearby' is not one of"):
+        CrossVLMConfig(projector_locality="nearby")
+    # CLIPVisionConfig's defaults: 224-px images, 32-px patches
+    with pytest.raises(ConfigError, match="num_queries \\(64\\) <= patches per image \\(49\\)"):
+        CrossVLMConfig(projector_locality="cell", num_queries=64)
+    with pytest.raises(ConfigError, match="projector_position='values' is not one of"):
+        CrossVLMConfig(projector_position="values", num_queries=16)
+    with pytest.raises(ConfigError, match="projector_init='xavier' is not one of"):
+        CrossVLMConfig(projector_init="xavier", num_queries=16)
+    with pytest.raises(ConfigError, match="projector_output_scale=0"):
+        CrossVLMConfig(projector_output_scale=0, num_queries=16)
+
+    def visual_std(scale):
+        torch.manual_seed(0)
+        model = CrossVLM.from_base_models(tiny_models / "llm", tiny_models / "vision", num_queries=16,
+                                          projector_heads=4, projector_output_scale=scale)
+        with torch.no_grad():
+            return model.encode_images(torch.randn(4, 3, 64, 64)).std().item()
+
+    assert visual_std(8.0) / visual_std(1.0) == pytest.approx(8.0, rel=1e-3)
+
+
 def test_sincos_codes_are_distinct():
     codes = sincos_2d(8, 64, extent=14)
     assert codes.shape == (64, 64)

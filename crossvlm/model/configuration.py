@@ -9,6 +9,14 @@ from transformers import CLIPVisionConfig, PretrainedConfig, Qwen3Config
 from crossvlm.errors import ConfigError
 
 PROJECTOR_TYPES = ("cross_attn", "mlp")
+LOCALITIES = ("gaussian", "cell", "none")
+"""How the cross-attention projector keeps a query to its region: learned distance bias, own-cell mask, none."""
+PROJECTOR_INITS = ("default", "pool")
+"""How the cross-attention projector starts: PyTorch's default initialisation, or as a pooling step
+(uniform attention over each query's region through unit-gain maps, MLP branches zero)."""
+POSITIONS = ("residual", "keys")
+"""Where the projector's 2D position codes join: patch features and queries (residual), or only the
+attention scores' queries and keys (keys)."""
 
 
 class CrossVLMConfig(PretrainedConfig):
@@ -24,8 +32,21 @@ class CrossVLMConfig(PretrainedConfig):
         projector_layers: number of pre-LN cross-attention + MLP blocks.
         projector_heads: attention heads in each block; default: width / 64.
         projector_hidden_size: width inside the projector; defaults to the vision width.
-        projector_locality: add a learned per-head 2D distance bias so query (i, j) starts by
-            attending to its own region of the image.
+        projector_locality: how query (i, j) is kept to its own region of the image: "gaussian" (a
+            learned per-head 2D distance bias it starts from), "cell" (it sees only the patches of
+            its own grid cell) or "none". Booleans from older configs mean "gaussian" / "none".
+        projector_position: where the 2D position codes join: "residual" (added to the patch
+            features and to the queries, so values and visual tokens carry them) or "keys" (added
+            only where attention scores are formed: they steer where a query looks, and a visual
+            token carries only what it saw).
+        projector_kv_norm: LayerNorm the patch features before keys and values (pre-LN); off keeps a
+            patch's feature norm, which a tower may use to say "something is here".
+        projector_init: "default" (PyTorch's initialisation) or "pool": each block starts as uniform
+            attention over the query's region (queries zero) through unit-gain (orthogonal) value
+            and output maps, with its MLP branch zero, so the projector starts as an average pool of
+            each region and learns from there.
+        projector_output_scale: the projector's output starts at this multiple of the LLM's
+            token-embedding std (1: the embeddings' own scale).
         vision_feature_layer: which hidden state of the vision tower feeds the projector
             (-2 = penultimate); the CLS token is always dropped.
         freeze_vision: keep the vision tower frozen and in eval mode.
@@ -45,7 +66,11 @@ class CrossVLMConfig(PretrainedConfig):
         projector_layers: int = 2,
         projector_heads: int | None = None,
         projector_hidden_size: int | None = None,
-        projector_locality: bool = True,
+        projector_locality: str | bool = "gaussian",
+        projector_position: str = "residual",
+        projector_kv_norm: bool = True,
+        projector_init: str = "default",
+        projector_output_scale: float = 1.0,
         vision_feature_layer: int = -2,
         freeze_vision: bool = True,
         image_token_id: int | None = None,
@@ -66,7 +91,13 @@ class CrossVLMConfig(PretrainedConfig):
         self.projector_layers = projector_layers
         self.projector_hidden_size = projector_hidden_size
         self.projector_heads = projector_heads or max(1, self.projector_width // 64)
+        if isinstance(projector_locality, bool):  # configs saved before locality had kinds
+            projector_locality = "gaussian" if projector_locality else "none"
         self.projector_locality = projector_locality
+        self.projector_position = projector_position
+        self.projector_kv_norm = projector_kv_norm
+        self.projector_init = projector_init
+        self.projector_output_scale = projector_output_scale
         self.vision_feature_layer = vision_feature_layer
         self.freeze_vision = freeze_vision
         self.image_token_id = image_token_id
@@ -108,6 +139,17 @@ class CrossVLMConfig(PretrainedConfig):
                 problems.append(
                     f"projector_heads={self.projector_heads} must divide the projector width {width}"
                 )
+            if self.projector_locality not in LOCALITIES:
+                problems.append(f"projector_locality={self.projector_locality!r} is not one of {LOCALITIES}")
+            elif self.projector_locality == "cell" and self.num_queries > self.num_patches:
+                problems.append(f"projector_locality='cell' needs num_queries ({self.num_queries}) <= "
+                                f"patches per image ({self.num_patches})")
+            if self.projector_position not in POSITIONS:
+                problems.append(f"projector_position={self.projector_position!r} is not one of {POSITIONS}")
+            if self.projector_init not in PROJECTOR_INITS:
+                problems.append(f"projector_init={self.projector_init!r} is not one of {PROJECTOR_INITS}")
+            if not self.projector_output_scale > 0:
+                problems.append(f"projector_output_scale={self.projector_output_scale} must be > 0")
             if self.projector_layers < 1:
                 problems.append(f"projector_layers={self.projector_layers} must be at least 1")
         n_layers = self.vision_config.num_hidden_layers

@@ -102,6 +102,7 @@ class CrossVLM(PreTrainedModel):
                 vision_dim, llm_dim, config.num_patches, num_queries=config.num_queries,
                 num_layers=config.projector_layers, num_heads=config.projector_heads,
                 hidden_dim=config.projector_hidden_size, locality=config.projector_locality,
+                position=config.projector_position, kv_norm=config.projector_kv_norm, init=config.projector_init,
             )
         else:
             self.projector = MLPProjector(vision_dim, llm_dim, config.num_patches)
@@ -157,7 +158,7 @@ class CrossVLM(PreTrainedModel):
         model = cls(config, llm=llm_model, vision=vision_model)
         model.projector.to(llm_model.dtype)
         embed_std = llm_model.get_input_embeddings().weight.float().std().item()
-        model.projector.match_output_scale(embed_std)
+        model.projector.match_output_scale(embed_std * config.projector_output_scale)
         return model
 
     def _init_weights(self, module):

@@ -2,8 +2,10 @@
 
 `CrossAttentionProjector` is crossvlm's design: M learned queries, each with a fixed 2D position on
 the same grid as the image patches, read the patches through L pre-LN cross-attention blocks. A
-learned per-head distance bias makes query (i, j) start out looking at its own region, so "where is
-the X?" stays answerable (plain resamplers lose it). `MLPProjector` is the LLaVA / MiniMind-V
+locality prior makes query (i, j) look at its own region, so "where is the X?" stays answerable
+(plain resamplers lose it): a learned per-head distance bias ("gaussian", the default: some heads
+local, some global) or a fixed mask that lets each query see only the patches of its own grid cell
+("cell"). `MLPProjector` is the LLaVA / MiniMind-V
 baseline: one visual token per patch.
 
 Both work on every image of a batch at once: input (N_images, P, D_vision), output (N_images, M, D_llm).
@@ -16,6 +18,8 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from crossvlm.model.configuration import LOCALITIES, POSITIONS, PROJECTOR_INITS
 
 
 def sincos_2d(grid: int, dim: int, extent: float) -> torch.Tensor:
@@ -37,6 +41,12 @@ def sincos_2d(grid: int, dim: int, extent: float) -> torch.Tensor:
     return torch.cat(parts, dim=1).float()  # (g*g, dim)
 
 
+def grid_cells(q_grid: int, k_grid: int) -> torch.Tensor:
+    """Which query cell each patch's centre lies in: (k_grid**2,) indices into the q_grid**2 cells."""
+    cell = ((torch.arange(k_grid, dtype=torch.float64) + 0.5) * q_grid / k_grid).long()  # (k_grid,)
+    return (cell[:, None] * q_grid + cell[None, :]).reshape(-1)
+
+
 def grid_sq_distances(q_grid: int, k_grid: int) -> torch.Tensor:
     """Squared distances between query-cell centres and patch centres, in query-cell units.
 
@@ -55,11 +65,11 @@ def grid_sq_distances(q_grid: int, k_grid: int) -> torch.Tensor:
 class CrossAttentionBlock(nn.Module):
     """Pre-LN cross-attention (queries over patches) then an MLP, both residual."""
 
-    def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0):
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, kv_norm: bool = True):
         super().__init__()
         self.num_heads = num_heads
         self.norm_q = nn.LayerNorm(dim)
-        self.norm_kv = nn.LayerNorm(dim)
+        self.norm_kv = nn.LayerNorm(dim) if kv_norm else nn.Identity()
         self.q_proj = nn.Linear(dim, dim)
         self.kv_proj = nn.Linear(dim, 2 * dim)
         self.o_proj = nn.Linear(dim, dim)
@@ -67,13 +77,39 @@ class CrossAttentionBlock(nn.Module):
         hidden = int(dim * mlp_ratio)
         self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim))
 
-    def forward(self, x: torch.Tensor, kv: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    @torch.no_grad()
+    def init_as_pool(self) -> None:
+        """Start as a plain pooling step: attention weights uniform over what the locality allows
+        (queries zero), values and output at unit gain (orthogonal), the MLP branch off (zero)."""
+        d = self.o_proj.in_features
+        nn.init.orthogonal_(self.kv_proj.weight[d:])
+        nn.init.orthogonal_(self.o_proj.weight)
+        for t in (self.q_proj.weight, self.q_proj.bias, self.kv_proj.bias, self.o_proj.bias,
+                  self.mlp[-1].weight, self.mlp[-1].bias):
+            nn.init.zeros_(t)
+
+    def heads(self, x: torch.Tensor, kv: torch.Tensor, codes: tuple[torch.Tensor, torch.Tensor] | None):
+        """Queries (N, H, M, hd), keys and values (N, H, P, hd) each.
+
+        `codes` (queries' (M, D), patches' (P, D)) join only where attention scores are formed:
+        added to the normalised queries and keys, not to the values (position "keys").
+        """
+        (n, m, d), p, h = x.shape, kv.shape[1], self.num_heads
+        xq, kvn = self.norm_q(x), self.norm_kv(kv)
+        if codes is None:
+            q = self.q_proj(xq)
+            k, v = self.kv_proj(kvn).split(d, dim=-1)
+        else:
+            q = self.q_proj(xq + codes[0])
+            w, b = self.kv_proj.weight, self.kv_proj.bias
+            k, v = F.linear(kvn + codes[1], w[:d], b[:d]), F.linear(kvn, w[d:], b[d:])
+        return (q.view(n, m, h, d // h).transpose(1, 2), k.view(n, p, h, d // h).transpose(1, 2),
+                v.view(n, p, h, d // h).transpose(1, 2))
+
+    def forward(self, x: torch.Tensor, kv: torch.Tensor, bias: torch.Tensor | None,
+                codes: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         n, m, d = x.shape  # (N, M, D)
-        p = kv.shape[1]
-        h = self.num_heads
-        q = self.q_proj(self.norm_q(x)).view(n, m, h, d // h).transpose(1, 2)  # (N, H, M, hd)
-        k, v = self.kv_proj(self.norm_kv(kv)).view(n, p, 2, h, d // h).permute(2, 0, 3, 1, 4)  # (N, H, P, hd) each
-        attn = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)  # (N, H, M, hd)
+        attn = F.scaled_dot_product_attention(*self.heads(x, kv, codes), attn_mask=bias)  # (N, H, M, hd)
         x = x + self.o_proj(attn.transpose(1, 2).reshape(n, m, d))
         return x + self.mlp(self.norm_mlp(x))
 
@@ -90,13 +126,25 @@ class CrossAttentionProjector(nn.Module):
         num_layers: int = 2,
         num_heads: int = 12,
         hidden_dim: int | None = None,
-        locality: bool = True,
+        locality: str = "gaussian",
+        position: str = "residual",
+        kv_norm: bool = True,
+        init: str = "default",
     ):
         super().__init__()
         dim = hidden_dim or vision_dim
         k_grid, q_grid = math.isqrt(num_patches), math.isqrt(num_queries)
         if k_grid**2 != num_patches or q_grid**2 != num_queries:
             raise ValueError(f"patches ({num_patches}) and queries ({num_queries}) must both be square numbers")
+        if locality not in LOCALITIES:
+            raise ValueError(f"locality {locality!r} is not one of {LOCALITIES}")
+        if init not in PROJECTOR_INITS:
+            raise ValueError(f"init {init!r} is not one of {PROJECTOR_INITS}")
+        if position not in POSITIONS:
+            raise ValueError(f"position {position!r} is not one of {POSITIONS}")
+        self.position = position
+        if locality == "cell" and q_grid > k_grid:
+            raise ValueError(f"cell locality needs at most one query per patch ({num_queries} > {num_patches})")
         self.num_queries = num_queries
         self.num_heads = num_heads
         self.kv_in = nn.Linear(vision_dim, dim)
@@ -107,16 +155,23 @@ class CrossAttentionProjector(nn.Module):
         # device moves cannot touch them; `_fixed()` caches one copy per device.
         self._grids = (q_grid, k_grid, dim)
         self._fixed_cache: dict[torch.device, tuple[torch.Tensor, ...]] = {}
-        if locality:
+        self.locality_kind = locality
+        if locality == "gaussian":
             # Per-head strength of the distance penalty, log-spaced from "own cell" (4) to nearly
             # global (1/64): some heads look locally, some at the whole image. softplus keeps it >= 0.
             strengths = torch.logspace(2, -6, num_heads, base=2.0)
             self.locality = nn.Parameter(torch.log(torch.expm1(strengths)))
         else:
             self.register_parameter("locality", None)
-        self.blocks = nn.ModuleList(CrossAttentionBlock(dim, num_heads) for _ in range(num_layers))
+        self.blocks = nn.ModuleList(CrossAttentionBlock(dim, num_heads, kv_norm=kv_norm) for _ in range(num_layers))
         self.norm_out = nn.LayerNorm(dim)
         self.out = nn.Linear(dim, llm_dim)
+        if init == "pool":
+            with torch.no_grad():
+                nn.init.orthogonal_(self.kv_in.weight)
+                nn.init.zeros_(self.kv_in.bias)
+            for block in self.blocks:
+                block.init_as_pool()
 
     @property
     def num_tokens(self) -> int:
@@ -129,36 +184,59 @@ class CrossAttentionProjector(nn.Module):
             self._fixed(device)
         super().compile(*args, **kwargs)
 
-    def _fixed(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(pos_q (M, D), pos_k (P, D), dist2 (M, P)) on `device`, float32."""
+    def _fixed(self, device: torch.device) -> tuple[torch.Tensor, ...]:
+        """(pos_q (M, D), pos_k (P, D), dist2 (M, P), outside_cell (1, M, P)) on `device`, float32.
+
+        `outside_cell` is the "cell" locality's additive mask: 0 where the patch's centre lies in the
+        query's grid cell, -inf elsewhere (every cell holds at least one patch centre).
+        """
         if device not in self._fixed_cache:
             q_grid, k_grid, dim = self._grids
+            own = grid_cells(q_grid, k_grid)[None, :] == torch.arange(q_grid**2)[:, None]  # (M, P)
             self._fixed_cache[device] = tuple(t.to(device) for t in (
                 sincos_2d(q_grid, dim, extent=k_grid),
                 sincos_2d(k_grid, dim, extent=k_grid),
                 grid_sq_distances(q_grid, k_grid),
+                torch.zeros(own.shape).masked_fill(~own, float("-inf"))[None],
             ))
         return self._fixed_cache[device]
 
     def attention_bias(self, dtype: torch.dtype) -> torch.Tensor | None:
-        """Additive attention bias (H, M, P): minus a learned per-head multiple of squared distance."""
-        if self.locality is None:
+        """Additive attention bias, or None without locality.
+
+        gaussian: (H, M, P), minus a learned per-head multiple of the squared distance; cell: (1, M, P),
+        -inf outside the query's own cell.
+        """
+        if self.locality_kind == "none":
             return None
+        if self.locality_kind == "cell":
+            return self._fixed(self.queries.device)[3].to(dtype)
         dist2 = self._fixed(self.locality.device)[2]
         return (-F.softplus(self.locality)[:, None, None] * dist2[None]).to(dtype)
 
-    def _start(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Positioned keys/values (N, P, D) and the starting queries (N, M, D)."""
-        pos_q, pos_k, _ = self._fixed(features.device)
-        kv = self.kv_in(features) + pos_k.to(features.dtype)  # (N, P, D)
-        x = (self.queries + pos_q.to(self.queries.dtype)).to(kv.dtype)  # (M, D)
-        return kv, x.unsqueeze(0).expand(features.shape[0], -1, -1)
+    def _start(self, features: torch.Tensor):
+        """Keys/values (N, P, D), the starting queries (N, M, D) and the position codes the blocks add.
+
+        position "residual": the codes are added here, to the patch features and to the queries, so
+        they travel in the values and in the queries' residual stream. "keys": they are left to the
+        blocks, which add them where attention scores are formed (codes returned, cast to the dtype).
+        """
+        pos_q, pos_k = self._fixed(features.device)[:2]
+        kv = self.kv_in(features)  # (N, P, D)
+        if self.position == "residual":
+            kv = kv + pos_k.to(features.dtype)
+            x = (self.queries + pos_q.to(self.queries.dtype)).to(kv.dtype)  # (M, D)
+            codes = None
+        else:
+            x = self.queries.to(kv.dtype)
+            codes = (pos_q.to(kv.dtype), pos_k.to(kv.dtype))
+        return kv, x.unsqueeze(0).expand(features.shape[0], -1, -1), codes
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
-        kv, x = self._start(features)  # features: (N, P, Dv)
+        kv, x, codes = self._start(features)  # features: (N, P, Dv)
         bias = self.attention_bias(kv.dtype)
         for block in self.blocks:
-            x = block(x, kv, bias)
+            x = block(x, kv, bias, codes)
         return self.out(self.norm_out(x))  # (N, M, D_llm)
 
     def query_attention(self, features: torch.Tensor) -> torch.Tensor:
@@ -166,12 +244,9 @@ class CrossAttentionProjector(nn.Module):
 
         For pictures of where the queries look. Returns (N, M, P), rows summing to 1.
         """
-        block = self.blocks[0]
-        kv, x = self._start(features)
-        (n, p, d), h = kv.shape, self.num_heads
-        q = block.q_proj(block.norm_q(x)).view(n, -1, h, d // h).transpose(1, 2)  # (N, H, M, hd)
-        k = block.kv_proj(block.norm_kv(kv))[..., :d].view(n, p, h, d // h).transpose(1, 2)  # (N, H, P, hd)
-        scores = q @ k.transpose(-1, -2) / math.sqrt(d // h)  # (N, H, M, P)
+        kv, x, codes = self._start(features)
+        q, k, _ = self.blocks[0].heads(x, kv, codes)  # (N, H, M, hd), (N, H, P, hd)
+        scores = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])  # (N, H, M, P)
         bias = self.attention_bias(scores.dtype)
         if bias is not None:
             scores = scores + bias

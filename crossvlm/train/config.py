@@ -42,8 +42,19 @@ class ModelSection:
     """Cross-attention blocks in the projector."""
     projector_heads: int | None = None
     """Attention heads per projector block; default: projector width / 64."""
-    projector_locality: bool = True
-    """Start each query looking at its own image region (learned 2D distance bias)."""
+    projector_locality: str = "gaussian"
+    """Keep each query to its own image region: `gaussian` (learned per-head 2D distance bias it starts
+    from), `cell` (it sees only its own grid cell's patches) or `none`."""
+    projector_position: str = "residual"
+    """Where the projector's 2D position codes join: `residual` (patch features and queries: the visual
+    tokens carry them) or `keys` (only the attention scores' queries and keys)."""
+    projector_kv_norm: bool = True
+    """LayerNorm the patch features before the projector's keys and values."""
+    projector_init: str = "default"
+    """`default` (PyTorch's) or `pool`: the projector starts as an average pool of each query's region
+    through unit-gain maps (queries and MLP branches zero) and learns from there."""
+    projector_output_scale: float = 1.0
+    """The projector's output starts at this multiple of the LLM's token-embedding std."""
     vision_feature_layer: int = -2
     """Vision hidden state fed to the projector (-2 = penultimate)."""
 

@@ -6,6 +6,8 @@ vision tower, when frozen, is also run without autograd (see `CrossVLM.vision_fe
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 from torch import nn
 
@@ -21,10 +23,10 @@ def build_model(cfg: ModelSection, dtype: torch.dtype = torch.float32) -> tuple[
         model = CrossVLM.from_pretrained(cfg.init_from, dtype=dtype)
         processor = CrossVLMProcessor.from_pretrained(cfg.init_from)
         return model, processor
+    projector = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg) if f.name.startswith("projector_")}
     model = CrossVLM.from_base_models(
-        cfg.llm, cfg.vision, dtype=dtype, projector_type=cfg.projector_type, num_queries=cfg.num_queries,
-        projector_layers=cfg.projector_layers, projector_heads=cfg.projector_heads,
-        projector_locality=cfg.projector_locality, vision_feature_layer=cfg.vision_feature_layer,
+        cfg.llm, cfg.vision, dtype=dtype, num_queries=cfg.num_queries,
+        vision_feature_layer=cfg.vision_feature_layer, **projector,
     )
     processor = CrossVLMProcessor.from_base_models(cfg.llm, cfg.vision, model.num_image_tokens)
     return model, processor
