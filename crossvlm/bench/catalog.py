@@ -12,6 +12,7 @@ LEVERS = {
     "eager-ce": "- under --compile, the LM head and cross-entropy left eager (float32 logits written out)",
     "no-bf16-frozen": "- frozen weights kept in float32 (autocast re-casts them every forward)",
     "full-logits": "- logits over every position and the whole vocabulary, then cross-entropy (HF-style)",
+    "no-cudnn-attention": "+ scaled_dot_product_attention without its cuDNN backend (flash or memory-efficient instead)",
     "unfused-adamw": "- AdamW without fused=True (torch's default foreach implementation)",
 }
 """Extra `ours` variants of `bench train`, one lever each: "+" adds, "-" takes away."""

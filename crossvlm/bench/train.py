@@ -233,7 +233,15 @@ def _build_ours(ctx: _Context, v: Variant) -> Runner:
         recompute = 2.0 * llm.head_params * shape.labelled * v.batch_size
         executed["lm_head"] += recompute
         executed["total"] += recompute
-    return Runner(step, m, executed, close=trainer.logger.close, compiled_graphs=_compiled_graphs)
+    close = trainer.logger.close
+    if "no-cudnn-attention" in v.levers:  # chosen when a graph is traced: set before the first step
+        cudnn_was = torch.backends.cuda.cudnn_sdp_enabled()
+        torch.backends.cuda.enable_cudnn_sdp(False)
+
+        def close() -> None:
+            torch.backends.cuda.enable_cudnn_sdp(cudnn_was)
+            trainer.logger.close()
+    return Runner(step, m, executed, close=close, compiled_graphs=_compiled_graphs)
 
 
 def _build_naive(ctx: _Context, v: Variant) -> Runner:
