@@ -33,3 +33,9 @@ def test_demo_runs_both_stages_and_reports(tmp_path, capsys, projector, tokens, 
     for picture in pictures:
         assert (tmp_path / picture).stat().st_size > 1000
     assert (tmp_path / "sft" / "final" / "model.safetensors").exists()
+    if projector == "cross_attn":  # the demo's projector form survives both stages' save and load
+        saved = json.loads((tmp_path / "sft" / "final" / "config.json").read_text())
+        assert {k: saved[k] for k in ("projector_locality", "projector_position", "projector_kv_norm",
+                                      "projector_init", "projector_output_scale")} == {
+            "projector_locality": "cell", "projector_position": "keys", "projector_kv_norm": False,
+            "projector_init": "pool", "projector_output_scale": 14}

@@ -13,7 +13,7 @@ def register(sub) -> None:
         "demo", help="train a tiny VLM on synthetic shapes (pretrain + SFT) and report held-out accuracy",
         description="Make tiny random base models and the synthetic shapes set, teach the tiny vision tower "
         "the shapes, run the pretrain and SFT stages, evaluate on held-out images and write loss curves "
-        "and a picture of where the projector's queries look. About 6 minutes on 2 CPU cores.",
+        "and a picture of where the projector's queries look. About 5 minutes on 2 CPU cores.",
     )
     p.add_argument("--out", type=Path, default=Path("runs/demo"), help="output folder (default: runs/demo)")
     p.add_argument("--seed", type=int, default=0)
