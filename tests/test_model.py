@@ -289,14 +289,15 @@ def test_pool_init_starts_as_an_average_of_each_cell():
     features = torch.randn(2, 64, 64)
     seen = {}
     proj.norm_out.register_forward_hook(lambda m, args, out: seen.update(x=args[0]))
+    cell_of_row = torch.tensor([0, 0, 0, 1, 1, 2, 2, 2])  # 8 patches per side under 3 cells
+    cell = (cell_of_row[:, None] * 3 + cell_of_row[None, :]).reshape(-1)  # (64,)
+    own = (cell[None, :] == torch.arange(9)[:, None]).float()  # (9, 64)
+    uniform = own / own.sum(-1, keepdim=True)
     with torch.no_grad():
         proj(features)
-        own = proj.query_attention(features)[0] > 0  # (9, 64): the cell mask
-        avg = (own.float() / own.sum(-1, keepdim=True)) @ proj.kv_in(features)  # (2, 9, 64)
+        assert torch.allclose(proj.query_attention(features), uniform.expand(2, -1, -1), atol=1e-6)
         maps = [b.o_proj.weight @ b.kv_proj.weight[64:] for b in proj.blocks]
-        expected = proj.queries + sum(avg @ m.T for m in maps)
-        assert torch.allclose(proj.query_attention(features)[:, own], 1 / own.sum(-1).repeat_interleave(
-            own.sum(-1)).float().expand(2, -1))
+        expected = proj.queries + sum(uniform @ proj.kv_in(features) @ m.T for m in maps)
     assert torch.allclose(seen["x"], expected, atol=1e-5)
     for m in maps:  # unit gain: norms are kept
         assert torch.allclose(m @ m.T, torch.eye(64), atol=1e-5)
