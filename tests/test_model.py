@@ -240,6 +240,11 @@ def test_queries_start_out_looking_at_their_own_region():
             assert row.argmax().item() in own
 
 
+# 8x8 patches under a 3x3 query grid: patch centres 0.5..7.5 times 3/8, floored, give each row's cell.
+CELL_OF_ROW = [0, 0, 0, 1, 1, 2, 2, 2]
+CELL_OF_PATCH = [CELL_OF_ROW[y] * 3 + CELL_OF_ROW[x] for y in range(8) for x in range(8)]
+
+
 def test_cell_locality_sees_only_its_own_cell():
     """8x8 patches under a 3x3 query grid: a patch belongs to the cell its centre lies in."""
     proj = CrossAttentionProjector(vision_dim=64, llm_dim=32, num_patches=64, num_queries=9, num_heads=4,
@@ -247,10 +252,8 @@ def test_cell_locality_sees_only_its_own_cell():
     assert proj.locality is None  # a fixed mask: nothing to learn, nothing saved
     features = torch.randn(2, 64, 64)
     attn = proj.query_attention(features)  # (2, 9, 64)
-    cell_of_row = [0, 0, 0, 1, 1, 2, 2, 2]  # centres 0.5..7.5 times 3/8, floored
     for q in range(9):
-        own = [y * 8 + x for y in range(8) for x in range(8)
-               if cell_of_row[y] * 3 + cell_of_row[x] == q]
+        own = [p for p in range(64) if CELL_OF_PATCH[p] == q]
         outside = [p for p in range(64) if p not in own]
         assert attn[:, q, outside].abs().max() == 0, f"query {q} looks outside its cell"
         assert torch.allclose(attn[:, q, own].sum(-1), torch.ones(2))
@@ -289,9 +292,7 @@ def test_pool_init_starts_as_an_average_of_each_cell():
     features = torch.randn(2, 64, 64)
     seen = {}
     proj.norm_out.register_forward_hook(lambda m, args, out: seen.update(x=args[0]))
-    cell_of_row = torch.tensor([0, 0, 0, 1, 1, 2, 2, 2])  # 8 patches per side under 3 cells
-    cell = (cell_of_row[:, None] * 3 + cell_of_row[None, :]).reshape(-1)  # (64,)
-    own = (cell[None, :] == torch.arange(9)[:, None]).float()  # (9, 64)
+    own = (torch.tensor(CELL_OF_PATCH)[None, :] == torch.arange(9)[:, None]).float()  # (9, 64)
     uniform = own / own.sum(-1, keepdim=True)
     with torch.no_grad():
         proj(features)

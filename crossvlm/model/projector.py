@@ -5,8 +5,7 @@ the same grid as the image patches, read the patches through L pre-LN cross-atte
 locality prior makes query (i, j) look at its own region, so "where is the X?" stays answerable
 (plain resamplers lose it): a learned per-head distance bias ("gaussian", the default: some heads
 local, some global) or a fixed mask that lets each query see only the patches of its own grid cell
-("cell"). `MLPProjector` is the LLaVA / MiniMind-V
-baseline: one visual token per patch.
+("cell"). `MLPProjector` is the LLaVA / MiniMind-V baseline: one visual token per patch.
 
 Both work on every image of a batch at once: input (N_images, P, D_vision), output (N_images, M, D_llm).
 """
@@ -142,7 +141,6 @@ class CrossAttentionProjector(nn.Module):
             raise ValueError(f"init {init!r} is not one of {PROJECTOR_INITS}")
         if position not in POSITIONS:
             raise ValueError(f"position {position!r} is not one of {POSITIONS}")
-        self.position = position
         if locality == "cell" and q_grid > k_grid:
             raise ValueError(f"cell locality needs at most one query per patch ({num_queries} > {num_patches})")
         self.num_queries = num_queries
@@ -156,6 +154,7 @@ class CrossAttentionProjector(nn.Module):
         self._grids = (q_grid, k_grid, dim)
         self._fixed_cache: dict[torch.device, tuple[torch.Tensor, ...]] = {}
         self.locality_kind = locality
+        self.position = position
         if locality == "gaussian":
             # Per-head strength of the distance penalty, log-spaced from "own cell" (4) to nearly
             # global (1/64): some heads look locally, some at the whole image. softplus keeps it >= 0.
