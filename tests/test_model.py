@@ -13,6 +13,7 @@ from crossvlm.errors import ImageTokenMismatch, ModelLoadError
 from crossvlm.model import CrossVLM, load_vision
 from crossvlm.model.processor import CrossVLMProcessor, to_rgb
 from crossvlm.model.projector import CrossAttentionProjector, sincos_2d
+from crossvlm.model.vision import dropped_prefixes, vision_layers
 
 
 @pytest.fixture(scope="module")
@@ -426,3 +427,33 @@ def test_to_rgb_handles_alpha_palette_and_grey():
     assert to_rgb(rgba).getpixel((0, 0)) == (255, 255, 255)
     assert to_rgb(Image.new("L", (4, 4), 128)).getpixel((0, 0)) == (128, 128, 128)
     assert to_rgb(Image.new("P", (4, 4))).mode == "RGB"
+
+
+def test_vision_tower_is_cut_at_the_feature_layer(tiny_models, vlm, tmp_path):
+    full = load_vision(tiny_models / "vision").eval()
+    n = full.config.num_hidden_layers
+    # Feature layer -2: the last layer and the final LayerNorm are gone, not merely skipped.
+    assert len(vision_layers(vlm.vision)) == n - 1
+    assert not any(k.startswith(dropped_prefixes(vlm.vision, -2)) for k in vlm.state_dict())
+    assert any(k.startswith(dropped_prefixes(full, -2, prefix="")) for k in full.state_dict())
+    pixels = torch.randn(2, 3, full.config.image_size, full.config.image_size, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = full(pixel_values=pixels, output_hidden_states=True).hidden_states[-2][:, 1:]
+        torch.testing.assert_close(vlm.vision_features(pixels), expected)
+    # A directory saved before the cut (with the whole tower) still loads, the extra layers skipped.
+    old = CrossVLM(vlm.config)
+    state = {**vlm.state_dict(), **{f"vision.{k}": v for k, v in full.state_dict().items()}}
+    old.load_state_dict({k: v for k, v in state.items() if k in old.state_dict()})
+    save_file({k: v.contiguous() for k, v in state.items() if k != "llm.lm_head.weight"},
+              str(tmp_path / "model.safetensors"))
+    vlm.config.save_pretrained(tmp_path)
+    reloaded = CrossVLM.from_pretrained(tmp_path)
+    assert len(vision_layers(reloaded.vision)) == n - 1
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded.vision_features(pixels), expected)
+
+
+def test_feature_layer_one_keeps_one_layer(tiny_models):
+    model = CrossVLM.from_base_models(tiny_models / "llm", tiny_models / "vision", num_queries=16,
+                                      projector_heads=4, vision_feature_layer=1)
+    assert len(vision_layers(model.vision)) == 1

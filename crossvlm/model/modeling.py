@@ -21,6 +21,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 from crossvlm.errors import ImageTokenMismatch, ModelLoadError
 from crossvlm.model.configuration import CrossVLMConfig
 from crossvlm.model.projector import CrossAttentionProjector, MLPProjector
+from crossvlm.model.vision import cut_tower, dropped_prefixes
 
 IGNORE_INDEX = -100
 
@@ -94,7 +95,9 @@ class CrossVLM(PreTrainedModel):
     def __init__(self, config: CrossVLMConfig, llm: Qwen3ForCausalLM | None = None,
                  vision: CLIPVisionModel | None = None):
         super().__init__(config)
-        self.vision = vision if vision is not None else CLIPVisionModel(config.vision_config)
+        vision = vision if vision is not None else CLIPVisionModel(config.vision_config)
+        # Only the layers up to the one the projector reads exist (see crossvlm.model.vision).
+        self.vision = cut_tower(vision, config.vision_feature_layer)
         self.llm = llm if llm is not None else Qwen3ForCausalLM(config.text_config)
         vision_dim, llm_dim = config.vision_config.hidden_size, config.text_config.hidden_size
         if config.projector_type == "cross_attn":
@@ -207,7 +210,9 @@ class CrossVLM(PreTrainedModel):
             model, info = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
         except OSError as err:
             raise ModelLoadError(f"cannot load a crossvlm model from {pretrained_model_name_or_path}: {err}") from err
-        _check_loading_info(info, str(pretrained_model_name_or_path))
+        # Directories saved before the tower was cut hold the layers past the feature layer: skip them.
+        _check_loading_info(info, str(pretrained_model_name_or_path),
+                            allowed_unexpected=dropped_prefixes(model.vision, model.config.vision_feature_layer))
         model.apply_vision_freeze()
         path = Path(pretrained_model_name_or_path)
         if (path / "generation_config.json").exists():
@@ -216,12 +221,15 @@ class CrossVLM(PreTrainedModel):
 
     # -- images -----------------------------------------------------------------------------------
     def vision_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """Patch features of the configured layer, CLS dropped: (N, P, Dv)."""
+        """Patch features of the configured layer, CLS dropped: (N, P, Dv).
+
+        The tower is cut at that layer, so its last hidden state is the one the projector reads.
+        """
         pixel_values = pixel_values.to(self.vision.dtype)
         grad = torch.is_grad_enabled() and any(p.requires_grad for p in self.vision.parameters())
         with torch.set_grad_enabled(grad):  # no autograd graph through a frozen tower
-            out = self.vision(pixel_values=pixel_values, output_hidden_states=True)
-        return out.hidden_states[self.config.vision_feature_layer][:, 1:]
+            out = self.vision(pixel_values=pixel_values)
+        return out.last_hidden_state[:, 1:]
 
     def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """Visual tokens for every image in the batch at once: (N, M, D_llm)."""

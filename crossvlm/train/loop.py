@@ -23,8 +23,8 @@ from crossvlm.train.config import TrainConfig
 from crossvlm.train.loggers import build_logger, read_metrics
 from crossvlm.train.optim import build_optimizer, build_scheduler
 from crossvlm.train.runtime import Runtime, init_runtime, seed_everything, shutdown
-from crossvlm.train.setup import (apply_trainable, build_model, count_parameters, merge_adapters,
-                                  set_train_mode, vision_layers)
+from crossvlm.model.vision import vision_layers
+from crossvlm.train.setup import apply_trainable, build_model, count_parameters, merge_adapters, set_train_mode
 
 MODEL_INPUTS = ("input_ids", "attention_mask", "position_ids", "labels", "pixel_values")
 

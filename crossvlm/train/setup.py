@@ -94,8 +94,3 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
         total += p.numel()
         trainable += p.numel() if p.requires_grad else 0
     return trainable, total
-
-
-def vision_layers(vision: nn.Module) -> list[nn.Module]:
-    """The vision tower's transformer layers (older transformers wrap them in `vision_model`)."""
-    return list(getattr(vision, "vision_model", vision).encoder.layers)
