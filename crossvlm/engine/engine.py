@@ -108,13 +108,14 @@ class Engine:
 
     # -- from any thread ---------------------------------------------------------------------------
     def submit(self, request: Request, max_waiting: int | None = None) -> Request:
-        """Queue a request; raise `QueueFull` if `max_waiting` requests already wait for a slot."""
+        """Queue a request; raise `QueueFull` if `max_waiting` requests already wait for a slot (beyond
+        those the free slots will take at the next step)."""
         if request.prompt_tokens >= self.max_len:
             raise CrossVLMError(f"the prompt takes {request.prompt_tokens} tokens; the engine's limit is "
                                 f"{self.max_len - 1}")
         request.max_new_tokens = max(1, min(request.sampling.max_new_tokens, self.max_len - request.prompt_tokens))
         with self._lock:
-            if max_waiting is not None and self.waiting() >= max_waiting:
+            if max_waiting is not None and self.waiting() >= max_waiting + self.cache.free:
                 raise QueueFull(f"all {self.slots} slots are busy and {self.waiting()} requests wait")
             self._incoming.append(request)
             self._lock.notify()

@@ -45,7 +45,8 @@ class Sampler:
         self.generated = z(torch.int64)  # tokens sampled so far, per slot: the noise's step
         self.last_token = z(torch.int64)  # the input of the next decode step
         self.seen = torch.zeros(slots, vocab, dtype=torch.bool, device=device)  # for repetition penalty
-        self.eos = torch.tensor(sorted(eos_ids), dtype=torch.int64, device=device)
+        self.is_eos = torch.zeros(vocab, dtype=torch.bool, device=device)  # (V,)
+        self.is_eos[sorted(eos_ids)] = True
         self.device, self.vocab = device, vocab
 
     def admit(self, slots: list[int], params: list[SamplingParams], prompts: list[list[int]]) -> None:
@@ -78,7 +79,7 @@ class Sampler:
             logits = torch.where(hit, torch.where(logits < 0, logits * pen, logits / pen), logits)
         if min_tokens:
             early = (self.generated[slots] < self.min_tokens[slots])[:, None]  # (n, 1)
-            logits[:, self.eos] = logits[:, self.eos].masked_fill(early, float("-inf"))
+            logits = logits.masked_fill(early & self.is_eos, float("-inf"))
         tokens = logits.argmax(-1)  # (n,)
         if not greedy:
             tokens = torch.where(self.temperature[slots] > 0, self._draw(logits, slots), tokens)
