@@ -123,7 +123,8 @@ class Request:
     """One prompt on its way through the engine.
 
     `input_ids` are the rendered prompt (image spans expanded), `images` its RGB images in order;
-    `on_event` receives `Delta`s (only when `stream` is set), then one `Completion` or an exception.
+    `on_event` receives `Delta`s (only when `stream` is set; the first, empty, when the first token is
+    out), then one `Completion` or an exception.
     """
 
     input_ids: list[int]
@@ -170,6 +171,8 @@ class Request:
 
     def add_token(self, token: int, tokenizer, eos_ids: set[int]) -> None:
         """Take one sampled token: stream its text, or finish the request."""
+        if self.stream and not self.generated:
+            self.on_event(Delta())  # the first token is out (its text may come later): a stream starts here
         self.generated += 1
         early = self.generated <= self.sampling.min_tokens
         if token in eos_ids and not self.sampling.ignore_eos and not early:

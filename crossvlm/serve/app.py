@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import json
+import threading
 import time
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -68,20 +69,39 @@ def _failed(err: BaseException) -> APIError:
     return APIError(500, f"generation failed: {err}", "server_error", "generation_failed")
 
 
+class Mailbox:
+    """Events from the engine's thread to the event loop, handed over with one wake-up of the loop per
+    batch of them (an engine step yields one event per running stream), not one per event."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self.loop, self._items, self._lock = loop, [], threading.Lock()
+
+    def post(self, queue: asyncio.Queue, event) -> None:
+        with self._lock:
+            self._items.append((queue, event))
+            if len(self._items) > 1:
+                return  # a hand-over is already scheduled
+        try:
+            self.loop.call_soon_threadsafe(self._hand_over)
+        except RuntimeError:  # the loop has closed: nobody is listening any more
+            pass
+
+    def _hand_over(self) -> None:
+        with self._lock:
+            items, self._items = self._items, []
+        for queue, event in items:
+            queue.put_nowait(event)
+
+
 class Job:
     """One request's events, delivered from the engine's thread to the asyncio loop that submitted it."""
 
-    def __init__(self, chat: ChatModel, prompt: Prompt, sampling: SamplingParams, stream: bool, max_waiting: int):
-        self.loop = asyncio.get_running_loop()
+    def __init__(self, chat: ChatModel, mailbox: Mailbox, prompt: Prompt, sampling: SamplingParams, stream: bool,
+                 max_waiting: int):
         self.queue: asyncio.Queue = asyncio.Queue()
         self.engine = chat.engine
-        self.request = chat.submit(prompt, sampling, self._post, stream=stream, max_waiting=max_waiting)
-
-    def _post(self, event) -> None:
-        try:
-            self.loop.call_soon_threadsafe(self.queue.put_nowait, event)
-        except RuntimeError:  # the loop has closed: nobody is listening any more
-            pass
+        self.request = chat.submit(prompt, sampling, lambda event: mailbox.post(self.queue, event), stream=stream,
+                                   max_waiting=max_waiting)
 
     def cancel(self) -> None:
         """The client has gone: stop generating for it (its slot is free at the engine's next step)."""
@@ -112,8 +132,9 @@ def create_app(chat: ChatModel, settings: ServerSettings | None = None) -> FastA
     page = (STATIC / "index.html").read_text(encoding="utf-8")
 
     @asynccontextmanager
-    async def lifespan(_app: FastAPI):
+    async def lifespan(app: FastAPI):
         chat.engine  # allocate the cache and record the graphs before the first request
+        app.state.mailbox = Mailbox(asyncio.get_running_loop())
         yield
         chat.close()
 
@@ -213,11 +234,11 @@ def create_app(chat: ChatModel, settings: ServerSettings | None = None) -> FastA
         return prompt, sampling
 
     @app.post("/v1/chat/completions", dependencies=[Depends(authorize)])
-    async def chat_completions(req: ChatCompletionRequest):
+    async def chat_completions(req: ChatCompletionRequest, request: Request):
         prompt, sampling = await run_in_threadpool(prepare, req)
         ids = ResponseIds(req.model or settings.model_name)
         try:
-            job = Job(chat, prompt, sampling, req.stream, settings.max_waiting)
+            job = Job(chat, request.app.state.mailbox, prompt, sampling, req.stream, settings.max_waiting)
         except QueueFull as err:
             raise APIError(429, f"the server is busy ({err}); retry later", "rate_limit_error", "server_busy",
                            headers={"Retry-After": str(settings.retry_after)}) from None
@@ -270,7 +291,8 @@ async def _stream(job: Job, first, events, ids: ResponseIds, include_usage: bool
                     delta["reasoning_content"] = event.reasoning
                 if event.text:
                     delta["content"] = event.text
-                yield _sse(ids.chunk(delta))
+                if delta:
+                    yield _sse(ids.chunk(delta))
     except GenerationError as err:  # headers are sent: report in the stream, as OpenAI does
         yield _sse(_failed(err).body)
     finally:
