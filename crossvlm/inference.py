@@ -47,11 +47,14 @@ class InputError(CrossVLMError, ValueError):
 
 @dataclass
 class Prompt:
-    """A conversation ready for the model: token ids (image spans expanded) and its RGB images."""
+    """A conversation ready for the model: token ids (image spans expanded), its RGB images and their
+    pixel values (N, 3, H, W), made by the processor in the thread that prepared the prompt, so the
+    engine's loop never waits for image preprocessing."""
 
     input_ids: list[int]
     images: list[Image.Image]
     enable_thinking: bool = False
+    pixel_values: torch.Tensor | None = None
 
 
 def pick_device(device: str = "auto") -> torch.device:
@@ -169,7 +172,7 @@ class ChatModel:
         """The generation engine (made on first use: it allocates the KV cache and records the CUDA graphs)."""
         with self._engine_lock:
             if self._engine is None:
-                self._engine = Engine(self.model, self.processor, self.eos_ids, self.engine_config)
+                self._engine = Engine(self.model, self.tokenizer, self.eos_ids, self.engine_config)
             return self._engine
 
     def close(self) -> None:
@@ -196,14 +199,14 @@ class ChatModel:
                 f"{self.context_length} tokens; shorten the conversation or send fewer images",
                 "context_length_exceeded", "messages",
             )
-        return Prompt(ids, imgs, enable_thinking)
+        return Prompt(ids, imgs, enable_thinking, self.processor.preprocess_images(imgs) if imgs else None)
 
     def submit(self, prompt: Prompt, sampling: SamplingParams | None, on_event: Callable, stream: bool = False,
                max_waiting: int | None = None) -> Request:
         """Hand one prepared prompt to the engine; `on_event` gets its `Delta`s (with `stream`), then a
         `Completion` or an exception, from the engine's thread. Raises `QueueFull` if `max_waiting`
         requests already wait for a slot."""
-        request = Request(prompt.input_ids, prompt.images, sampling or SamplingParams(), on_event,
+        request = Request(prompt.input_ids, prompt.pixel_values, sampling or SamplingParams(), on_event,
                           thinking=prompt.enable_thinking, stream=stream)
         return self.engine.submit(request, max_waiting)
 

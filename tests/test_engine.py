@@ -39,7 +39,7 @@ def _run(chat, prompts, sampling: list[SamplingParams], start=None) -> list[Requ
     for p, s in zip(prompts, sampling):
         if start is not None and requests:
             start(requests)
-        requests.append(chat.engine.submit(Request(p.input_ids, p.images, s, lambda _: done.release())))
+        requests.append(chat.engine.submit(Request(p.input_ids, p.pixel_values, s, lambda _: done.release())))
     for _ in requests:
         assert done.acquire(timeout=120)
     assert all(r.finish_reason in ("stop", "length") for r in requests)
@@ -48,7 +48,7 @@ def _run(chat, prompts, sampling: list[SamplingParams], start=None) -> list[Requ
 
 def _hf_tokens(reference, chat, prompt, n: int) -> list[int]:
     ids = torch.tensor([prompt.input_ids])
-    pixels = chat.processor.preprocess_images(prompt.images) if prompt.images else None
+    pixels = chat.processor.preprocess_images(prompt.images) if prompt.images else None  # made apart
     out = reference.generate(ids, pixels, max_new_tokens=n, min_new_tokens=n, do_sample=False)
     return out[0, ids.shape[1]:].tolist()
 
@@ -151,13 +151,33 @@ def test_ignore_eos_and_min_tokens_in_the_request(chat):
     eos = next(iter(chat.eos_ids))
     events = []
     words = tok("yes it is", add_special_tokens=False)["input_ids"]
-    plain = Request([1], [], SamplingParams(max_new_tokens=10), events.append, max_new_tokens=10)
+    plain = Request([1], None, SamplingParams(max_new_tokens=10), events.append, max_new_tokens=10)
     plain.add_token(words[0], tok, chat.eos_ids)
     plain.add_token(eos, tok, chat.eos_ids)
     assert plain.finish_reason == "stop" and plain.generated == 2
     for params in (SamplingParams(max_new_tokens=4, ignore_eos=True), SamplingParams(max_new_tokens=4, min_tokens=3)):
-        request = Request([1], [], params, events.append, max_new_tokens=4)
+        request = Request([1], None, params, events.append, max_new_tokens=4)
         for token in (words[0], eos, words[1], eos):
             request.add_token(token, tok, chat.eos_ids)
         assert request.finish_reason == ("length" if params.ignore_eos else "stop")
         assert request.generated == 4
+
+
+@pytest.mark.gpu
+def test_greedy_equals_generate_on_cuda_with_graphs(tiny_vlm_dir):
+    """The decode step replayed as CUDA graphs (every batch and length rung) gives generate()'s tokens."""
+    chat = crossvlm.load(tiny_vlm_dir, device="cuda", dtype=torch.float32, engine=EngineConfig(slots=4, max_len=512))
+    reference = CrossVLM.from_pretrained(str(tiny_vlm_dir), dtype=torch.float32).cuda().eval()
+    try:
+        prompts = [chat.prompt(m, i) for m, i in CASES]
+        budgets = [300, 17, 30, 9, 21]  # the first runs past the first length rung (256)
+        sampling = [SamplingParams(max_new_tokens=n, greedy=True, ignore_eos=True) for n in budgets]
+        requests = _run(chat, prompts, sampling)
+        assert chat.engine.runner.graphs, "the decode step was captured"
+        for request, prompt, n in zip(requests, prompts, budgets):
+            ids = torch.tensor([prompt.input_ids], device="cuda")
+            pixels = chat.processor.preprocess_images(prompt.images).cuda() if prompt.images else None
+            out = reference.generate(ids, pixels, max_new_tokens=n, min_new_tokens=n, do_sample=False)
+            assert request.tokens == out[0, ids.shape[1]:].tolist()
+    finally:
+        chat.close()

@@ -94,7 +94,7 @@ def test_thinking_is_returned_apart_and_streamed_in_order(chat):
     stops = [("Anything",), (), ()]
     events = [[], [], []]
     for i, tokens in enumerate(token_rows):  # the engine hands a request its tokens one at a time
-        request = Request([1] * 5, [], SamplingParams(max_new_tokens=budgets[i], stop=stops[i]), events[i].append,
+        request = Request([1] * 5, None, SamplingParams(max_new_tokens=budgets[i], stop=stops[i]), events[i].append,
                           thinking=True, stream=True, max_new_tokens=budgets[i])
         for token in tokens:
             if request.done:

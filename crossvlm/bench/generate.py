@@ -11,9 +11,9 @@ Variants (transformers' own levers, then ours):
 - `static+compile`: `cache_implementation="static"`, which transformers compiles on CUDA for the
   decode steps (`torch.compile`, mode "reduce-overhead": CUDA graphs); the prefill stays eager;
 - `engine`: `crossvlm.engine`, the generation engine behind serve, chat, eval and `crossvlm.load`
-  (greedy with `ignore_eos`, a rendered prompt handed to it as chat does: its TTFT includes the
-  image preprocessing on the CPU, which the `generate()` variants get done beforehand). It runs
-  last: it makes the LLM attend through its own attention function (transformers' registry).
+  (greedy with `ignore_eos`; the prompt prepared once by `ChatModel.prompt`, images preprocessed, as
+  the `generate()` variants get theirs). It runs last: it makes the LLM attend through its own
+  attention function (transformers' registry).
 
 Timings are CUDA-synchronised wall times. TTFT = a `max_new_tokens=1` call (prefill + first token,
 inputs already on the device; the image processor's CPU time is reported apart as `preprocess_ms`).

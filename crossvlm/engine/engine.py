@@ -72,8 +72,8 @@ class _Launch:
 class Engine:
     """Generation for one CrossVLM: `submit` requests, receive their events on their callbacks."""
 
-    def __init__(self, model, processor, eos_ids: set[int], config: EngineConfig | None = None):
-        self.model, self.processor, self.tokenizer = model.eval(), processor, processor.tokenizer
+    def __init__(self, model, tokenizer, eos_ids: set[int], config: EngineConfig | None = None):
+        self.model, self.tokenizer = model.eval(), tokenizer
         self.eos_ids = eos_ids
         cfg = config or EngineConfig()
         text = model.config.text_config
@@ -209,8 +209,8 @@ class Engine:
             self.sampler.admit([r.slot for r in live], [r.sampling for r in live], [r.input_ids for r in live])
 
     def _embed(self, requests: list[Request]) -> None:
-        images = [im for r in requests for im in r.images]
-        pixels = self.processor.preprocess_images(images) if images else None
+        images = [r.pixel_values for r in requests if r.pixel_values is not None]
+        pixels = torch.cat(images) if images else None  # (N, 3, H, W), the prompts' images in order
         for request, embeds in zip(requests, self.runner.embed([r.input_ids for r in requests], pixels)):
             request.embeds = embeds
 

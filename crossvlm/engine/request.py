@@ -122,13 +122,14 @@ _ids = itertools.count()
 class Request:
     """One prompt on its way through the engine.
 
-    `input_ids` are the rendered prompt (image spans expanded), `images` its RGB images in order;
+    `input_ids` are the rendered prompt (image spans expanded), `pixel_values` its images (N, 3, H, W)
+    as the processor makes them, in order (None: no image);
     `on_event` receives `Delta`s (only when `stream` is set; the first, empty, when the first token is
     out), then one `Completion` or an exception.
     """
 
     input_ids: list[int]
-    images: list
+    pixel_values: object
     sampling: SamplingParams
     on_event: Callable[[Event], None]
     thinking: bool = False
