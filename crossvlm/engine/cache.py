@@ -69,11 +69,6 @@ class SlotCache:
     def release(self, slot: int) -> None:
         heapq.heappush(self._free, slot)
 
-    def highest_used(self) -> int:
-        """1 + the highest slot in use (0 when none is): the rows a decode step must cover."""
-        used = set(range(self.slots)) - set(self._free)
-        return max(used) + 1 if used else 0
-
     # -- what the attention layers call ------------------------------------------------------------
     def update(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int, *args, **kwargs):
         """Write a layer's new keys/values (rows, kv_heads, T, D) and return what it attends to."""
@@ -87,9 +82,6 @@ class SlotCache:
         k_all[where] = key.transpose(1, 2)
         v_all[where] = value.transpose(1, 2)
         return k_all[plan.slots, :, :plan.kv_len], v_all[plan.slots, :, :plan.kv_len]  # (n, H, kv_len, D)
-
-    def get_seq_length(self, layer_idx: int = 0) -> int:
-        return 0  # positions are always given, so transformers never needs it
 
 
 def slot_attention(module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,

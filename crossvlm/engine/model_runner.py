@@ -90,7 +90,8 @@ class ModelRunner:
             embeds[i, :len(c.embeds)] = c.embeds
         starts = torch.tensor([c.start for c in chunks], device=self.device)  # (n,)
         positions = starts[:, None] + torch.arange(longest, device=self.device)  # (n, T)
-        kv_len = max(c.start + len(c.embeds) for c in chunks)
+        # Keys read: up to the longest row's end, rounded up to 64 (aligned for the fused attention kernels).
+        kv_len = min(-(-max(c.start + len(c.embeds) for c in chunks) // 64) * 64, self.cache.max_len)
         # Query t of row i sees keys 0 … start_i + t; padding queries write beyond the row's prompt (harmless).
         mask = torch.arange(kv_len, device=self.device)[None, None, :] <= positions[:, :, None]  # (n, T, K)
         slots = torch.tensor([c.slot for c in chunks], device=self.device)
