@@ -116,6 +116,7 @@ def test_a_failing_generation_gets_a_500_and_the_others_finish(faulty):
                  ("hello", None)]
     expected = [chat.chat([{"role": "user", "content": ("<image>" if im else "") + q}], [im] if im else [],
                           SamplingParams(max_new_tokens=40, greedy=True, ignore_eos=True)).text for q, im in questions]
+    short = chat.chat([{"role": "user", "content": "hi"}], [], SamplingParams(max_new_tokens=8, greedy=True)).text
     results: dict[str, object] = {}
 
     def stream(k: int) -> None:
@@ -149,3 +150,7 @@ def test_a_failing_generation_gets_a_500_and_the_others_finish(faulty):
     after = httpx.post(base + "/v1/chat/completions", json=_ask("count the shapes", shapes_image(42), max_tokens=40,
                                                                 ignore_eos=True), timeout=60)
     assert after.status_code == 200 and after.json()["choices"][0]["message"]["content"] == expected[1]
+    # A short prompt in a slot a failed request left: nothing of the failure leaks into its answer.
+    reused = httpx.post(base + "/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}],
+                                                             "max_tokens": 8, "temperature": 0}, timeout=60)
+    assert reused.status_code == 200 and reused.json()["choices"][0]["message"]["content"] == short

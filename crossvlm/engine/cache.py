@@ -69,6 +69,13 @@ class SlotCache:
     def release(self, slot: int) -> None:
         heapq.heappush(self._free, slot)
 
+    def clear(self, slot: int) -> None:
+        """Zero a slot's keys and values: after a failed request they may not be finite, and attention
+        weighs a masked key by zero, which a NaN survives (0 · NaN = NaN)."""
+        for k, v in zip(self.keys, self.values):
+            k[slot].zero_()
+            v[slot].zero_()
+
     # -- what the attention layers call ------------------------------------------------------------
     def update(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int, *args, **kwargs):
         """Write a layer's new keys/values (rows, kv_heads, T, D) and return what it attends to."""

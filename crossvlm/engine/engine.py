@@ -280,6 +280,8 @@ class Engine:
 
     def _fail(self, request: Request, err: BaseException) -> None:
         self.stats["failed"] += 1
+        if request.slot is not None:
+            self.cache.clear(request.slot)  # queued after any step still writing into it
         if request.slot is not None or request in self.scheduler.waiting:
             self.scheduler.release(request)
         request.fail(err if isinstance(err, GenerationError) else GenerationError(f"{type(err).__name__}: {err}"))
