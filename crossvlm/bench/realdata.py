@@ -175,8 +175,8 @@ def run_data_variants(ctx, data_path: Path | None, max_length: int | None, names
     if bad or not names:
         raise ConfigError(f"unknown data variants {bad}; choose from {list(DATA_VARIANTS)}")
     if max_length is None:
-        max_length = load_config(config_path(f"{cfg.stage}.yaml"), {"model.init_from": None,
-                                                                      "data.sources": [str(ctx.photos)]}).data.max_length
+        stage = load_config(config_path(f"{cfg.stage}.yaml"), {"model.init_from": None, "data.sources": [str(ctx.photos)]})
+        max_length = stage.data.max_length
     if data_path is None:
         data_path = write_variable_length_set(ctx.tmp / f"variable_{cfg.stage}.parquet", cfg.stage,
                                               size=cfg.jpeg_size, seed=cfg.seed)
@@ -228,5 +228,5 @@ def _line(r: dict) -> str:
     mfu = f", MFU {100 * r['mfu']:.1f}%" if r.get("mfu") is not None else ""
     pad = f", padding {100 * r['padding_share']:.0f}%" if "padding_share" in r else ""
     pad += f", data wait {100 * r['data_wait_share']:.0f}%" if "data_wait_share" in r else ""
-    return (f"{r['steps_measured']} steps, {1000 * r['step_s_median']:.0f} ms/step, {r['samples_per_s']:.1f} samples/s, "
-            f"{r['tokens_per_s']:.0f} tokens/s{pad}{mfu}, {r.get('rows_per_step', 0):.1f} rows/step")
+    return (f"{r['steps_measured']} steps, {1000 * r['step_s_median']:.0f} ms/step, {r['samples_per_s']:.1f} "
+            f"samples/s, {r['tokens_per_s']:.0f} tokens/s{pad}{mfu}, {r.get('rows_per_step', 0):.1f} rows/step")

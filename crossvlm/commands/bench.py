@@ -101,8 +101,8 @@ def register(sub) -> None:
     _common(p, "write the report as JSON to this file")
     p.add_argument("--stage", choices=("pretrain", "sft"), default="sft")
     p.add_argument("--variants", type=_names, default=None,
-                   help="comma-separated subset of ours,mlp,naive; with --data, of packed,flex,varlen,sdpa,padded,fixed "
-                   "(default packed,fixed)")
+                   help="comma-separated subset of ours,mlp,naive; with --data, of "
+                   "packed,flex,varlen,sdpa,padded,fixed (default packed,fixed)")
     p.add_argument("--data", nargs="?", const="generate", metavar="FILE",
                    help="run the real training loop (crossvlm train's) on FILE (any format the loader reads), beside "
                    "the fixed-length step of the same shapes; --data alone generates a variable-length set")

@@ -24,10 +24,8 @@ import torch
 from crossvlm.errors import ConfigError
 
 VARLEN = "varlen"
-# The implementations that keep attention per sample without a dense mask, fastest first (as
-# measured on an H200: docs/PERFORMANCE.md, "Training on real data").
-FAST_KERNELS = ("flex_attention", VARLEN)
-KERNELS = (*FAST_KERNELS, "sdpa")
+KERNELS = ("flex_attention", VARLEN, "sdpa")
+"""The LLM attention implementations packed rows can use (`model.attention`, besides `auto`)."""
 
 
 def varlen_available() -> bool:
@@ -108,18 +106,21 @@ def packed_attention_kwargs(implementation: str, document_ids: torch.Tensor | No
 def choose_kernel(requested: str, device: torch.device, llm) -> tuple[str | None, str]:
     """The attention implementation for packed rows, or None for padding, with the reason.
 
-    `requested`: `auto` (a fast kernel on a GPU, padding on a CPU, where FlexAttention runs
-    uncompiled and varlen does not exist), or one of KERNELS.
+    `requested`: `auto` (FlexAttention on a GPU, else varlen; padding on a CPU, where FlexAttention
+    has no backward and varlen does not exist), or one of KERNELS.
     """
+    if requested not in ("auto", *KERNELS):
+        raise ConfigError(f"model.attention {requested!r} is not one of auto, {', '.join(KERNELS)}")
     supports_flex = bool(getattr(llm, "_supports_flex_attn", False))
     if requested == "auto":
         if device.type != "cuda":
-            return None, "auto: on a CPU document-masked kernels run uncompiled, so batches are padded"
+            return None, "auto: on a CPU FlexAttention has no backward and varlen does not exist, so batches are padded"
         if supports_flex:
             return "flex_attention", "auto: CUDA, and the LLM supports FlexAttention"
         if varlen_available() and getattr(llm, "_supports_attention_backend", False):
             return VARLEN, "auto: CUDA, the LLM takes registered attention functions"
-        return None, f"auto: {type(llm).__name__} supports neither FlexAttention nor registered attention, so batches are padded"
+        return None, (f"auto: {type(llm).__name__} supports neither FlexAttention nor registered attention, "
+                      "so batches are padded")
     if requested == "flex_attention" and not supports_flex:
         raise ConfigError(f"model.attention flex_attention: {type(llm).__name__} does not support it")
     if requested == "flex_attention" and device.type != "cuda":
