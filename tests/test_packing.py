@@ -4,6 +4,7 @@ sample to itself, the run's speed report (crossvlm.train.throughput) and `bench 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -211,7 +212,7 @@ def test_bench_train_on_a_data_file(tiny_models, tmp_path, capsys):
     assert main(["bench", "train", "--preset", "tiny", "--models", str(tiny_models), "--stage", "pretrain",
                  "--data", str(data), "--max-length", "512", "--variants", "sdpa,padded,fixed", "--steps", "2",
                  "--warmup", "1", "--batch-size", "4", "--workers", "0", "--jpeg-size", "160x120",
-                 "--out", str(out)]) == 0
+                 "--profile", str(tmp_path / "prof"), "--out", str(out)]) == 0
     report = json.loads(out.read_text())
     records = {r["variant"]: r for r in report["variants"]}
     assert report["data"]["path"] == str(data) and not report["data"]["generated"]
@@ -221,6 +222,8 @@ def test_bench_train_on_a_data_file(tiny_models, tmp_path, capsys):
     # the fixed-length reference takes the packed run's rows: max_length tokens, one sample each
     assert fixed["batch_size"] == round(sdpa["rows_per_step"]) and fixed["text_tokens"] == 512 - 64
     assert sdpa["tokens_vs_fixed"] == pytest.approx(sdpa["tokens_per_s"] / fixed["tokens_per_s"])
+    for r in (sdpa, fixed):  # kernel tables of both, to compare a packed row with a fixed one
+        assert "Self CPU" in (tmp_path / "prof" / Path(r["kernels"]).name).read_text()
     assert "| sdpa | sdpa |" in capsys.readouterr().out
 
 

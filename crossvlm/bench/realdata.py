@@ -29,7 +29,7 @@ import traceback
 from pathlib import Path
 
 from crossvlm.bench.batches import SampleShape
-from crossvlm.bench.common import free_memory, peak_memory_gib, say
+from crossvlm.bench.common import free_memory, peak_memory_gib, profiled, say
 from crossvlm.errors import ConfigError
 
 DATA_VARIANTS = {
@@ -143,7 +143,22 @@ def _run_real(ctx, name: str, data_path: Path, max_length: int) -> dict:
               "compiled_graphs": _compiled_graphs() if cfg.compile else None}
     record.update(_summarise(read_metrics(Path(overrides["run.out_dir"]) / "metrics.jsonl"), cfg.warmup,
                              max_length, peak_memory_gib(rt.device)))
+    if cfg.profile:
+        record.update(_profile_steps(ctx, trainer, name))
     return record
+
+
+def _profile_steps(ctx, trainer, name: str) -> dict:
+    """`profile_steps` more steps of the trained run under torch.profiler, on the loader's next batches."""
+    batches = iter(trainer.loader)  # continues where the run stopped
+
+    def steps():
+        for _ in range(ctx.cfg.profile_steps):
+            trainer.train_step([next(batches)])
+
+    stem = Path(ctx.cfg.profile) / f"train_{ctx.cfg.stage}_data_{name}"
+    return profiled(steps, ctx.rt.device, stem, f"{name} on real data, stage {ctx.cfg.stage}, "
+                    f"{ctx.cfg.profile_steps} steps", enabled=ctx.rt.is_main)
 
 
 def _run_fixed(ctx, rows: int, max_length: int, labelled_share: float) -> dict:

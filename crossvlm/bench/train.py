@@ -100,8 +100,8 @@ class TrainBenchConfig:
             bad = [v for v in self.data_variants if v not in DATA_VARIANTS]
             if bad or not self.data_variants:
                 p.append(f"unknown data variants {bad}; choose from {list(DATA_VARIANTS)}")
-            if self.profile or self.levers:
-                p.append("--profile and --levers apply to the fixed-length variants, not to --data runs")
+            if self.levers:
+                p.append("--levers apply to the fixed-length variants, not to --data runs")
         bad = [lever for lever in self.levers if lever not in LEVERS]
         if bad:
             p.append(f"unknown levers {bad}; choose from {sorted(LEVERS)} or 'all'")
