@@ -30,7 +30,6 @@ from pathlib import Path
 
 from crossvlm.bench.batches import SampleShape
 from crossvlm.bench.common import free_memory, peak_memory_gib, profiled, say
-from crossvlm.errors import ConfigError
 
 DATA_VARIANTS = {
     "packed": ("auto", "auto"),
@@ -110,6 +109,7 @@ def _summarise(lines: list[dict], warmup: int, max_length: int, peak: float | No
         "samples_per_s": sum(m["samples_per_s"] * m["window_s"] for m in steps) / wall,
         "tokens_per_s": tokens / wall,
         "padding_share": 1 - tokens / slots,
+        "labelled_share": sum(m["labelled_share"] * m["tokens_per_s"] * m["window_s"] for m in steps) / tokens,
         "data_wait_share": sum(m.get("data_wait_share", 0.0) * m["window_s"] for m in steps) / wall,
         "step_s_mean": wall / len(steps),
         "rows_per_step": slots / len(steps) / max_length,
@@ -179,16 +179,14 @@ def _run_fixed(ctx, rows: int, max_length: int, labelled_share: float) -> dict:
 
 
 def run_data_variants(ctx, data_path: Path | None, max_length: int | None, names: tuple[str, ...]) -> tuple[list, dict]:
-    """Every real-data variant, then `fixed` with the first real variant's shapes; (records, data info)."""
+    """Every real-data variant, then `fixed` with the first packed variant's row shape (or the first
+    variant's, when none packs); returns (records, data info). `names` are checked by TrainBenchConfig."""
     import torch
 
     from crossvlm.configs import config_path
     from crossvlm.train.config import load_config
 
     cfg, rt = ctx.cfg, ctx.rt
-    bad = [n for n in names if n not in DATA_VARIANTS]
-    if bad or not names:
-        raise ConfigError(f"unknown data variants {bad}; choose from {list(DATA_VARIANTS)}")
     if max_length is None:
         stage = load_config(config_path(f"{cfg.stage}.yaml"), {"model.init_from": None, "data.sources": [str(ctx.photos)]})
         max_length = stage.data.max_length
@@ -210,7 +208,6 @@ def run_data_variants(ctx, data_path: Path | None, max_length: int | None, names
                 record.update(_run_fixed(ctx, rows, max_length, share), batch_size=rows)
             else:
                 record.update(_run_real(ctx, name, Path(data_path), max_length))
-                record["labelled_share"] = _labelled_share(Path(ctx.tmp) / "runs" / name)
                 if reference is None or (record["packing"] and not reference["packing"]):
                     reference = record  # the first packed variant sets the fixed rows' shape
             rt.print(f"[{cfg.stage}] {name}: {_line(record)}")
@@ -230,13 +227,6 @@ def run_data_variants(ctx, data_path: Path | None, max_length: int | None, names
             r["tokens_vs_fixed"] = r["tokens_per_s"] / fixed["tokens_per_s"]
     return records, {"path": str(data_path), "generated": data_path == ctx.tmp / f"variable_{cfg.stage}.parquet",
                      "max_length": max_length}
-
-
-def _labelled_share(out_dir: Path) -> float:
-    """Labelled tokens over real tokens of a run, from the loader's own accounting in its metrics."""
-    lines = [json.loads(x) for x in (out_dir / "metrics.jsonl").read_text().splitlines() if x.strip()]
-    shares = [m["labelled_share"] for m in lines if "labelled_share" in m]
-    return statistics.median(shares) if shares else 0.5
 
 
 def _line(r: dict) -> str:
