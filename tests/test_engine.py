@@ -91,6 +91,38 @@ def test_a_request_joining_mid_decode_gets_its_tokens_alone(chat):
     assert [r.tokens for r in together] == alone
 
 
+def test_long_prompts_prefilled_in_chunks_beside_running_answers(tiny_vlm_dir, reference):
+    # Prefill at most 16 tokens a step. A one-token request takes slot 0 and leaves; a long answer
+    # decodes in slot 1; then a long prompt is prefilled into slot 0 over several steps, while every
+    # decode step also covers slot 0 (the first two slots): its prefilled keys must stay untouched.
+    chunked = crossvlm.load(tiny_vlm_dir, device="cpu", engine=EngineConfig(slots=2, max_len=512, prefill_tokens=16))
+    try:
+        prompts = [chunked.prompt(m, i) for m, i in (CASES[0], CASES[4], CASES[2])]
+        assert len(prompts[2].input_ids) > 3 * 16
+        budgets = [1, 80, 12]
+        sampling = [SamplingParams(max_new_tokens=n, greedy=True, ignore_eos=True) for n in budgets]
+
+        def third_when_second_decodes(requests):
+            deadline = time.monotonic() + 60
+            while len(requests) == 2 and not (requests[0].done and requests[1].generated >= 2):
+                assert time.monotonic() < deadline
+                time.sleep(0.001)
+
+        requests = _run(chunked, prompts, sampling, start=third_when_second_decodes)
+        assert [r.slot for r in requests] == [None] * 3 and requests[1].generated == 80
+        for request, prompt, n in zip(requests, prompts, budgets):
+            assert request.tokens == _hf_tokens(reference, chunked, prompt, n)
+        assert chunked.engine.stats["prefills"] >= 5
+        # Every layer's keys of the chunked prompt, in slot 0, are those of one uncached forward.
+        ids = torch.tensor([prompts[2].input_ids])
+        with torch.no_grad():
+            cache = reference(ids, prompts[2].pixel_values, use_cache=True).past_key_values
+        for layer, keys in enumerate(chunked.engine.cache.keys):
+            torch.testing.assert_close(keys[0, :, :ids.shape[1]], cache.layers[layer].keys[0], atol=1e-4, rtol=1e-4)
+    finally:
+        chunked.close()
+
+
 def test_cancelled_stream_frees_its_slot_at_once(tiny_vlm_dir):
     one_slot = crossvlm.load(tiny_vlm_dir, device="cpu", engine=EngineConfig(slots=1, max_len=512))
     try:

@@ -17,8 +17,7 @@ requests of that step. The worker itself goes on serving.
 from __future__ import annotations
 
 import threading
-import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -66,7 +65,6 @@ class _Launch:
     requests: list[Request | None]
     tokens: torch.Tensor
     ready: torch.cuda.Event | None = None
-    started: float = field(default_factory=time.perf_counter)
 
 
 class Engine:
@@ -196,6 +194,7 @@ class Engine:
 
     def _admit(self, requests: list[Request]) -> None:
         """Embed the new prompts (their images encoded here, once) and write their sampling settings."""
+        self.runner.park([r.slot for r in requests])
         try:
             self._embed(requests)
         except Exception:  # noqa: BLE001 — find the request that fails alone

@@ -107,6 +107,12 @@ class ModelRunner:
         self.position[done_slots] = starts[rows] + ends + 1
         return self.sampler.sample(logits, done_slots, greedy=greedy, penalty=penalty, min_tokens=min_tokens)
 
+    def park(self, slots: list[int]) -> None:
+        """Point newly taken slots' decode writes at their last position, which no request fills (the
+        budget stops a request one token short of it): until its prompt is prefilled a slot is a hole
+        in decode steps over the first slots, and must not write over prompt keys already in place."""
+        self.position[torch.tensor(slots, device=self.device)] = self.cache.max_len - 1
+
     # -- decode ----------------------------------------------------------------------------------
     def _decode_step(self, rows: int, kv_len: int) -> None:
         """One token for each of the first `rows` slots; logits into `self.logits[:rows]`."""

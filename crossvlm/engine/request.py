@@ -9,7 +9,6 @@ submission; the engine calls it from its own thread.
 
 from __future__ import annotations
 
-import itertools
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -115,7 +114,6 @@ def _partial_suffix(text: str, markers: tuple[str, ...]) -> int:
 
 
 Event = Delta | Completion | BaseException
-_ids = itertools.count()
 
 
 @dataclass(eq=False)
@@ -134,7 +132,6 @@ class Request:
     on_event: Callable[[Event], None]
     thinking: bool = False
     stream: bool = False
-    id: int = field(default_factory=lambda: next(_ids))
     # -- engine state ----------------------------------------------------------------------------
     max_new_tokens: int = 0
     """The budget after the engine clipped it to the slot's length."""

@@ -55,8 +55,10 @@ class Scheduler:
             self.running.append(request)
             admitted.append(request)
         prefill, widest = [], 0
-        pending = sorted((r for r in self.running if r.prefilled < r.prompt_tokens), key=lambda r: r.prompt_tokens)
-        for request in pending:  # shortest first: padding every chunk to the longest wastes least
+        pending = [r for r in self.running if r.prefilled < r.prompt_tokens]
+        # The oldest first (so none starves), then shortest first: padding to the longest wastes least.
+        pending = pending[:1] + sorted(pending[1:], key=lambda r: r.prompt_tokens)
+        for request in pending:
             take = min(request.prompt_tokens - request.prefilled, self.prefill_tokens)
             width = max(widest, take)
             if prefill and (len(prefill) + 1) * width > self.prefill_tokens:

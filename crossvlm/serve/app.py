@@ -14,6 +14,7 @@ import hmac
 import json
 import threading
 import time
+from collections import deque
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -110,10 +111,15 @@ class Job:
 
     async def events(self):
         """Deltas (those that piled up merged into one), then the completion; raises a failure."""
+        pending: deque = deque()
         while True:
-            event = await self.queue.get()
-            while isinstance(event, Delta) and not self.queue.empty() and isinstance(self.queue._queue[0], Delta):
-                more = self.queue.get_nowait()
+            if not pending:
+                pending.append(await self.queue.get())
+            while not self.queue.empty():
+                pending.append(self.queue.get_nowait())
+            event = pending.popleft()
+            while isinstance(event, Delta) and pending and isinstance(pending[0], Delta):
+                more = pending.popleft()
                 event = Delta(event.reasoning + more.reasoning, event.text + more.text)
             if isinstance(event, BaseException):
                 raise event
