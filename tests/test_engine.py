@@ -113,6 +113,13 @@ def test_long_prompts_prefilled_in_chunks_beside_running_answers(tiny_vlm_dir, r
         for request, prompt, n in zip(requests, prompts, budgets):
             assert request.tokens == _hf_tokens(reference, chunked, prompt, n)
         assert chunked.engine.stats["prefills"] >= 5
+        # Sampled with a seed and a repetition penalty: the same tokens as alone, though the decode steps
+        # ran over its slot while its prompt went in.
+        seeded = SamplingParams(max_new_tokens=12, temperature=1.0, top_k=0, top_p=1.0, seed=5,
+                                repetition_penalty=1.3, ignore_eos=True)
+        alone = _run(chunked, prompts[2:], [seeded])[0].tokens
+        beside = _run(chunked, prompts, [*sampling[:2], seeded], start=third_when_second_decodes)[2].tokens
+        assert beside == alone
         # Every layer's keys of the chunked prompt, in slot 0, are those of one uncached forward.
         ids = torch.tensor([prompts[2].input_ids])
         with torch.no_grad():
@@ -168,7 +175,8 @@ def test_sampler_settings_per_row():
     logits[:, 3] = 9.0
     params = [SamplingParams(greedy=True), SamplingParams(greedy=True, min_tokens=2),
               SamplingParams(temperature=1.0, top_k=1, seed=1), SamplingParams(temperature=1.0, top_k=1, min_tokens=1)]
-    sampler.admit([0, 1, 2, 3], params, [[1], [1], [1], [1]])
+    sampler.admit([0, 1, 2, 3], params)
+    sampler.begin([0, 1, 2, 3], [[1], [1], [1], [1]], penalty=False)
     slots = torch.arange(4)
     first = sampler.sample(logits, slots, greedy=False, penalty=False, min_tokens=True).tolist()
     assert first == [eos, 3, eos, 3]  # min_tokens holds back the end of turn; top-k 1 is greedy

@@ -205,7 +205,7 @@ class Engine:
                     self._fail(request, err)
         live = [r for r in requests if not r.done]
         if live:
-            self.sampler.admit([r.slot for r in live], [r.sampling for r in live], [r.input_ids for r in live])
+            self.sampler.admit([r.slot for r in live], [r.sampling for r in live])
 
     def _embed(self, requests: list[Request]) -> None:
         images = [r.pixel_values for r in requests if r.pixel_values is not None]
@@ -218,6 +218,9 @@ class Engine:
         if not work:
             return []
         chunks = [Chunk(r.slot, start, r.embeds[start:end], end == r.prompt_tokens) for r, start, end in work]
+        ending = [r for r, _, end in work if end == r.prompt_tokens]
+        if ending:
+            self.sampler.begin([r.slot for r in ending], [r.input_ids for r in ending], self._kinds(ending)["penalty"])
         try:
             tokens = self.runner.prefill(chunks, **self._kinds([r for r, _, _ in work]))
         except Exception as err:  # noqa: BLE001

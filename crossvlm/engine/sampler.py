@@ -49,18 +49,25 @@ class Sampler:
         self.is_eos[sorted(eos_ids)] = True
         self.device, self.vocab = device, vocab
 
-    def admit(self, slots: list[int], params: list[SamplingParams], prompts: list[list[int]]) -> None:
+    def admit(self, slots: list[int], params: list[SamplingParams]) -> None:
         """Write the settings of newly admitted requests into their slots (one copy per kind)."""
         idx = torch.tensor(slots, device=self.device)
         floats = torch.tensor([[0.0 if p.is_greedy else p.temperature, p.top_p, p.repetition_penalty]
                                for p in params], device=self.device)
-        ints = torch.tensor([[p.top_k, random.getrandbits(31) if p.seed is None else p.seed, p.min_tokens, 0]
+        ints = torch.tensor([[p.top_k, random.getrandbits(31) if p.seed is None else p.seed, p.min_tokens]
                              for p in params], device=self.device)
         for target, column in ((self.temperature, floats[:, 0]), (self.top_p, floats[:, 1]),
                                (self.penalty, floats[:, 2]), (self.top_k, ints[:, 0]), (self.seed, ints[:, 1]),
-                               (self.min_tokens, ints[:, 2]), (self.generated, ints[:, 3])):
+                               (self.min_tokens, ints[:, 2])):
             target.index_copy_(0, idx, column)
-        if any(p.repetition_penalty != 1.0 for p in params):
+
+    def begin(self, slots: list[int], prompts: list[list[int]], penalty: bool) -> None:
+        """Zero the token counts (and, for a repetition penalty, mark the prompt's tokens seen) of requests
+        whose first token is about to be sampled. Not at admission: until then a slot is a hole row of
+        the decode steps, which count and mark for it."""
+        idx = torch.tensor(slots, device=self.device)
+        self.generated[idx] = 0
+        if penalty:
             self.seen[idx] = False
             for slot, ids in zip(slots, prompts):
                 self.seen[slot, torch.tensor(ids, device=self.device)] = True
