@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 
 from crossvlm.engine.cache import Plan, SlotCache
-from crossvlm.engine.sampler import Sampler
+from crossvlm.engine.sampler import Sampler, to_device
 from crossvlm.model.modeling import _CACHE_KWARG
 
 
@@ -77,8 +77,8 @@ class ModelRunner:
         for i, p in enumerate(prompts):
             ids[i, :len(p)] = torch.tensor(p)
         self.model.check_image_tokens(ids, 0 if pixel_values is None else pixel_values.shape[0])  # on the host
-        pixels = None if pixel_values is None else pixel_values.to(self.device)
-        embeds = self.model.embed(ids.to(self.device), pixels)  # (n, T, D)
+        pixels = None if pixel_values is None else to_device(pixel_values, self.device)
+        embeds = self.model.embed(to_device(ids, self.device), pixels)  # (n, T, D)
         return [embeds[i, :len(p)] for i, p in enumerate(prompts)]
 
     @torch.inference_mode()
@@ -88,20 +88,20 @@ class ModelRunner:
         embeds = torch.zeros(n, longest, chunks[0].embeds.shape[-1], dtype=self.dtype, device=self.device)
         for i, c in enumerate(chunks):
             embeds[i, :len(c.embeds)] = c.embeds
-        starts = torch.tensor([c.start for c in chunks], device=self.device)  # (n,)
+        starts = to_device([c.start for c in chunks], self.device)  # (n,)
         positions = starts[:, None] + torch.arange(longest, device=self.device)  # (n, T)
         # Keys read: up to the longest row's end, rounded up to 64 (aligned for the fused attention kernels).
         kv_len = min(-(-max(c.start + len(c.embeds) for c in chunks) // 64) * 64, self.cache.max_len)
         # Query t of row i sees keys 0 … start_i + t; padding queries write beyond the row's prompt (harmless).
         mask = torch.arange(kv_len, device=self.device)[None, None, :] <= positions[:, :, None]  # (n, T, K)
-        slots = torch.tensor([c.slot for c in chunks], device=self.device)
+        slots = to_device([c.slot for c in chunks], self.device)
         self.cache.plan = Plan(positions.clamp(max=self.cache.max_len - 1), kv_len, slots=slots)
         hidden = self._decoder(embeds, positions, mask[:, None])  # (n, T, D)
         last = [i for i, c in enumerate(chunks) if c.last]
         if not last:
             return None
-        ends = torch.tensor([len(chunks[i].embeds) - 1 for i in last], device=self.device)
-        rows = torch.tensor(last, device=self.device)
+        ends = to_device([len(chunks[i].embeds) - 1 for i in last], self.device)
+        rows = to_device(last, self.device)
         logits = self.llm.lm_head(hidden[rows, ends])  # (m, V)
         done_slots = slots[rows]
         self.position[done_slots] = starts[rows] + ends + 1
@@ -111,7 +111,7 @@ class ModelRunner:
         """Point newly taken slots' decode writes at their last position, which no request fills (the
         budget stops a request one token short of it): until its prompt is prefilled a slot is a hole
         in decode steps over the first slots, and must not write over prompt keys already in place."""
-        self.position[torch.tensor(slots, device=self.device)] = self.cache.max_len - 1
+        self.position[to_device(slots, self.device)] = self.cache.max_len - 1
 
     # -- decode ----------------------------------------------------------------------------------
     def _decode_step(self, rows: int, kv_len: int) -> None:

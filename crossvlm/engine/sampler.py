@@ -19,6 +19,15 @@ from crossvlm.engine.request import SamplingParams
 _M32 = 0xFFFFFFFF
 
 
+def to_device(values, device: torch.device, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """A host list or tensor on the device without a sync: a copy from pageable memory would wait
+    for every step already queued on the GPU, so the host could no longer run ahead of it."""
+    host = values if isinstance(values, torch.Tensor) else torch.tensor(values, dtype=dtype)
+    if device.type != "cuda":
+        return host
+    return host.pin_memory().to(device, non_blocking=True)
+
+
 def _mix(x: torch.Tensor) -> torch.Tensor:
     """A 32-bit integer hash (in int64, so products never overflow)."""
     x = ((x ^ (x >> 16)) * 0x45D9F3B) & _M32
@@ -51,11 +60,11 @@ class Sampler:
 
     def admit(self, slots: list[int], params: list[SamplingParams]) -> None:
         """Write the settings of newly admitted requests into their slots (one copy per kind)."""
-        idx = torch.tensor(slots, device=self.device)
-        floats = torch.tensor([[0.0 if p.is_greedy else p.temperature, p.top_p, p.repetition_penalty]
-                               for p in params], device=self.device)
-        ints = torch.tensor([[p.top_k, random.getrandbits(31) if p.seed is None else p.seed, p.min_tokens]
-                             for p in params], device=self.device)
+        idx = to_device(slots, self.device)
+        floats = to_device([[0.0 if p.is_greedy else p.temperature, p.top_p, p.repetition_penalty]
+                            for p in params], self.device, torch.float32)
+        ints = to_device([[p.top_k, random.getrandbits(31) if p.seed is None else p.seed, p.min_tokens]
+                          for p in params], self.device, torch.int64)
         for target, column in ((self.temperature, floats[:, 0]), (self.top_p, floats[:, 1]),
                                (self.penalty, floats[:, 2]), (self.top_k, ints[:, 0]), (self.seed, ints[:, 1]),
                                (self.min_tokens, ints[:, 2])):
@@ -65,12 +74,12 @@ class Sampler:
         """Zero the token counts (and, for a repetition penalty, mark the prompt's tokens seen) of requests
         whose first token is about to be sampled. Not at admission: until then a slot is a hole row of
         the decode steps, which count and mark for it."""
-        idx = torch.tensor(slots, device=self.device)
+        idx = to_device(slots, self.device)
         self.generated[idx] = 0
         if penalty:
             self.seen[idx] = False
             for slot, ids in zip(slots, prompts):
-                self.seen[slot, torch.tensor(ids, device=self.device)] = True
+                self.seen[slot, to_device(ids, self.device)] = True
 
     def sample(self, logits: torch.Tensor, slots: torch.Tensor, *, greedy: bool, penalty: bool,
                min_tokens: bool) -> torch.Tensor:
