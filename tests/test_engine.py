@@ -203,10 +203,26 @@ def test_ignore_eos_and_min_tokens_in_the_request(chat):
         assert request.generated == 4
 
 
+@pytest.mark.slow
+def test_compiled_decode_step_gives_the_same_tokens(tiny_vlm_dir, reference):
+    """`EngineConfig.compile`: the decode step fused by torch.compile (here on the CPU, without graphs)."""
+    compiled = crossvlm.load(tiny_vlm_dir, device="cpu", engine=EngineConfig(slots=4, max_len=512, compile=True))
+    try:
+        prompts = [compiled.prompt(m, i) for m, i in CASES[:3]]
+        budgets = [12, 7, 9]
+        sampling = [SamplingParams(max_new_tokens=n, greedy=True, ignore_eos=True) for n in budgets]
+        for request, prompt, n in zip(_run(compiled, prompts, sampling), prompts, budgets):
+            assert request.tokens == _hf_tokens(reference, compiled, prompt, n)
+    finally:
+        compiled.close()
+
+
 @pytest.mark.gpu
-def test_greedy_equals_generate_on_cuda_with_graphs(tiny_vlm_dir):
+@pytest.mark.parametrize("compile", [False, True], ids=["eager-step", "compiled-step"])
+def test_greedy_equals_generate_on_cuda_with_graphs(tiny_vlm_dir, compile):
     """The decode step replayed as CUDA graphs (every batch and length rung) gives generate()'s tokens."""
-    chat = crossvlm.load(tiny_vlm_dir, device="cuda", dtype=torch.float32, engine=EngineConfig(slots=4, max_len=512))
+    chat = crossvlm.load(tiny_vlm_dir, device="cuda", dtype=torch.float32,
+                         engine=EngineConfig(slots=4, max_len=512, compile=compile))
     reference = CrossVLM.from_pretrained(str(tiny_vlm_dir), dtype=torch.float32).cuda().eval()
     try:
         prompts = [chat.prompt(m, i) for m, i in CASES]

@@ -56,6 +56,8 @@ class ServeBenchConfig:
     slots: int | None = None
     """The engine's slots (default: the largest concurrency)."""
     client_processes: int = 4
+    compile: bool = False
+    """Start the engines with `compile` (the decode step fused by torch.compile)."""
     jpeg_size: tuple[int, int] = (640, 480)
     seed: int = 0
 
@@ -134,10 +136,10 @@ def summarise(records: list[dict], seconds: float) -> dict:
 class Server:
     """`crossvlm serve` in a subprocess on a free loopback port."""
 
-    def __init__(self, model_dir: Path, slots: int, max_len: int, waiting: int):
+    def __init__(self, model_dir: Path, slots: int, max_len: int, waiting: int, compile: bool):
         command = [sys.executable, "-m", "crossvlm.cli", "serve", "--model", str(model_dir), "--host", "127.0.0.1",
                    "--port", "0", "--slots", str(slots), "--max-len", str(max_len), "--max-waiting", str(waiting),
-                   "--max-image-pixels", "100000000", "--log-level", "warning"]
+                   "--max-image-pixels", "100000000", "--log-level", "warning"] + (["--compile"] if compile else [])
         self.process = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
         line = self.process.stdout.readline()
         if " on http://" not in line:
@@ -242,7 +244,7 @@ def run_serve_bench(cfg: ServeBenchConfig) -> dict:
 
         say("[serve] starting crossvlm serve ...")
         start = time.perf_counter()
-        server = Server(model_dir, slots, cfg.max_len, waiting=max(len(long), len(short)))
+        server = Server(model_dir, slots, cfg.max_len, waiting=max(len(long), len(short)), compile=cfg.compile)
         pool = multiprocessing.get_context("spawn").Pool(cfg.client_processes)  # clients apart from the server
         try:
             drive(pool, cfg.client_processes, server.url, long[:1], 1)  # the first request warms the server and the client processes
@@ -262,7 +264,8 @@ def run_serve_bench(cfg: ServeBenchConfig) -> dict:
             pool.terminate()
             server.close()
 
-        chat = ChatModel.load(model_dir, device=device.type, engine=EngineConfig(slots=slots, max_len=cfg.max_len))
+        chat = ChatModel.load(model_dir, device=device.type, engine=EngineConfig(slots=slots, max_len=cfg.max_len,
+                                                                               compile=cfg.compile))
         offline(chat, long[:1])  # warm: graphs recorded here
         for name, works in (("long", long), ("short", short)):
             if works:

@@ -51,6 +51,8 @@ def add_engine_args(g) -> None:
                    "(default: 256 on a GPU if memory allows, 8 on a CPU)")
     g.add_argument("--max-len", type=int, help="tokens per slot: the longest prompt + answer "
                    "(default: the model's context, at most 4096)")
+    g.add_argument("--compile", action="store_true", help="fuse the decode step with torch.compile before "
+                   "recording its CUDA graphs (minutes more at start-up; see docs/PERFORMANCE.md)")
 
 
 def engine_config(args: argparse.Namespace):
@@ -61,7 +63,7 @@ def engine_config(args: argparse.Namespace):
         value = getattr(args, name)
         if value is not None and value < 1:
             raise ConfigError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
-    return EngineConfig(slots=args.slots, max_len=args.max_len)
+    return EngineConfig(slots=args.slots, max_len=args.max_len, compile=args.compile)
 
 
 def _bind(host: str, port: int) -> socket.socket:

@@ -50,6 +50,9 @@ class EngineConfig:
     """Most (padded) prompt tokens prefilled in one step; longer prompts are prefilled in chunks."""
     graphs: bool | None = None
     """Replay the decode step as CUDA graphs (default: on a GPU)."""
+    compile: bool = False
+    """Fuse the decode step with `torch.compile` (Inductor) before recording its graphs: minutes more at
+    start-up. The lever docs/PERFORMANCE.md names for batch-1 speed; not yet measured on a GPU."""
     memory_fraction: float = 0.6
     """Share of the free device memory the KV cache may take when `slots` is not given."""
 
@@ -83,7 +86,7 @@ class Engine:
         self.cache = SlotCache(text, slots, self.max_len, model.llm.dtype, device)
         self.sampler = Sampler(slots, text.vocab_size, sorted(eos_ids), device)
         graphs = device.type == "cuda" if cfg.graphs is None else cfg.graphs
-        self.runner = ModelRunner(model, self.cache, self.sampler, graphs)
+        self.runner = ModelRunner(model, self.cache, self.sampler, graphs, cfg.compile)
         self.scheduler = Scheduler(self.cache, cfg.prefill_tokens)
         self.device = device
         self._lock = threading.Condition()

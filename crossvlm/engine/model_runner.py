@@ -47,7 +47,8 @@ def ladder(top: int, first: int) -> list[int]:
 
 
 class ModelRunner:
-    def __init__(self, model, cache: SlotCache, sampler: Sampler, graphs: bool, kv_step: int = 256):
+    def __init__(self, model, cache: SlotCache, sampler: Sampler, graphs: bool, compile: bool = False,
+                 kv_step: int = 256):
         self.model, self.llm, self.cache, self.sampler = model, model.llm, cache, sampler
         self.device = next(model.llm.parameters()).device
         self.dtype = model.llm.dtype
@@ -57,6 +58,9 @@ class ModelRunner:
         self.logits = torch.zeros(cache.slots, model.config.text_config.vocab_size, dtype=self.dtype,
                                   device=self.device)  # the decode step's output
         self.graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
+        # Compiled, the step's many small kernels (RMSNorm pieces, rotary, residual adds) fuse; the batch
+        # and key length stay symbolic, so the rungs share a few compilations.
+        self._step = torch.compile(self._decode_step, dynamic=True) if compile else self._decode_step
         if graphs:
             self.capture()
 
@@ -136,7 +140,7 @@ class ModelRunner:
         if graph is not None:
             graph.replay()
         else:
-            self._decode_step(rows, kv_len)
+            self._step(rows, kv_len)
         slots = torch.arange(rows, device=self.device)
         return self.sampler.sample(self.logits[:rows], slots, greedy=greedy, penalty=penalty, min_tokens=min_tokens)
 
@@ -152,10 +156,10 @@ class ModelRunner:
         pool = None
         for rows in reversed(self.batch_ladder):
             for kv_len in reversed(self.kv_ladder):
-                self._decode_step(rows, kv_len)  # warm up this shape outside the graph
+                self._step(rows, kv_len)  # warm up (and compile) this shape outside the graph
                 graph = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(graph, pool=pool):
-                    self._decode_step(rows, kv_len)
+                    self._step(rows, kv_len)
                 pool = graph.pool()
                 self.graphs[(rows, kv_len)] = graph
         torch.cuda.synchronize(self.device)
