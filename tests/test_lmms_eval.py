@@ -14,7 +14,7 @@ from lmms_eval.api.instance import Instance
 
 from crossvlm.cli import main
 from crossvlm.inference import ChatModel, SamplingParams
-from crossvlm.integrations.lmms_eval.model import CrossVLMLmms
+from crossvlm.integrations.lmms_eval.model import CrossVLMLmms, sampling_from_gen_kwargs
 from crossvlm.integrations.lmms_eval.tasks import task_yaml
 from serving import shapes_image
 
@@ -73,9 +73,19 @@ def test_generate_until_batches_and_answers_as_crossvlm_does(tiny_vlm_dir, chat,
     assert len(set(answers)) > 1  # the prompts are told apart
 
 
+def test_task_generation_kwargs_map_onto_crossvlm_sampling():
+    mme = sampling_from_gen_kwargs({"max_new_tokens": 16, "temperature": 0, "top_p": 1.0, "num_beams": 1,
+                                    "do_sample": False, "until": ["ASSISTANT:"]}, 256)
+    assert (mme.is_greedy, mme.max_new_tokens, mme.stop) == (True, 16, ("ASSISTANT:",))
+    sampled = sampling_from_gen_kwargs({"temperature": 0.7, "do_sample": True, "top_p": 0.9, "until": "END"}, 32)
+    assert (sampled.is_greedy, sampled.temperature, sampled.top_p, sampled.top_k, sampled.max_new_tokens,
+            sampled.stop) == (False, 0.7, 0.9, 0, 32, ("END",))
+    assert sampling_from_gen_kwargs({"temperature": 0.7}, 8).is_greedy  # sampling only when asked for
+
+
 def test_bad_requests_and_arguments_say_what_is_wrong(tiny_vlm_dir, tmp_path):
-    with pytest.raises(ValueError, match="unknown crossvlm model_args: colour"):
-        CrossVLMLmms(pretrained=str(tiny_vlm_dir), device="cpu", colour="red")
+    with pytest.raises(ValueError, match="unknown crossvlm model_args: colour.*batch_size must be .* got 'auto'"):
+        CrossVLMLmms(pretrained=str(tiny_vlm_dir), device="cpu", colour="red", batch_size="auto")
     model = CrossVLMLmms(pretrained=str(tiny_vlm_dir), device="cpu")
     shapes_image(0).save(tmp_path / "a.png")
     two_marks = _doc(tmp_path / "a.png", "<image><image>\ncompare")

@@ -60,11 +60,21 @@ class CrossVLMLmms(lmms):
     is_simple = True
 
     def __init__(self, pretrained: str, device: str = "auto", batch_size: int | str = 8,
-                 max_new_tokens: int | str = 256, thinking: bool | str = False, **unknown) -> None:
+                 max_new_tokens: int | str = 256, thinking: bool | str = False,
+                 max_batch_size: int | None = None, **unknown) -> None:
         super().__init__()
+        problems = []
         if unknown:
-            raise ValueError(f"unknown crossvlm model_args: {', '.join(sorted(unknown))} (known: pretrained, "
-                             "device, batch_size, max_new_tokens, thinking)")
+            problems.append(f"unknown crossvlm model_args: {', '.join(sorted(unknown))} (known: pretrained, "
+                            "device, batch_size, max_new_tokens, thinking)")
+        if not str(batch_size).isdigit() or int(batch_size) < 1:
+            problems.append(f"batch_size must be a whole number >= 1, got {batch_size!r} (no automatic sizing)")
+        if not str(max_new_tokens).isdigit() or int(max_new_tokens) < 1:
+            problems.append(f"max_new_tokens must be a whole number >= 1, got {max_new_tokens!r}")
+        if max_batch_size is not None:
+            problems.append("--max_batch_size is not supported: crossvlm generates batch_size prompts at a time")
+        if problems:
+            raise ValueError("; ".join(problems))
         self.chat = load(pretrained, device=device)
         self.batch_size = int(batch_size)
         self.max_new_tokens = int(max_new_tokens)
