@@ -10,13 +10,16 @@ import sys
 from pathlib import Path
 
 import pytest
-from lmms_eval.api.instance import Instance
 
-from crossvlm.cli import main
-from crossvlm.inference import ChatModel, SamplingParams
-from crossvlm.integrations.lmms_eval.model import CrossVLMLmms, sampling_from_gen_kwargs
-from crossvlm.integrations.lmms_eval.tasks import task_yaml
-from serving import shapes_image
+pytest.importorskip("lmms_eval", reason="lmms-eval is not installed (.ci/run installs it; see docs/EVALUATION.md)")
+
+from lmms_eval.api.instance import Instance  # noqa: E402
+
+from crossvlm.cli import main  # noqa: E402
+from crossvlm.inference import ChatModel, SamplingParams  # noqa: E402
+from crossvlm.integrations.lmms_eval.model import CrossVLMLmms, sampling_from_gen_kwargs  # noqa: E402
+from crossvlm.integrations.lmms_eval.tasks import task_yaml  # noqa: E402
+from serving import shapes_image  # noqa: E402
 
 TASK = "crossvlm_local"
 
@@ -42,8 +45,13 @@ def _doc(image: Path, question: str, answer: str = "x") -> dict:
 
 
 def test_entry_point_registers_the_model():
+    from importlib.metadata import entry_points
+
     from lmms_eval.models import get_model
 
+    registered = {ep.name: ep.value for ep in entry_points(group="lmms_eval.models")}
+    assert registered.get("crossvlm") == "crossvlm.integrations.lmms_eval:manifest", \
+        "install this checkout (pip install -e .) so its lmms_eval.models entry point is registered"
     assert get_model("crossvlm") is CrossVLMLmms
 
 
