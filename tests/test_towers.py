@@ -54,7 +54,11 @@ def test_tower_class_comes_from_the_directory_config(base):
     model = _build(base_dir)
     assert type(model.vision).__name__ == CLASSES[tower]
     # CLIP's sequence starts with a CLS token, dropped; SigLIP has none: 16×16 patches reach the projector.
-    assert model.vision_features(_pixels()).shape == (2, 256, 64) == (2, model.config.num_patches, 64)
+    features = model.vision_features(_pixels())
+    assert features.shape == (2, 256, 64) == (2, model.config.num_patches, 64)
+    # Frozen by default: eval mode, no gradients, and no autograd graph through it even in training.
+    assert not model.train().vision.training and not any(p.requires_grad for p in model.vision.parameters())
+    assert features.grad_fn is None and model.vision_features(_pixels()).grad_fn is None
 
 
 @pytest.mark.parametrize("change", ["missing", "extra"])
