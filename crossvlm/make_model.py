@@ -1,9 +1,11 @@
 """Randomly initialised base models written to disk in Hugging Face format.
 
-`write_random_models(out, preset)` writes `out/llm` (a `Qwen3ForCausalLM` plus a tokenizer) and
-`out/vision` (a `CLIPVisionModel` plus its image processor). Tests, the CPU demo and the benchmarks
-load these through exactly the code path used for `Qwen/Qwen3-0.6B` and
-`openai/clip-vit-base-patch16`; nothing is downloaded.
+`write_random_models(out, preset, tower=...)` writes `out/llm` (a `Qwen3ForCausalLM` plus a
+tokenizer) and `out/vision` (a vision tower plus its image processor, laid out like the checkpoint
+it stands for: `clip` a `CLIPVisionModel` like openai/clip-vit-base-patch16's vision part, `siglip`
+a `SiglipVisionModel` with google/siglip-*'s image processor, `siglip2` a full `SiglipModel`
+image-text checkpoint as google/siglip2-base-patch16-224 ships). Tests, the CPU demo and the
+benchmarks load these through exactly the code path used for the real ones; nothing is downloaded.
 
 The tokenizer is a small byte-level BPE trained here on a built-in word list, with the Qwen3
 pre-tokenizer, Qwen3's special tokens and a Qwen3-style chat template, saved as the same
@@ -124,6 +126,8 @@ PRESETS["demo"] = replace(PRESETS["tiny"], vision={**PRESETS["tiny"].vision, "pa
 
 CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
 CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
+TOWERS = ("clip", "siglip", "siglip2")
+"""Vision towers `write_random_models` can write (see the module docstring)."""
 
 
 def _corpus(seed: int) -> list[str]:
@@ -165,13 +169,15 @@ def build_tokenizer(bpe_vocab: int = 700, seed: int = 0):
     return tok
 
 
-def write_random_models(out: Path, preset: str = "tiny", seed: int = 0) -> tuple[Path, Path]:
+def write_random_models(out: Path, preset: str = "tiny", seed: int = 0, tower: str = "clip") -> tuple[Path, Path]:
     """Write `out/llm` and `out/vision`, randomly initialised; returns both paths."""
     import torch
-    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel, Qwen3Config, Qwen3ForCausalLM
+    from transformers import Qwen3Config, Qwen3ForCausalLM
 
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
+    if tower not in TOWERS:
+        raise ValueError(f"unknown vision tower {tower!r}; choose one of {TOWERS}")
     spec = PRESETS[preset]
     out = Path(out)
     llm_dir, vision_dir = out / "llm", out / "vision"
@@ -190,19 +196,40 @@ def write_random_models(out: Path, preset: str = "tiny", seed: int = 0) -> tuple
     llm.generation_config.pad_token_id = llm_cfg.pad_token_id
     llm.save_pretrained(llm_dir)
     tok.save_pretrained(llm_dir)
-
-    vision_cfg = CLIPVisionConfig(image_size=spec.image_size, hidden_act="quick_gelu", **spec.vision)
-    CLIPVisionModel(vision_cfg).save_pretrained(vision_dir)
-    CLIPImageProcessor(
-        size={"shortest_edge": spec.image_size},
-        crop_size={"height": spec.image_size, "width": spec.image_size},
-        image_mean=CLIP_MEAN, image_std=CLIP_STD,
-    ).save_pretrained(vision_dir)
+    _write_vision(vision_dir, spec, tower)
     return llm_dir, vision_dir
+
+
+def _write_vision(vision_dir: Path, spec: Preset, tower: str) -> None:
+    from PIL.Image import Resampling
+    from transformers import (CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel, SiglipConfig,
+                              SiglipImageProcessor, SiglipModel, SiglipVisionConfig, SiglipVisionModel)
+
+    size = spec.image_size
+    if tower == "clip":
+        CLIPVisionModel(CLIPVisionConfig(image_size=size, hidden_act="quick_gelu", **spec.vision)).save_pretrained(vision_dir)
+        CLIPImageProcessor(
+            size={"shortest_edge": size}, crop_size={"height": size, "width": size},
+            image_mean=CLIP_MEAN, image_std=CLIP_STD,
+        ).save_pretrained(vision_dir)
+        return
+    shapes = {k: v for k, v in spec.vision.items() if k != "projection_dim"}  # CLIP's alone
+    vision_cfg = SiglipVisionConfig(image_size=size, **shapes)
+    if tower == "siglip":  # a vision-only copy; google/siglip-*'s processor resizes bicubically
+        SiglipVisionModel(vision_cfg).save_pretrained(vision_dir)
+        resample = Resampling.BICUBIC
+    else:  # google/siglip2-*-224 and friends: a SiglipModel (image + text towers), bilinear resizing
+        text = dict(hidden_size=shapes["hidden_size"], intermediate_size=shapes["intermediate_size"],
+                    num_hidden_layers=1, num_attention_heads=shapes["num_attention_heads"], vocab_size=256,
+                    pad_token_id=0, eos_token_id=1, bos_token_id=2)  # Gemma's ids, as SigLIP 2 has
+        SiglipModel(SiglipConfig(text_config=text, vision_config=vision_cfg.to_dict())).save_pretrained(vision_dir)
+        resample = Resampling.BILINEAR
+    SiglipImageProcessor(size={"height": size, "width": size}, resample=resample,
+                         image_mean=[0.5] * 3, image_std=[0.5] * 3).save_pretrained(vision_dir)
 
 
 def _round_up(n: int, multiple: int) -> int:
     return -(-n // multiple) * multiple
 
 
-__all__ = ["PRESETS", "QWEN3_CHAT_TEMPLATE", "build_tokenizer", "write_random_models"]
+__all__ = ["PRESETS", "QWEN3_CHAT_TEMPLATE", "TOWERS", "build_tokenizer", "write_random_models"]

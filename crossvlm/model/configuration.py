@@ -7,6 +7,7 @@ import math
 from transformers import CLIPVisionConfig, PretrainedConfig, Qwen3Config
 
 from crossvlm.errors import ConfigError
+from crossvlm.model.vision import tower_kind
 
 PROJECTOR_TYPES = ("cross_attn", "mlp")
 LOCALITIES = ("gaussian", "cell", "none")
@@ -24,7 +25,8 @@ class CrossVLMConfig(PretrainedConfig):
 
     Args:
         text_config: the `Qwen3Config` (or its dict) of the language model.
-        vision_config: the `CLIPVisionConfig` (or its dict) of the vision tower.
+        vision_config: the vision tower's config (or its dict): a `CLIPVisionConfig` or a
+            `SiglipVisionConfig`, told apart by its `model_type` (a dict without one is CLIP's).
         projector_type: "cross_attn" (learned queries, M tokens per image) or "mlp"
             (LLaVA / MiniMind-V baseline, one token per patch).
         num_queries: M, the number of visual tokens per image for "cross_attn"; a square number
@@ -48,7 +50,7 @@ class CrossVLMConfig(PretrainedConfig):
         projector_output_scale: the projector's output starts at this multiple of the LLM's
             token-embedding std (1: the embeddings' own scale).
         vision_feature_layer: which hidden state of the vision tower feeds the projector
-            (-2 = penultimate); the CLS token is always dropped.
+            (-2 = penultimate); CLIP's CLS token is always dropped (SigLIP has none).
         freeze_vision: keep the vision tower frozen and in eval mode.
         image_token_id / vision_start_token_id / vision_end_token_id: ids read from the tokenizer
             when the model is built; stored so a saved model needs only its directory.
@@ -60,7 +62,7 @@ class CrossVLMConfig(PretrainedConfig):
     def __init__(
         self,
         text_config: dict | Qwen3Config | None = None,
-        vision_config: dict | CLIPVisionConfig | None = None,
+        vision_config: dict | PretrainedConfig | None = None,
         projector_type: str = "cross_attn",
         num_queries: int = 64,
         projector_layers: int = 2,
@@ -83,7 +85,8 @@ class CrossVLMConfig(PretrainedConfig):
         if isinstance(text_config, dict):
             text_config = Qwen3Config(**{k: v for k, v in text_config.items() if k != "model_type"})
         if isinstance(vision_config, dict):
-            vision_config = CLIPVisionConfig(**{k: v for k, v in vision_config.items() if k != "model_type"})
+            _, config_class = tower_kind(vision_config.get("model_type")).classes()
+            vision_config = config_class(**{k: v for k, v in vision_config.items() if k != "model_type"})
         self.text_config = text_config if text_config is not None else Qwen3Config()
         self.vision_config = vision_config if vision_config is not None else CLIPVisionConfig()
         self.projector_type = projector_type
@@ -112,6 +115,7 @@ class CrossVLMConfig(PretrainedConfig):
     # -- derived shapes -------------------------------------------------------------------------
     @property
     def num_patches(self) -> int:
+        """Patch features per image the projector reads, a square grid (CLIP's CLS token excluded)."""
         return (self.vision_config.image_size // self.vision_config.patch_size) ** 2
 
     @property

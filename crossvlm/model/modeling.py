@@ -1,4 +1,4 @@
-"""`CrossVLM`: a CLIP vision tower, a projector and a stock Qwen3ForCausalLM, held by composition.
+"""`CrossVLM`: a vision tower (CLIP or SigLIP), a projector and a stock Qwen3ForCausalLM, held by composition.
 
 The LLM's modules are never patched. Visual tokens replace the `<|image_pad|>` positions of the
 token embeddings (`masked_scatter`) at prefill; everything after that is the LLM's own forward. In
@@ -15,23 +15,19 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import CLIPVisionModel, PreTrainedModel, Qwen3ForCausalLM, Qwen3Model
+from transformers import PretrainedConfig, PreTrainedModel, Qwen3ForCausalLM, Qwen3Model
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from crossvlm.errors import ImageTokenMismatch, ModelLoadError
 from crossvlm.model.configuration import CrossVLMConfig
 from crossvlm.model.packing import packed_attention_kwargs
 from crossvlm.model.projector import CrossAttentionProjector, MLPProjector
-from crossvlm.model.vision import cut_tower, dropped_prefixes
+from crossvlm.model.vision import cut_tower, dropped_prefixes, kind_of, tower_kind
 
 IGNORE_INDEX = -100
 
 # transformers renamed the decoder's cache argument (`past_key_values` -> `cache`) within 5.x.
 _CACHE_KWARG = "cache" if "cache" in inspect.signature(Qwen3Model.forward).parameters else "past_key_values"
-
-# A CLIP checkpoint (e.g. openai/clip-vit-base-patch16) also holds the text tower; loading only the
-# vision tower from it leaves these unused, which is expected. Anything else unexpected is an error.
-_OTHER_CLIP_PARTS = ("text_model.", "text_projection.", "visual_projection.", "logit_scale")
 
 
 def _check_loading_info(info: dict, source: str, allowed_unexpected: tuple[str, ...] = ()) -> None:
@@ -62,13 +58,21 @@ def load_llm(name_or_path: str | Path, dtype: torch.dtype | None = None) -> Qwen
     return llm
 
 
-def load_vision(name_or_path: str | Path, dtype: torch.dtype | None = None) -> CLIPVisionModel:
-    """Load a CLIPVisionModel from a hub id or a local directory (a full CLIP checkpoint works too)."""
+def load_vision(name_or_path: str | Path, dtype: torch.dtype | None = None) -> PreTrainedModel:
+    """Load a vision tower from a hub id or a local directory, every key matched; its class (CLIP or
+    SigLIP) is the one its config.json names (see crossvlm.model.vision).
+
+    A full image-text checkpoint (openai/clip-vit-base-patch16, google/siglip-base-patch16-224)
+    works too: its text tower's keys are the only ones allowed to go unused.
+    """
     try:
-        vision, info = CLIPVisionModel.from_pretrained(str(name_or_path), dtype=dtype, output_loading_info=True)
+        config, _ = PretrainedConfig.get_config_dict(str(name_or_path))
+        kind = tower_kind(config.get("model_type"), f"the vision tower at {name_or_path}")
+        model_class, _ = kind.classes()
+        vision, info = model_class.from_pretrained(str(name_or_path), dtype=dtype, output_loading_info=True)
     except OSError as err:
         raise ModelLoadError(f"cannot load the vision tower from {name_or_path}: {err}") from err
-    _check_loading_info(info, str(name_or_path), allowed_unexpected=_OTHER_CLIP_PARTS)
+    _check_loading_info(info, str(name_or_path), allowed_unexpected=kind.other_parts)
     return vision
 
 
@@ -91,12 +95,14 @@ class CrossVLM(PreTrainedModel):
     supports_gradient_checkpointing = True
     _supports_sdpa = True
     _supports_flash_attn = True
-    _no_split_modules = ["Qwen3DecoderLayer", "CLIPEncoderLayer"]
+    _no_split_modules = ["Qwen3DecoderLayer", "CLIPEncoderLayer", "SiglipEncoderLayer"]
 
     def __init__(self, config: CrossVLMConfig, llm: Qwen3ForCausalLM | None = None,
-                 vision: CLIPVisionModel | None = None):
+                 vision: PreTrainedModel | None = None):
         super().__init__(config)
-        vision = vision if vision is not None else CLIPVisionModel(config.vision_config)
+        if vision is None:
+            model_class, _ = tower_kind(config.vision_config.model_type).classes()
+            vision = model_class(config.vision_config)
         # Only the layers up to the one the projector reads exist (see crossvlm.model.vision).
         self.vision = cut_tower(vision, config.vision_feature_layer)
         self.llm = llm if llm is not None else Qwen3ForCausalLM(config.text_config)
@@ -222,7 +228,7 @@ class CrossVLM(PreTrainedModel):
 
     # -- images -----------------------------------------------------------------------------------
     def vision_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """Patch features of the configured layer, CLS dropped: (N, P, Dv).
+        """Patch features of the configured layer, CLS dropped (CLIP; SigLIP has none): (N, P, Dv).
 
         The tower is cut at that layer, so its last hidden state is the one the projector reads.
         """
@@ -230,7 +236,8 @@ class CrossVLM(PreTrainedModel):
         grad = torch.is_grad_enabled() and any(p.requires_grad for p in self.vision.parameters())
         with torch.set_grad_enabled(grad):  # no autograd graph through a frozen tower
             out = self.vision(pixel_values=pixel_values)
-        return out.last_hidden_state[:, 1:]
+        first_patch = 1 if kind_of(self.vision).class_token else 0
+        return out.last_hidden_state[:, first_patch:]
 
     def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """Visual tokens for every image in the batch at once: (N, M, D_llm)."""

@@ -1,0 +1,1 @@
+"""Bridges to other tools' plugin interfaces (each needs its optional extra installed)."""
