@@ -9,6 +9,9 @@ The tokenizer is a small byte-level BPE trained here on a built-in word list, wi
 pre-tokenizer, Qwen3's special tokens and a Qwen3-style chat template, saved as the same
 `Qwen2Tokenizer` class the real Qwen3 checkpoints use. Its special-token ids differ from Qwen3's on
 purpose: code must read them from the tokenizer, never hard-code them.
+
+`write_vlm(out, llm, vision)` turns base models (these, or the real ones by hub id or folder) into a
+crossvlm model directory with an untrained projector (`crossvlm init`).
 """
 
 from __future__ import annotations
@@ -168,7 +171,9 @@ def build_tokenizer(bpe_vocab: int = 700, seed: int = 0):
 def write_random_models(out: Path, preset: str = "tiny", seed: int = 0) -> tuple[Path, Path]:
     """Write `out/llm` and `out/vision`, randomly initialised; returns both paths."""
     import torch
-    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel, Qwen3Config, Qwen3ForCausalLM
+    from transformers import CLIPVisionConfig, CLIPVisionModel, Qwen3Config, Qwen3ForCausalLM
+
+    from crossvlm.model.processor import image_processor_class
 
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
@@ -193,7 +198,7 @@ def write_random_models(out: Path, preset: str = "tiny", seed: int = 0) -> tuple
 
     vision_cfg = CLIPVisionConfig(image_size=spec.image_size, hidden_act="quick_gelu", **spec.vision)
     CLIPVisionModel(vision_cfg).save_pretrained(vision_dir)
-    CLIPImageProcessor(
+    image_processor_class("CLIPImageProcessor")(
         size={"shortest_edge": spec.image_size},
         crop_size={"height": spec.image_size, "width": spec.image_size},
         image_mean=CLIP_MEAN, image_std=CLIP_STD,
@@ -205,4 +210,42 @@ def _round_up(n: int, multiple: int) -> int:
     return -(-n // multiple) * multiple
 
 
-__all__ = ["PRESETS", "QWEN3_CHAT_TEMPLATE", "build_tokenizer", "write_random_models"]
+def write_vlm(out: Path, llm: str | Path, vision: str | Path, options: dict | None = None, seed: int = 0) -> Path:
+    """A ready crossvlm model directory built from base models (hub ids or local folders): the model
+    with an untrained projector, its tokenizer, image processor and generation config, as `chat`,
+    `serve`, `eval` and `train --model.init_from` take it.
+
+    `options` are `model.*` config values (`num_queries`, `projector_type`, ...), with the defaults a
+    training stage has. The directory appears whole or not at all; an existing one is never touched.
+    """
+    import os
+    import shutil
+    import tempfile
+
+    import torch
+
+    from crossvlm.errors import ConfigError
+    from crossvlm.train.config import model_from_dict
+    from crossvlm.train.setup import build_model
+
+    out = Path(out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ConfigError(f"{out} already exists and is not empty; name a new folder")
+    cfg = model_from_dict({**(options or {}), "llm": str(llm), "vision": str(vision), "init_from": None})
+    torch.manual_seed(seed)
+    model, processor = build_model(cfg)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        model.save_pretrained(staging)
+        processor.save_pretrained(staging)
+        if out.exists():
+            out.rmdir()  # empty, checked above
+        os.replace(staging, out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return out
+
+
+__all__ = ["PRESETS", "QWEN3_CHAT_TEMPLATE", "build_tokenizer", "write_random_models", "write_vlm"]
