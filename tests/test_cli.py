@@ -1,4 +1,4 @@
-"""Every subcommand parses and prints its help (catches import errors and broken parsers)."""
+"""The console script: every subcommand parses and prints its help; stages by name; `crossvlm init`; quiet output."""
 
 from __future__ import annotations
 
