@@ -24,6 +24,7 @@ COMMAND_MODULES = (
     "crossvlm.data.cli",
     "crossvlm.commands.bench",
     "crossvlm.commands.make_model",
+    "crossvlm.commands.init",
 )
 
 

@@ -11,6 +11,9 @@ The tokenizer is a small byte-level BPE trained here on a built-in word list, wi
 pre-tokenizer, Qwen3's special tokens and a Qwen3-style chat template, saved as the same
 `Qwen2Tokenizer` class the real Qwen3 checkpoints use. Its special-token ids differ from Qwen3's on
 purpose: code must read them from the tokenizer, never hard-code them.
+
+`write_vlm(out, llm, vision)` turns base models (these, or the real ones by hub id or folder) into a
+crossvlm model directory with an untrained projector (`crossvlm init`).
 """
 
 from __future__ import annotations
@@ -202,13 +205,15 @@ def write_random_models(out: Path, preset: str = "tiny", seed: int = 0, tower: s
 
 def _write_vision(vision_dir: Path, spec: Preset, tower: str) -> None:
     from PIL.Image import Resampling
-    from transformers import (CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel, SiglipConfig,
-                              SiglipImageProcessor, SiglipModel, SiglipVisionConfig, SiglipVisionModel)
+    from transformers import (CLIPVisionConfig, CLIPVisionModel, SiglipConfig, SiglipModel, SiglipVisionConfig,
+                              SiglipVisionModel)
+
+    from crossvlm.model.processor import image_processor_class
 
     size = spec.image_size
     if tower == "clip":
         CLIPVisionModel(CLIPVisionConfig(image_size=size, hidden_act="quick_gelu", **spec.vision)).save_pretrained(vision_dir)
-        CLIPImageProcessor(
+        image_processor_class("CLIPImageProcessor")(
             size={"shortest_edge": size}, crop_size={"height": size, "width": size},
             image_mean=CLIP_MEAN, image_std=CLIP_STD,
         ).save_pretrained(vision_dir)
@@ -224,7 +229,7 @@ def _write_vision(vision_dir: Path, spec: Preset, tower: str) -> None:
                     pad_token_id=0, eos_token_id=1, bos_token_id=2)  # Gemma's ids, as SigLIP 2 has
         SiglipModel(SiglipConfig(text_config=text, vision_config=vision_cfg.to_dict())).save_pretrained(vision_dir)
         resample = Resampling.BILINEAR
-    SiglipImageProcessor(size={"height": size, "width": size}, resample=resample,
+    image_processor_class("SiglipImageProcessor")(size={"height": size, "width": size}, resample=resample,
                          image_mean=[0.5] * 3, image_std=[0.5] * 3).save_pretrained(vision_dir)
 
 
@@ -232,4 +237,42 @@ def _round_up(n: int, multiple: int) -> int:
     return -(-n // multiple) * multiple
 
 
-__all__ = ["PRESETS", "QWEN3_CHAT_TEMPLATE", "TOWERS", "build_tokenizer", "write_random_models"]
+def write_vlm(out: Path, llm: str | Path, vision: str | Path, options: dict | None = None, seed: int = 0) -> Path:
+    """A ready crossvlm model directory built from base models (hub ids or local folders): the model
+    with an untrained projector, its tokenizer, image processor and generation config, as `chat`,
+    `serve`, `eval` and `train --model.init_from` take it.
+
+    `options` are `model.*` config values (`num_queries`, `projector_type`, ...), with the defaults a
+    training stage has. The directory appears whole or not at all; an existing one is never touched.
+    """
+    import os
+    import shutil
+    import tempfile
+
+    import torch
+
+    from crossvlm.errors import ConfigError
+    from crossvlm.train.config import model_from_dict
+    from crossvlm.train.setup import build_model
+
+    out = Path(out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ConfigError(f"{out} already exists and is not empty; name a new folder")
+    cfg = model_from_dict({**(options or {}), "llm": str(llm), "vision": str(vision), "init_from": None})
+    torch.manual_seed(seed)
+    model, processor = build_model(cfg)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        model.save_pretrained(staging)
+        processor.save_pretrained(staging)
+        if out.exists():
+            out.rmdir()  # empty, checked above
+        os.replace(staging, out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return out
+
+
+__all__ = ["PRESETS", "QWEN3_CHAT_TEMPLATE", "TOWERS", "build_tokenizer", "write_random_models", "write_vlm"]

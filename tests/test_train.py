@@ -16,7 +16,7 @@ import torch
 
 from crossvlm.configs import config_path, shipped_configs
 from crossvlm.errors import ConfigError, TrainingError
-from crossvlm.train.config import MINIMIND_ALIASES, load_config, parse_overrides
+from crossvlm.train.config import load_config, parse_overrides
 from crossvlm.train.loggers import read_metrics
 
 ASSETS = Path(__file__).parent / "assets"
@@ -62,24 +62,6 @@ def test_config_problems_are_reported_together(tmp_path):
     for part in ("trainable.llm 'sideways'", "optim.lr", "accumulation_steps", "run.dtype 'fp8'",
                  "run.colour is not a known key", "no training data"):
         assert part in msg
-
-
-def test_minimind_flags_are_aliases_of_config_keys(tmp_path):
-    data = tmp_path / "x.parquet"
-    data.write_bytes(b"")
-    args = ["--epochs", "3", "--batch_size", "8", "--learning_rate", "5e-4", "--data_path", str(data),
-            "--from_weight", str(tmp_path), "--freeze_llm", "1", "--accumulation_steps", "4", "--grad_clip", "0.5",
-            "--log_interval", "7", "--save_interval", "70", "--use_wandb", "--dtype", "bfloat16",
-            "--num_workers", "3"]
-    assert {a[2:] for a in args if a.startswith("--")} == set(MINIMIND_ALIASES)
-    cfg = load_config(config_path("sft.yaml"), parse_overrides(args))
-    assert (cfg.run.epochs, cfg.run.batch_size, cfg.optim.lr) == (3, 8, 5e-4)
-    assert cfg.data.sources[0].path == str(data) and cfg.model.init_from == str(tmp_path)
-    assert cfg.trainable.llm == "frozen" and cfg.optim.accumulation_steps == 4 and cfg.optim.grad_clip == 0.5
-    assert (cfg.run.log_interval, cfg.run.save_interval, cfg.run.wandb) == (7, 70, True)
-    assert cfg.run.dtype == "bfloat16" and cfg.data.num_workers == 3
-    assert load_config(config_path("sft.yaml"), parse_overrides(
-        ["--freeze_llm", "0", "--data_path", str(data)])).trainable.llm == "full"
 
 
 def test_one_data_source_on_the_command_line(tmp_path):

@@ -26,14 +26,41 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
+def _pil_backend() -> bool:
+    """Whether image processors must run on their PIL backend: this transformers has backends (5.x: a
+    torchvision one, the default, and a PIL one) and torchvision is not installed."""
+    import importlib.util
+
+    from transformers.utils import is_torchvision_available
+
+    return importlib.util.find_spec("transformers.image_processing_backends") is not None and not is_torchvision_available()
+
+
+def image_processor_class(name: str):
+    """The transformers image-processor class `name` (e.g. "CLIPImageProcessor") that works here.
+
+    Without torchvision that is its PIL variant (`CLIPImageProcessorPil`): building the
+    torchvision-backed class then falls back to it anyway, with a warning on every command. Both save
+    the same `preprocessor_config.json`.
+    """
+    import transformers
+
+    if _pil_backend() and hasattr(transformers, name + "Pil"):
+        return getattr(transformers, name + "Pil")
+    return getattr(transformers, name)
+
+
 def load_image_processor(path: str | Path):
     """The image processor saved with a vision model (or a crossvlm model directory).
 
-    Some transformers releases only offer the torchvision-backed processor through
-    AutoImageProcessor and raise when torchvision is missing; the PIL-backed one is then used.
+    The backend is chosen, not left to a fallback: PIL when torchvision is missing (transformers
+    would otherwise warn about it), transformers' default when it is installed. A transformers
+    release without backends that asks for torchvision anyway gets the PIL one explicitly.
     """
     from transformers import AutoImageProcessor
 
+    if _pil_backend():
+        return AutoImageProcessor.from_pretrained(str(path), backend="pil")
     try:
         return AutoImageProcessor.from_pretrained(str(path))
     except ImportError:

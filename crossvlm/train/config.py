@@ -1,11 +1,13 @@
 """The training configuration: one YAML file per stage, typed sections, every problem reported at once.
 
 A stage (pretrain, SFT, a debug run) is a YAML file of these sections; command-line overrides are
-`--section.key value`, and MiniMind-V's flags are accepted as aliases (see `MINIMIND_ALIASES`).
+`--section.key value`, and MiniMind-V's trainer flags are read too (`crossvlm.train.minimind`). A
+stage is named by a path or by the name of a shipped config (`crossvlm.configs`).
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import types
 import typing
@@ -60,6 +62,17 @@ class ModelSection:
     attention: str = "auto"
     """The LLM's attention for packed rows (`data.packing`): `auto` (FlexAttention on a GPU), `flex_attention`,
     `varlen` (FlashAttention's variable-length kernel, CUDA) or `sdpa` (a dense block-diagonal mask)."""
+
+    def problems(self) -> list[str]:
+        """What is wrong with this section alone (empty when nothing is)."""
+        p = []
+        if self.projector_type not in ("cross_attn", "mlp"):
+            p.append(f"model.projector_type {self.projector_type!r} is not cross_attn or mlp")
+        if self.attention not in ("auto", "flex_attention", "varlen", "sdpa"):
+            p.append(f"model.attention {self.attention!r} is not one of auto, flex_attention, varlen, sdpa")
+        if self.init_from is None and not (self.llm and self.vision):
+            p.append("model.llm and model.vision are needed unless model.init_from is set")
+        return p
 
 
 @dataclass
@@ -184,12 +197,8 @@ class TrainConfig:
 
     def validate(self) -> None:
         """Raise one ConfigError listing every problem."""
-        p = []
-        m, t, o, r = self.model, self.trainable, self.optim, self.run
-        if m.projector_type not in ("cross_attn", "mlp"):
-            p.append(f"model.projector_type {m.projector_type!r} is not cross_attn or mlp")
-        if m.attention not in ("auto", "flex_attention", "varlen", "sdpa"):
-            p.append(f"model.attention {m.attention!r} is not one of auto, flex_attention, varlen, sdpa")
+        t, o, r = self.trainable, self.optim, self.run
+        p = self.model.problems()
         if t.llm not in LLM_MODES:
             p.append(f"trainable.llm {t.llm!r} is not one of {list(LLM_MODES)}")
         if t.llm == "last_n" and t.llm_last_n < 1:
@@ -216,42 +225,44 @@ class TrainConfig:
             p.append("set run.max_steps > 0 or run.epochs > 0")
         if r.keep_last < 1:
             p.append("run.keep_last must be >= 1")
-        if self.model.init_from is None and not (m.llm and m.vision):
-            p.append("model.llm and model.vision are needed unless model.init_from is set")
         if self.data is None:
             p.append("data: no training data (set data.sources or pass --data_path)")
         if p:
             raise ConfigError("invalid training config:\n  - " + "\n  - ".join(p))
 
 
-# MiniMind-V's flags and the config keys they stand for.
-MINIMIND_ALIASES = {
-    "epochs": "run.epochs",
-    "batch_size": "run.batch_size",
-    "learning_rate": "optim.lr",
-    "data_path": "data.sources",
-    "from_weight": "model.init_from",
-    "freeze_llm": "trainable.llm",
-    "accumulation_steps": "optim.accumulation_steps",
-    "grad_clip": "optim.grad_clip",
-    "log_interval": "run.log_interval",
-    "save_interval": "run.save_interval",
-    "use_wandb": "run.wandb",
-    "dtype": "run.dtype",
-    "num_workers": "data.num_workers",
-}
-
-
 def _parse_value(text: str) -> Any:
     return yaml.safe_load(text) if text != "" else ""
 
 
-def parse_overrides(args: list[str]) -> dict[str, Any]:
-    """`--section.key value` / `--section.key=value` / MiniMind `--flag value` into dotted keys.
+def _section_fields() -> dict[str, set[str]]:
+    return {"model": set(typing.get_type_hints(ModelSection)), "trainable": set(typing.get_type_hints(TrainableSection)),
+            "optim": set(typing.get_type_hints(OptimSection)), "run": set(typing.get_type_hints(RunSection)),
+            "data": set(DataConfig.__dataclass_fields__), "eval_data": set(DataConfig.__dataclass_fields__)}
 
-    A MiniMind boolean flag may stand alone (`--use_wandb`). Values are parsed as YAML scalars.
+
+def _key_problem(dotted: str) -> str | None:
+    """Why `--section.key` names no config value, or None when it does."""
+    fields = _section_fields()
+    section, _, key = dotted.partition(".")
+    if section not in fields:
+        return f"--{dotted}: no section {section!r} (sections: {', '.join(fields)})"
+    if key not in fields[section]:
+        return f"--{dotted}: {section} has no key {key!r} (known: {', '.join(sorted(fields[section]))})"
+    return None
+
+
+def parse_overrides(args: list[str], notes: list[str] | None = None) -> dict[str, Any]:
+    """`--section.key value` / `--section.key=value` / MiniMind-V `--flag value` into dotted keys.
+
+    Values are parsed as YAML scalars; every key must name a config value. MiniMind-V's flags
+    (`crossvlm.train.minimind.FLAGS`) are translated; a switch may stand alone (`--use_wandb`), and
+    flags that do not apply here add a line to `notes`.
     """
+    from crossvlm.train.minimind import FLAGS, translate
+
     out: dict[str, Any] = {}
+    minimind: dict[str, str] = {}
     problems = []
     i = 0
     while i < len(args):
@@ -264,25 +275,25 @@ def parse_overrides(args: list[str]) -> dict[str, Any]:
         key = key.replace("-", "_") if "." not in key else key
         if not eq:
             nxt = args[i + 1] if i + 1 < len(args) else None
-            if nxt is None or nxt.startswith("--"):
+            if nxt is None or nxt.startswith("--") or (key in FLAGS and FLAGS[key].bare):
                 value = "true"  # a bare flag
             else:
                 value, i = nxt, i + 1
         i += 1
-        if key in MINIMIND_ALIASES:
-            dotted = MINIMIND_ALIASES[key]
-            parsed = _parse_value(value)
-            if key == "freeze_llm":  # MiniMind: 1 freezes the LLM, 0 trains it fully
-                parsed = "frozen" if parsed in (1, True, "1") else "full"
-            elif key == "data_path":
-                parsed = [{"path": str(value)}]
-            elif key == "dtype":
-                parsed = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}.get(value, value)
-            out[dotted] = parsed
+        if key in FLAGS:
+            minimind[key] = value
         elif "." in key:
-            out[key] = _parse_value(value)
+            problem = _key_problem(key)
+            if problem:
+                problems.append(problem)
+            else:
+                out[key] = _parse_value(value)
         else:
-            problems.append(f"unknown option --{key} (use --section.key value, e.g. --run.max_steps 100)")
+            problems.append(f"unknown option --{key} (use --section.key value, e.g. --run.max_steps 100, "
+                            "or a MiniMind-V flag: crossvlm train --help)")
+    translated, bad = translate(minimind, notes)
+    out.update(translated)
+    problems += bad
     if problems:
         raise ConfigError("bad overrides:\n  - " + "\n  - ".join(problems))
     return out
@@ -322,6 +333,16 @@ def _build_section(cls, raw: dict | None, name: str, problems: list[str]):
             problems.append(f"{name}.{key}: {err}")
             raw.pop(key)
     return cls(**raw)
+
+
+def model_from_dict(raw: dict) -> ModelSection:
+    """A `model` section on its own (what `crossvlm init` builds), every problem raised at once."""
+    problems: list[str] = []
+    model = _build_section(ModelSection, raw, "model", problems)
+    problems += model.problems()
+    if problems:
+        raise ConfigError("invalid model options:\n  - " + "\n  - ".join(problems))
+    return model
 
 
 def config_from_dict(raw: dict) -> TrainConfig:
@@ -367,19 +388,35 @@ def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
     node[leaf] = value
 
 
+def read_stage(path: str | Path) -> dict:
+    """The raw sections of a stage config: a YAML file, or a shipped config's name (`sft`)."""
+    from crossvlm.configs import resolve_config
+
+    path = resolve_config(path)
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path} is not valid YAML: {err}") from err
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path} must hold a mapping of sections")
+    return raw
+
+
 def load_config(path: str | Path | None, overrides: dict[str, Any] | None = None) -> TrainConfig:
-    """Read a YAML stage file, apply dotted overrides, resolve relative paths, validate."""
-    raw: dict = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file {path} does not exist")
-        try:
-            raw = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as err:
-            raise ConfigError(f"{path} is not valid YAML: {err}") from err
-        if not isinstance(raw, dict):
-            raise ConfigError(f"{path} must hold a mapping of sections")
-    for dotted, value in (overrides or {}).items():
-        _set_dotted(raw, dotted, value)
+    """Read a stage (a YAML file or a shipped config's name), apply dotted overrides, validate.
+
+    Override values that depend on the stage or the disk (MiniMind-V's run names) are resolved
+    against the stage as written, after the plain overrides are in.
+    """
+    from crossvlm.train.minimind import Deferred
+
+    raw = read_stage(path) if path is not None else {}
+    stage = copy.deepcopy(raw)
+    overrides = overrides or {}
+    for dotted, value in overrides.items():
+        if not isinstance(value, Deferred):
+            _set_dotted(raw, dotted, value)
+    for dotted, value in overrides.items():
+        if isinstance(value, Deferred):
+            _set_dotted(raw, dotted, value.resolve(stage))
     return config_from_dict(raw)
