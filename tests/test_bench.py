@@ -108,7 +108,8 @@ def test_flop_formulas_match_torch_flop_counter(tiny_models):
     features = torch.randn(n, cfg.num_patches, cfg.vision_config.hidden_size)
     assert _counted(lambda: model.projector(features)) == n * flops.projector_forward_flops(cfg)
     tokens = vision.patches + 1
-    vision_linear = vision.forward_flops() - vision.layers * attention_flops(tokens, tokens, vision.hidden, "frozen")
+    kept = flops.vision_layers_needed(cfg)  # the tower is cut at the feature layer: only these run
+    vision_linear = vision.forward_flops(kept) - kept * attention_flops(tokens, tokens, vision.hidden, "frozen")
     pixels = torch.randn(n, 3, vision.image_size, vision.image_size)
     assert _counted(lambda: model.vision(pixel_values=pixels)) == n * vision_linear
 
