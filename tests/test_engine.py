@@ -167,6 +167,19 @@ def test_seeded_sampling_is_reproducible_whatever_runs_beside_it(chat):
     assert other_seed != alone and alone != greedy, "sampling draws, and the seed matters"
 
 
+def test_a_failing_callback_fails_its_requests_and_the_engine_goes_on(chat):
+    from crossvlm.engine import GenerationError
+
+    def broken(i, delta):
+        raise ValueError("the caller's callback broke")
+
+    prompt = chat.prompt(_user("hello"))
+    with pytest.raises(GenerationError, match="callback broke"):
+        chat.generate_prompts([prompt], SamplingParams(max_new_tokens=5, greedy=True), on_delta=broken)
+    assert chat.engine.running() == 0 and chat.engine.cache.free == chat.engine.slots
+    assert chat.chat(_user("hello"), sampling=SamplingParams(max_new_tokens=5, greedy=True)).completion_tokens >= 1
+
+
 def test_sampler_settings_per_row():
     vocab, eos = 50, 7
     sampler = Sampler(slots=4, vocab=vocab, eos_ids=[eos], device=torch.device("cpu"))

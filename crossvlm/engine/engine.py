@@ -163,17 +163,20 @@ class Engine:
                     break
                 incoming, self._incoming = self._incoming, []
                 cancelled, self._cancelled = self._cancelled, []
-            for request in incoming:
-                self.scheduler.add(request)
-            for request in cancelled:
-                self.scheduler.release(request)
-                request.finish("cancelled")
-            launched = self._launch() if self.scheduler.busy else []
-            for launch in pending:
-                self._collect(launch)
-            pending = launched
-        for request in [*self.scheduler.waiting, *self.scheduler.running]:
-            request.fail(GenerationError("the engine was closed"))
+            try:
+                for request in incoming:
+                    self.scheduler.add(request)
+                for request in cancelled:
+                    self.scheduler.release(request)
+                    request.finish("cancelled")
+                launched = self._launch() if self.scheduler.busy else []
+                for launch in pending:
+                    self._collect(launch)
+                pending = launched
+            except Exception as err:  # noqa: BLE001 — a bug (or a caller's callback) must not leave requests hanging
+                pending = []
+                self._fail_all(err)
+        self._fail_all(GenerationError("the engine was closed"))
 
     def _launch(self) -> list[_Launch]:
         """Schedule and start one step (prefill, then decode); nothing here waits for the device."""
@@ -283,10 +286,17 @@ class Engine:
             if request.done:
                 self.scheduler.release(request)
 
+    def _fail_all(self, err: BaseException) -> None:
+        for request in [*self.scheduler.waiting, *self.scheduler.running]:
+            self._fail(request, err)
+
     def _fail(self, request: Request, err: BaseException) -> None:
         self.stats["failed"] += 1
         if request.slot is not None:
             self.cache.clear(request.slot)  # queued after any step still writing into it
         if request.slot is not None or request in self.scheduler.waiting:
             self.scheduler.release(request)
-        request.fail(err if isinstance(err, GenerationError) else GenerationError(f"{type(err).__name__}: {err}"))
+        try:
+            request.fail(err if isinstance(err, GenerationError) else GenerationError(f"{type(err).__name__}: {err}"))
+        except Exception:  # noqa: BLE001 — the caller's callback failed too; the request is over either way
+            pass
