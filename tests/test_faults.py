@@ -141,41 +141,40 @@ def test_damaged_latest_checkpoint_and_full_disk_in_a_run(tiny_models, shapes, t
 
     def run(out: Path, **extra):
         return train(load_config(config_path("debug.yaml"), debug_overrides(
-            tiny_models, shapes["sft_train"], out, **{"run.max_steps": 6, "run.save_interval": 2,
-                                                      "run.keep_last": 3, "run.batch_size": 2, **extra})))
+            tiny_models, shapes["sft_train"], out, **{"run.max_steps": 4, "run.save_interval": 1,
+                                                      "run.keep_last": 4, "run.batch_size": 2, **extra})))
 
     run(tmp_path / "whole")
     ref = losses(tmp_path / "whole")
-    with open(tmp_path / "whole" / "checkpoints" / "step-0000006" / "trainable.safetensors", "r+b") as fh:
+    with open(tmp_path / "whole" / "checkpoints" / "step-0000004" / "trainable.safetensors", "r+b") as fh:
         fh.truncate(10)
     run(tmp_path / "whole", **{"run.resume": "auto"})
     err = capsys.readouterr().err
-    assert "skipping damaged checkpoint" in err and "step-0000006" in err and "trainable.safetensors has 10" in err
-    got = losses(tmp_path / "whole")  # steps 5 and 6 logged again, by the resumed run
-    assert got[5] == ref[5] and got[6] == ref[6]
-    assert not checkpoint.checkpoint_problems(tmp_path / "whole" / "checkpoints" / "step-0000006")
+    assert "skipping damaged checkpoint" in err and "step-0000004" in err and "trainable.safetensors has 10" in err
+    assert losses(tmp_path / "whole")[4] == ref[4]  # logged again, by the run resumed from step 3
+    assert not checkpoint.checkpoint_problems(tmp_path / "whole" / "checkpoints" / "step-0000004")
 
     real_save = torch.save
 
-    def disk_full_at_step_4(obj, path, *args, **kwargs):
-        if "step-0000004" in str(path) and str(path).endswith("optimizer.pt"):
+    def disk_full_at_step_2(obj, path, *args, **kwargs):
+        if "step-0000002" in str(path) and str(path).endswith("optimizer.pt"):
             with open(path, "wb") as fh:
                 fh.write(b"\0" * 64)  # part of the file got out before the disk filled
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         return real_save(obj, path, *args, **kwargs)
 
-    monkeypatch.setattr(checkpoint.torch, "save", disk_full_at_step_4)
+    monkeypatch.setattr(checkpoint.torch, "save", disk_full_at_step_2)
     with pytest.raises(CheckpointError) as err:
         run(tmp_path / "full")
     message = str(err.value)
-    assert "No space left on device" in message and "step-0000002" in message and "--resume auto" in message
+    assert "No space left on device" in message and "(step-0000001)" in message and "--resume auto" in message
     root = tmp_path / "full" / "checkpoints"
-    assert sorted(p.name for p in root.iterdir()) == ["step-0000002"]  # no temporary folder left behind
-    assert not checkpoint.checkpoint_problems(root / "step-0000002")
+    assert sorted(p.name for p in root.iterdir()) == ["step-0000001"]  # no temporary folder left behind
+    assert not checkpoint.checkpoint_problems(root / "step-0000001")
     monkeypatch.setattr(checkpoint.torch, "save", real_save)
     run(tmp_path / "full", **{"run.resume": "auto"})
     got = losses(tmp_path / "full")
-    assert [got[s] for s in range(3, 7)] == [ref[s] for s in range(3, 7)]
+    assert [got[s] for s in range(2, 5)] == [ref[s] for s in range(2, 5)]
 
 
 # -- preemption --------------------------------------------------------------------------------------

@@ -126,15 +126,22 @@ def find_resume(out_dir: Path, resume: str | None, warn: Callable[[str], None] |
     return None
 
 
-def _unique(state: dict) -> dict:
-    """Drop second names of shared tensors (Qwen3 ties lm_head to embed_tokens); loading re-ties them."""
-    seen, out = set(), {}
-    for name, tensor in state.items():
-        key = (tensor.data_ptr(), tensor.shape) if tensor.device.type != "meta" else (name,)
-        if key not in seen:
-            seen.add(key)
-            out[name] = tensor
-    return out
+def _plain(model):
+    """The model under a DDP wrapper (FSDP2 shards in place: its module is the model)."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    return model.module if isinstance(model, DistributedDataParallel) else model
+
+
+def _unique(state: dict, model) -> dict:
+    """Drop the second names of shared parameters (Qwen3 ties lm_head to embed_tokens); loading the
+    first re-ties them. Told by parameter identity: gathered FSDP2 tensors no longer share memory."""
+    seen, second = set(), set()
+    for name, p in _plain(model).named_parameters(remove_duplicate=False):
+        if id(p) in seen:
+            second.add(name)
+        seen.add(id(p))
+    return {name: tensor for name, tensor in state.items() if name not in second}
 
 
 def _options(full: bool = True) -> StateDictOptions:
@@ -143,10 +150,7 @@ def _options(full: bool = True) -> StateDictOptions:
 
 def _param_names(model) -> dict[torch.Tensor, str]:
     """Each parameter's name as torch's state-dict helpers give it (a DDP wrapper's `module.` dropped)."""
-    from torch.nn.parallel import DistributedDataParallel
-
-    plain = model.module if isinstance(model, DistributedDataParallel) else model
-    return {p: name for name, p in plain.named_parameters()}
+    return {p: name for name, p in _plain(model).named_parameters()}
 
 
 def _optimizer_state(model, optimizer) -> dict:
@@ -230,7 +234,7 @@ def save_checkpoint(rt: Runtime, out_dir: Path, step: int, model, optimizer, sch
     worked. A failed write (a full disk, ...) raises CheckpointError on every rank and leaves the
     checkpoints already there as they were; only after a successful one are the oldest pruned.
     """
-    weights = _unique(get_model_state_dict(model, options=_options()))
+    weights = _unique(get_model_state_dict(model, options=_options()), model)
     optim_state = _optimizer_state(model, optimizer)
     final = checkpoint_dir(out_dir) / f"step-{step:07d}"
     error = None
@@ -272,7 +276,7 @@ def load_checkpoint(path: Path, model, optimizer, scheduler) -> dict:
         rng = torch.load(path / "rng.pt", weights_only=True)
     except (OSError, ValueError, RuntimeError, json.JSONDecodeError) as err:
         raise CheckpointError(f"cannot read checkpoint {path}: {err}") from err
-    expected = set(_unique(get_model_state_dict(model, options=_options(full=False))))
+    expected = set(_unique(get_model_state_dict(model, options=_options(full=False)), model))
     if set(weights) != expected:
         missing, extra = sorted(expected - set(weights)), sorted(set(weights) - expected)
         raise CheckpointError(

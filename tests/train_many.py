@@ -1,0 +1,42 @@
+"""Run several training configs one after another in one `torchrun` launch (a test helper).
+
+Starting processes and a process group costs more than a tiny run, so the distributed tests launch
+this once: `torchrun --nproc_per_node 2 tests/train_many.py SPEC.json`, where SPEC.json holds
+{"config": YAML path, "runs": [{"name": ..., "overrides": {...}}, ...], "results": JSON path}. Each run
+is the real `Trainer` on the launch's process group. Rank 0 writes {name: "ok" or the error} to
+"results"; after a failed run the launch stops (the group may be out of step).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import traceback
+from pathlib import Path
+
+from crossvlm.train.config import load_config
+from crossvlm.train.loop import Trainer
+from crossvlm.train.runtime import init_runtime, shutdown
+
+
+def main(spec_path: str) -> int:
+    spec = json.loads(Path(spec_path).read_text())
+    rt = init_runtime("cpu")
+    results = {}
+    try:
+        for run in spec["runs"]:
+            try:
+                Trainer(load_config(spec["config"], run["overrides"]), rt).run()
+                results[run["name"]] = "ok"
+            except Exception as err:  # noqa: BLE001 — recorded for the test to report
+                results[run["name"]] = f"{type(err).__name__}: {err}\n{traceback.format_exc()}"
+                break
+    finally:
+        if rt.is_main:
+            Path(spec["results"]).write_text(json.dumps(results, indent=1))
+        shutdown(rt)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1]))
