@@ -25,6 +25,7 @@ from safetensors.torch import load_file
 from test_train import _mixed_llava, losses
 
 from crossvlm.configs import config_path
+from crossvlm.errors import CheckpointError
 from crossvlm.train.checkpoint import checkpoint_problems
 from crossvlm.train.config import LLM_MODES, load_config
 
@@ -178,8 +179,12 @@ def test_a_two_process_checkpoint_resumes_in_one(setup, reference, two_processes
     meta = json.loads((written / "checkpoints" / "step-0000001" / "meta.json").read_text())
     assert meta["world_size"] == 2 and meta["data"]["samples_in_epoch"] == 2
     out = resume_copy(written, 1, setup["root"] / f"{kind}-to-one")
-    train(load_config(config_path("debug.yaml"), {**overrides(setup, combo, out, batch_size=2, **{"run.resume": "auto"}),
-                                                  **one_process}))
+    if kind == "ddp":  # 1 sample a step instead of 2: refused, with the setting that fits
+        with pytest.raises(CheckpointError, match=r"2 samples per optimizer step .* 1 × 2 × 1.*--run.batch_size 2"):
+            train(load_config(config_path("debug.yaml"), overrides(setup, combo, out, batch_size=1,
+                                                                    **{"run.resume": "auto"})))
+    resume = overrides(setup, combo, out, batch_size=2, **{"run.resume": "auto"})
+    train(load_config(config_path("debug.yaml"), {**resume, **one_process}))
     assert_close_losses(out, reference(combo), range(2, STEPS + 1))
     state = torch.load(out / f"checkpoints/step-{STEPS:07d}/optimizer.pt", weights_only=True)["state"]
     ref_state = torch.load(reference(combo) / f"checkpoints/step-{STEPS:07d}/optimizer.pt", weights_only=True)["state"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import itertools
 import json
 import os
 import shlex
@@ -103,6 +104,40 @@ def test_a_checkpoint_of_another_trainable_set_is_refused_naming_the_keys(tiny_m
         checkpoint.load_checkpoint(path, *_model_and_optimizer(tiny_models))
 
 
+# -- the data position, whatever the number of processes ------------------------------------------------
+def test_data_position_carries_over_to_another_number_of_processes(tiny_models, shapes):
+    from transformers import AutoImageProcessor, AutoTokenizer
+
+    from crossvlm.data.config import DataConfig
+    from crossvlm.data.loader import build_dataset, build_loader
+    from crossvlm.errors import DataError
+
+    cfg = DataConfig.from_dict({"sources": [str(shapes["sft_train"])]})
+    ds = build_dataset(cfg, AutoTokenizer.from_pretrained(tiny_models / "llm"),
+                       AutoImageProcessor.from_pretrained(tiny_models / "vision"), 16)
+
+    def loaders(world: int, batch: int, **kw):
+        return [build_loader(ds, cfg, batch, seed=3, rank=r, world_size=world, **kw) for r in range(world)]
+
+    def next_samples(ranks, n: int) -> list[int]:
+        """The next n samples all processes take together, step by step (rank 0's, then rank 1's...)."""
+        steps = zip(*(iter(loader.sampler()) for loader in ranks))  # endless: take what is needed
+        return list(itertools.islice((i for step in steps for batch in step for i in batch), n))
+
+    two = loaders(2, 2, start_step=13)  # 48 samples an epoch, 4 a step: epoch 1, 4 samples into it
+    state = two[0].state_dict()
+    assert (state["epoch"], state["samples_in_epoch"]) == (1, 4)
+    one = loaders(1, 1)
+    one[0].load_state_dict(state)
+    assert one[0].step == 48 + 4 and next_samples(one, 8) == next_samples(two, 8)
+    back = loaders(2, 2)
+    for loader in back:
+        loader.load_state_dict(build_loader(ds, cfg, 1, seed=3, start_step=52).state_dict())
+    assert next_samples(back, 8) == next_samples(two, 8)
+    with pytest.raises(DataError, match="4 samples into epoch 1, not a whole number of this run's batches of 3"):
+        loaders(1, 3)[0].load_state_dict(state)
+
+
 # -- damaged checkpoints ---------------------------------------------------------------------------
 def test_resume_auto_skips_damaged_checkpoints_and_names_what_is_wrong(tiny_models, tmp_path):
     model, optimizer, scheduler = _model_and_optimizer(tiny_models)
@@ -181,7 +216,8 @@ def test_damaged_latest_checkpoint_and_full_disk_in_a_run(tiny_models, shapes, t
 def test_resume_command_is_the_starting_command_with_resume_auto():
     from crossvlm.train.loop import resume_command
 
-    argv = ["/x/bin/crossvlm", "train", "my config.yaml", "--resume", "runs/a/checkpoints/step-1", "--run.max_steps", "9"]
+    argv = ["/x/bin/crossvlm", "train", "my config.yaml", "--resume", "runs/a/checkpoints/step-1",
+            "--run.max_steps", "9"]
     assert resume_command(argv, {}) == "crossvlm train 'my config.yaml' --run.max_steps 9 --resume auto"
     argv = ["/x/crossvlm/cli.py", "train", "c.yaml", "--run.resume=auto"]
     torchrun = {"TORCHELASTIC_RUN_ID": "1", "WORLD_SIZE": "4", "LOCAL_WORLD_SIZE": "2"}

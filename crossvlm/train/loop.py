@@ -142,7 +142,8 @@ class Trainer:
         self.step = 0
         self.stop = StopRequest()  # installed around run() by train()
         self.last_checkpoint: Path | None = None
-        resume = find_resume(self.out_dir, cfg.run.resume, warn=lambda msg: rt.print(f"warning: {msg}", file=sys.stderr))
+        resume = find_resume(self.out_dir, cfg.run.resume,
+                             warn=lambda message: rt.print(f"warning: {message}", file=sys.stderr))
         if resume is not None:
             meta = load_checkpoint(resume, self.engine, self.optimizer, self.scheduler)
             self._check_samples_per_step(resume, meta)
