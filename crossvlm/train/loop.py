@@ -158,8 +158,8 @@ class Trainer:
     def _check_samples_per_step(self, path: Path, meta: dict) -> None:
         """A run may resume on another number of processes, but each optimizer step must take as many
         samples as before: the step count, the schedule and the data position are counted in them."""
-        (old_batch, old_world, old_accum) = (meta["config"]["run"]["batch_size"], meta["world_size"],
-                                             meta["config"]["optim"]["accumulation_steps"])
+        old_batch, old_world = meta["config"]["run"]["batch_size"], meta["world_size"]
+        old_accum = meta["config"]["optim"]["accumulation_steps"]
         batch, world, accum = self.cfg.run.batch_size, self.rt.world_size, self.cfg.optim.accumulation_steps
         old = old_batch * old_world * old_accum
         if old != batch * world * accum:
@@ -319,7 +319,8 @@ class Trainer:
                 self._log_eval()
             if cfg.run.save_interval and self.step % cfg.run.save_interval == 0 and self.step < self.total_steps:
                 self.save_checkpoint()
-            # Every rank stops at the same step, whichever of them got the signal.
+            # Every rank stops after the same step, whichever of them got the signal (a one-number
+            # all-reduce per step under torchrun; nothing in a single process).
             if self.step < self.total_steps and rt.any(self.stop.requested):
                 bar.close()
                 return self._stopped()
