@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import json
 import re
-from collections import Counter, defaultdict
+import threading
+from collections import Counter, defaultdict, deque
 from dataclasses import dataclass, field
 from pathlib import Path
 from itertools import islice
@@ -174,14 +175,35 @@ def pick_task(task: str, examples: list[Example]) -> str:
     return "vqa" if words and sum(words) / len(words) <= SHORT_ANSWER_WORDS else "caption"
 
 
-def evaluate(chat, examples: Iterable[Example], *, task: str = "auto", batch_size: int = 16,
+class _Answer:
+    """The completion of one submitted prompt, waited for by the evaluating thread."""
+
+    def __init__(self):
+        self._ready = threading.Event()
+        self._value = None
+
+    def __call__(self, event) -> None:  # from the engine's thread
+        self._value = event
+        self._ready.set()
+
+    def get(self):
+        self._ready.wait()
+        if isinstance(self._value, BaseException):
+            raise self._value
+        return self._value
+
+
+def evaluate(chat, examples: Iterable[Example], *, task: str = "auto", batch_size: int = 256,
              max_new_tokens: int = 64, enable_thinking: bool = False, skipped: Skipped | None = None,
              on_prediction: Callable[[dict], None] | None = None, progress: bool = False) -> dict:
-    """Answer the examples greedily, `batch_size` at a time, and score the answers; returns the metrics.
+    """Answer the examples greedily and score the answers; returns the metrics.
 
-    Examples are read as they are needed, so a large set is never held in memory. `on_prediction`
-    receives one record per example (its prediction, references and scores); prompts that cannot be
-    answered (an undecodable image, too long) are counted in `skipped`.
+    Examples are read `batch_size` at a time and handed to the generation engine, which answers
+    them as slots free up; the next group is read and prepared (images decoded, prompts tokenized)
+    while the engine works, so up to 2 × `batch_size` prompts are in flight and a large set is never
+    held in memory. `on_prediction` receives one record per example, in order (its prediction,
+    references and scores); prompts that cannot be answered (an undecodable image, too long) are
+    counted in `skipped`.
     """
     from crossvlm.inference import InputError, SamplingParams
 
@@ -190,35 +212,45 @@ def evaluate(chat, examples: Iterable[Example], *, task: str = "auto", batch_siz
     sampling = SamplingParams(max_new_tokens=max_new_tokens, greedy=True)
     skipped = skipped if skipped is not None else Skipped()
     rows, predictions, references = [], [], []
+    in_flight: deque[tuple[Example, _Answer]] = deque()
     stream = iter(examples)
     bar = None
     if progress:
         from tqdm import tqdm
 
         bar = tqdm(unit="example", desc="eval")
+
+    def record(ex: Example, answer: _Answer) -> None:
+        text = answer.get().text
+        row = {"location": ex.location, "question": _last_user_text(ex.messages), "prediction": text,
+               "references": ex.references}
+        if ex.question_type is not None:
+            row["question_type"] = ex.question_type
+        if task == "vqa":
+            row.update(vqa_scores(text, ex.references, ex.question_type))
+        rows.append(row)
+        predictions.append(text)
+        references.append(ex.references)
+        if on_prediction is not None:
+            on_prediction(row)
+        if bar is not None:
+            bar.update(1)
+
     while chunk := list(islice(stream, max(1, batch_size))):
         task = pick_task(task, chunk)
-        batch, prompts = [], []
         for ex in chunk:
             try:
-                prompts.append(chat.prompt(ex.messages, ex.images, enable_thinking))
-                batch.append(ex)
+                prompt = chat.prompt(ex.messages, ex.images, enable_thinking)
             except InputError as err:
                 skipped.add(err.code, ex.location)
-        for ex, done in zip(batch, chat.generate_prompts(prompts, sampling)):
-            record = {"location": ex.location, "question": _last_user_text(ex.messages),
-                      "prediction": done.text, "references": ex.references}
-            if ex.question_type is not None:
-                record["question_type"] = ex.question_type
-            if task == "vqa":
-                record.update(vqa_scores(done.text, ex.references, ex.question_type))
-            rows.append(record)
-            predictions.append(done.text)
-            references.append(ex.references)
-            if on_prediction is not None:
-                on_prediction(record)
-        if bar is not None:
-            bar.update(len(chunk))
+                continue
+            answer = _Answer()
+            chat.submit(prompt, sampling, answer)
+            in_flight.append((ex, answer))
+        while len(in_flight) > batch_size:
+            record(*in_flight.popleft())
+    while in_flight:
+        record(*in_flight.popleft())
     if bar is not None:
         bar.close()
     if not rows:

@@ -280,19 +280,19 @@ def test_bench_generate_and_data_commands(tiny_models, tmp_path, capsys):
     assert main(["bench", "generate", "--preset", "tiny", "--models", str(tiny_models), "--new-tokens", "3",
                  "--batch-size", "2", "--out", str(out)]) == 0
     records = {r["variant"]: r for r in json.loads(out.read_text())["variants"]}
-    assert set(records) == {"dynamic", "static", "static+compile", "graph"}  # graph-autotune only when named
+    assert set(records) == {"dynamic", "static", "static+compile", "engine"}
     assert records["static+compile"] == {"variant": "static+compile",
                                          "skipped": "transformers compiles generate on CUDA only"}
     assert main(["bench", "generate", "--preset", "tiny", "--models", str(tiny_models), "--new-tokens", "3",
-                 "--batch-size", "2", "--variants", "graph-autotune", "--profile", str(tmp_path / "prof"),
+                 "--batch-size", "2", "--variants", "engine", "--profile", str(tmp_path / "prof"),
                  "--out", str(out)]) == 0
-    records.update({r["variant"]: r for r in json.loads(out.read_text())["variants"]})
-    kernels = Path(records["graph-autotune"]["kernels"])
-    assert kernels == tmp_path / "prof" / "generate_graph-autotune.kernels.txt"
+    profiled = json.loads(out.read_text())["variants"][0]
+    kernels = Path(profiled["kernels"])
+    assert kernels == tmp_path / "prof" / "generate_engine.kernels.txt"
     assert "3 new tokens" in kernels.read_text() and "aten::" in kernels.read_text()
-    assert Path(records["graph-autotune"]["trace"]).stat().st_size > 0
-    assert "kernels" not in records["graph"]  # profiled only when asked
-    for name in ("dynamic", "static", "graph", "graph-autotune"):
+    assert Path(profiled["trace"]).stat().st_size > 0
+    assert "kernels" not in records["engine"]  # profiled only when asked
+    for name in ("dynamic", "static", "engine"):
         assert records[name]["ttft_ms"] > 0 and records[name]["aggregate_tokens_per_s"] > 0
     out = tmp_path / "data.json"
     assert main(["bench", "data", "--preset", "tiny", "--models", str(tiny_models), "--workers", "0",

@@ -7,7 +7,8 @@ import io
 import pytest
 
 import crossvlm
-from crossvlm.inference import ChatModel, InputError, SamplingParams, _Row, _RowTracker, split_reasoning
+from crossvlm.engine import Request
+from crossvlm.inference import ChatModel, InputError, SamplingParams, split_reasoning
 from serving import png_bytes, shapes_image
 
 GREEDY = SamplingParams(max_new_tokens=16, greedy=True)
@@ -82,19 +83,6 @@ def test_seeded_sampling_repeats(chat):
     assert first == again
 
 
-def _follow(tracker: _RowTracker, token_rows: list[list[int]]) -> None:
-    """Feed the tracker one column of tokens at a time, as `generate` does."""
-    import torch
-
-    seqs = torch.zeros(len(token_rows), 1, dtype=torch.long)
-    for step in range(max(map(len, token_rows))):
-        column = [[row[step] if step < len(row) else 0] for row in token_rows]
-        seqs = torch.cat([seqs, torch.tensor(column)], dim=1)
-        if tracker(seqs).all():
-            break
-    tracker.finish_all()
-
-
 def test_thinking_is_returned_apart_and_streamed_in_order(chat):
     tok = chat.tokenizer
     end = tok.convert_tokens_to_ids("<|im_end|>")
@@ -102,11 +90,18 @@ def test_thinking_is_returned_apart_and_streamed_in_order(chat):
              "<think>\nstill thinking about the",  # budget spent while thinking
              "It is red."]  # a thinking model may also answer directly
     token_rows = [tok(t, add_special_tokens=False)["input_ids"] + [end] for t in texts]
-    deltas = [[], [], []]
-    rows = [_Row(5, 100, ("Anything",), True), _Row(5, len(token_rows[1]) - 1, (), True), _Row(5, 100, (), True)]
-    tracker = _RowTracker(tok, rows, chat.eos_ids, on_delta=lambda i, d: deltas[i].append(d))
-    _follow(tracker, token_rows)
-    done = tracker.completions
+    budgets = [100, len(token_rows[1]) - 1, 100]
+    stops = [("Anything",), (), ()]
+    events = [[], [], []]
+    for i, tokens in enumerate(token_rows):  # the engine hands a request its tokens one at a time
+        request = Request([1] * 5, None, SamplingParams(max_new_tokens=budgets[i], stop=stops[i]), events[i].append,
+                          thinking=True, stream=True, max_new_tokens=budgets[i])
+        for token in tokens:
+            if request.done:
+                break
+            request.add_token(token, tok, chat.eos_ids)
+    done = [e[-1] for e in events]
+    deltas = [e[:-1] for e in events]
     assert (done[0].reasoning, done[0].text, done[0].finish_reason) == ("the circle is red.", "It is red.", "stop")
     assert (done[1].reasoning, done[1].text, done[1].finish_reason) == ("still thinking about the", "", "length")
     assert (done[2].reasoning, done[2].text) == ("", "It is red.")

@@ -157,68 +157,6 @@ def test_greedy_generation_with_kv_cache_equals_without(vlm, processor):
     assert cached.tolist() == seq[0, ids.shape[1]:].tolist()
 
 
-@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
-def test_static_decoder_equals_generate_on_a_padded_batch(vlm, processor, compiled):
-    """The static-cache greedy loop (`crossvlm bench generate` variant `graph`) = CrossVLM.generate,
-    eager and compiled (on CUDA the compiled functions also replay as CUDA graphs)."""
-    from crossvlm.model.decoding import StaticDecoder
-
-    texts = [processor.render([{"role": "user", "content": c}])
-             for c in ("<image>where is the red circle?", "<image>hi", "how many shapes?")]
-    tok = processor.tokenizer
-    tok.padding_side = "left"
-    batch = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False)
-    pix = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(5))
-    ids, mask, prompt = batch["input_ids"], batch["attention_mask"], batch["input_ids"].shape[1]
-    # Prompts padded further on the left to a multiple of 8 tokens: the bucketing changes nothing.
-    assert prompt % 8
-    decoder = StaticDecoder(vlm, max_length=prompt + 24, compile=compiled, prompt_multiple=8)
-
-    def both(eos):
-        want = vlm.generate(ids, pix, attention_mask=mask, max_new_tokens=12, do_sample=False, eos_token_id=eos,
-                            pad_token_id=tok.pad_token_id)
-        got = decoder.generate(ids, pix, mask, max_new_tokens=12, eos_token_id=eos, pad_token_id=tok.pad_token_id,
-                               check_every=4)
-        return got.tolist(), want.tolist()
-
-    got, want = both(None)
-    assert got == want and len(got[0]) == prompt + 12
-    # A batch of another size gets a cache of its own.
-    one = decoder.generate(ids[:1], pix[:1], mask[:1], max_new_tokens=12, pad_token_id=tok.pad_token_id)
-    assert one.tolist() == want[:1]
-    new = [row[prompt:] for row in want]
-    # Stop tokens taken from the free run: rows stop at different steps, then all of them early.
-    for eos in ([new[1][0], new[2][1]], [new[0][0], new[1][0], new[2][1]]):
-        got, want = both(eos)
-        assert got == want
-    assert len(want[0]) < prompt + 12 and tok.pad_token_id in [t for row in want for t in row[prompt:]]
-    with pytest.raises(ValueError, match="exceeds the decoder's max_length"):
-        StaticDecoder(vlm, max_length=8).generate(batch["input_ids"], pix, max_new_tokens=4)
-
-
-def test_compiled_prefill_is_one_graph_on_a_fresh_model(tiny_vlm_dir, processor):
-    """What the image path makes on its first call is made before compiling, outside any CUDA graph:
-    transformers' hidden-state hooks (installed under a lock torch.compile cannot trace, which split
-    the prefill) and the projector's cached position codes (inside a graph they were its outputs,
-    overwritten by the next replay: the error this caught on a GPU)."""
-    from crossvlm.model.decoding import StaticDecoder
-
-    model = CrossVLM.from_pretrained(tiny_vlm_dir).eval()  # fresh: no call has installed the hooks yet
-    ids, _ = _image_prompt(processor)
-    pix = torch.randn(1, 3, 64, 64)
-    assert not model.projector._fixed_cache
-    decoder = StaticDecoder(model, max_length=ids.shape[1] + 4, compile=True)
-    assert list(model.projector._fixed_cache) == [ids.device]
-    decoder._cache_for(1, ids.device)
-    mask = torch.ones(1, ids.shape[1] + 4, dtype=torch.long)
-    positions = torch.arange(ids.shape[1])[None]
-    with torch.no_grad():
-        explained = torch._dynamo.explain(decoder._prefill_step)(ids, pix, positions, mask)
-    # On a CPU the image-token check reads the ids on the host (a break on purpose); nothing else may.
-    where = [str(b.user_stack[-1]) for b in explained.break_reasons]
-    assert where and all("check_image_tokens" in w for w in where), where
-
-
 def test_projector_queries_are_distinct_at_init(vlm):
     # Identical inputs for every image position: only the queries' own codes can tell them apart.
     features = torch.zeros(2, vlm.config.num_patches, vlm.config.vision_config.hidden_size)

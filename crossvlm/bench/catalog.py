@@ -21,14 +21,11 @@ GENERATE_VARIANTS = {
     "dynamic": {},
     "static": {"cache_implementation": "static", "disable_compile": True},
     "static+compile": {"cache_implementation": "static"},
-    "graph": {"decoder": "crossvlm.model.decoding.StaticDecoder", "mode": "reduce-overhead"},
-    "graph-autotune": {"decoder": "crossvlm.model.decoding.StaticDecoder", "mode": "reduce-overhead",
-                       "decode_mode": "max-autotune"},
+    "engine": {"engine": "crossvlm.engine"},
 }
 """`generate()` options of each `bench generate` variant (transformers compiles a static cache on CUDA);
-`graph` is crossvlm's own greedy loop instead of `generate()`: static cache, the prefill and each decode
-step one CUDA graph replay, a host sync every 16 tokens; `graph-autotune` compiles its decode step with
-max-autotune."""
+`engine` is crossvlm's generation engine, what `serve`, `chat`, `eval` and `crossvlm.load` run: slot KV
+cache, continuous batching, decode steps replayed as CUDA graphs, sampling on the device."""
 
-DEFAULT_GENERATE_VARIANTS = ("dynamic", "static", "static+compile", "graph")
-"""What `bench generate` runs unless told: `graph-autotune` compiles for minutes more and is asked for by name."""
+DEFAULT_GENERATE_VARIANTS = ("dynamic", "static", "static+compile", "engine")
+"""What `bench generate` runs unless told."""

@@ -69,7 +69,11 @@ def profiled(fn, device: torch.device, stem: Path, title: str, enabled: bool = T
 
     cuda = device.type == "cuda"
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
-    with profile(activities=activities) if enabled else contextlib.nullcontext() as prof:
+    try:  # the generation engine works in a thread of its own: record every thread's ops
+        options = {"experimental_config": torch._C._profiler._ExperimentalConfig(profile_all_threads=True)}
+    except (AttributeError, TypeError):  # a torch without the option
+        options = {}
+    with profile(activities=activities, **options) if enabled else contextlib.nullcontext() as prof:
         fn()
         synchronize(device)
     if not enabled:

@@ -26,6 +26,10 @@ from dataclasses import dataclass
 PEAK_BF16_FLOPS = 989e12
 """Dense bf16 tensor-core peak of an H100/H200 SXM (datasheet, no sparsity)."""
 
+# Dense bf16 datasheet peaks by the name CUDA reports (first match wins; no sparsity).
+GPU_PEAKS = (("H200", 989e12), ("H100 80GB HBM3", 989e12), ("H100 SXM", 989e12), ("H100 NVL", 835e12),
+             ("H100 PCIe", 756e12), ("A100", 312e12))
+
 # How much backward costs, as a multiple of forward, for a layer whose weights are ...
 BACKWARD = {"trained": 2, "through": 1, "frozen": 0}
 
@@ -170,6 +174,31 @@ def step_flops(llm: LLMShape, vision: VisionShape, projector_forward: float, wor
     parts = {k: v * batch for k, v in per_sample.items()}
     parts["total"] = sum(parts.values())
     return parts
+
+
+def batch_flops(config, lengths: list[int], logits: int, images: int, llm_grad: str) -> dict[str, float]:
+    """FLOPs of a batch of variable-length samples through crossvlm's design, by part, with "total".
+
+    `config` is the model's CrossVLMConfig; `lengths` the samples' token counts (padding is not work,
+    and packed samples attend within themselves, so attention sums each sample's own square);
+    `logits` the positions whose logits are computed; `images` the images of the batch.
+    """
+    llm, vision = LLMShape.from_config(config.text_config), VisionShape.from_config(config.vision_config)
+    width = llm.heads * llm.head_dim
+    parts = {
+        "vision": images * vision.forward_flops(vision_layers_needed(config)),
+        "projector": images * projector_forward_flops(config) * (1 + BACKWARD["trained"]),
+        "llm_linear": llm.layers * linear_flops(llm.layer_params, sum(lengths), llm_grad),
+        "llm_attention": llm.layers * sum(attention_flops(n, n, width, llm_grad, causal=True) for n in lengths),
+        "lm_head": linear_flops(llm.head_params, logits, llm_grad),
+    }
+    parts["total"] = sum(parts.values())
+    return parts
+
+
+def peak_flops(device_name: str) -> float | None:
+    """The dense bf16 peak of a GPU by its CUDA name, or None when it is not in GPU_PEAKS."""
+    return next((peak for key, peak in GPU_PEAKS if key in device_name), None)
 
 
 def required_step_flops(config, text_tokens: int, labelled: int, llm_grad: str, batch: int) -> dict[str, float]:

@@ -2,20 +2,18 @@
 
 The model is a CrossVLM of the preset's random base models (bf16 on a GPU, float32 on a CPU); the
 prompt is one user turn with one camera-sized JPEG, rendered by the processor as chat and serving do.
-Every path is `CrossVLM.generate` (merged embeddings as the prefill, then Qwen3's own `generate`);
-greedy, `min_new_tokens` = `max_new_tokens` so random weights cannot stop early at an EOS.
+The `generate()` variants are `CrossVLM.generate` (merged embeddings as the prefill, then Qwen3's own
+`generate`); greedy, `min_new_tokens` = `max_new_tokens` so random weights cannot stop early at an EOS.
 
 Variants (transformers' own levers, then ours):
 - `dynamic`: the stock path (DynamicCache);
 - `static`: `cache_implementation="static"` with `disable_compile=True`;
 - `static+compile`: `cache_implementation="static"`, which transformers compiles on CUDA for the
   decode steps (`torch.compile`, mode "reduce-overhead": CUDA graphs); the prefill stays eager;
-- `graph`: `crossvlm.model.decoding.StaticDecoder`, our greedy loop over a static cache; on a GPU
-  the prefill (prompt padded to a multiple of 64 tokens) and the decode step are each compiled and
-  replayed as CUDA graphs (eager on a CPU);
-- `graph-autotune`: the same with the decode step compiled in mode `max-autotune` (Triton matmul
-  templates tuned per shape, their epilogues fused; minutes more to compile). The prefill stays in
-  `reduce-overhead`: tuning its many shapes (the vision tower's too) takes longer than 5 minutes.
+- `engine`: `crossvlm.engine`, the generation engine behind serve, chat, eval and `crossvlm.load`
+  (greedy with `ignore_eos`; the prompt prepared once by `ChatModel.prompt`, images preprocessed, as
+  the `generate()` variants get theirs). It runs last: it makes the LLM attend through its own
+  attention function (transformers' registry).
 
 Timings are CUDA-synchronised wall times. TTFT = a `max_new_tokens=1` call (prefill + first token,
 inputs already on the device; the image processor's CPU time is reported apart as `preprocess_ms`).
@@ -39,7 +37,6 @@ from crossvlm.bench.common import (ensure_models, env_info, free_memory, median,
 from crossvlm.errors import ConfigError
 
 PROMPT = "<image>\nDescribe this image in detail."
-PROMPT_MULTIPLE = 64
 
 
 @dataclass
@@ -89,51 +86,54 @@ def _generate(model, inputs: dict, new_tokens: int, options: dict):
     return model.generate(**inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, **options)
 
 
-def _generator(model, name: str, new_tokens: int):
-    """generate(inputs, n) for a variant: `CrossVLM.generate` with the variant's options, or crossvlm's
-    StaticDecoder (one per batch size, its cache sized for the prompt plus `new_tokens`)."""
+def _generator(model, processor, image, name: str, cfg: GenerateBenchConfig, device: torch.device):
+    """generate(batch, n) -> new tokens of the first row, for a variant: `CrossVLM.generate` with the
+    variant's options on one prompt or `batch_size` of them, or the engine on the same prompts."""
     options = VARIANTS[name]
-    if "decoder" not in options:
-        return lambda inputs, n: _generate(model, inputs, n, options)
-    from crossvlm.model.decoding import StaticDecoder
+    if "engine" not in options:
+        inputs = {1: _inputs(processor, image, 1, device), cfg.batch_size: _inputs(processor, image, cfg.batch_size, device)}
 
-    decoders = {}
+        def generate(batch: int, n: int) -> int:
+            out = _generate(model, inputs[batch], n, options)
+            return out.shape[1] - inputs[batch]["input_ids"].shape[1]
 
-    def generate(inputs, n):
-        ids = inputs["input_ids"]
-        if ids.shape[0] not in decoders:
-            bucket = -(-ids.shape[1] // PROMPT_MULTIPLE) * PROMPT_MULTIPLE  # the prefill's shape in every call
-            decoders[ids.shape[0]] = StaticDecoder(model, max_length=bucket + new_tokens, mode=options["mode"],
-                                                   decode_mode=options.get("decode_mode"),
-                                                   prompt_multiple=PROMPT_MULTIPLE)
-        return decoders[ids.shape[0]].generate(ids, inputs.get("pixel_values"), inputs.get("attention_mask"),
-                                               max_new_tokens=n)
+        return generate
+    from crossvlm.engine import EngineConfig, SamplingParams
+    from crossvlm.inference import ChatModel
+
+    chat = ChatModel(model, processor)
+    prompt = chat.prompt([{"role": "user", "content": PROMPT}], [image])
+    kv = -(-(len(prompt.input_ids) + cfg.new_tokens) // 256) * 256
+    chat.engine_config = EngineConfig(slots=cfg.batch_size, max_len=kv)
+
+    def generate(batch: int, n: int) -> int:
+        done = chat.generate_prompts([prompt] * batch, SamplingParams(max_new_tokens=n, greedy=True, ignore_eos=True))
+        return done[0].completion_tokens
 
     return generate
 
 
-def _run_variant(model, name: str, one: dict, many: dict, cfg: GenerateBenchConfig, device: torch.device) -> dict:
+def _run_variant(model, processor, image, name: str, cfg: GenerateBenchConfig, device: torch.device) -> dict:
     options = VARIANTS[name]
-    n, b = cfg.new_tokens, many["input_ids"].shape[0]
-    generate = _generator(model, name, n)
+    n, b = cfg.new_tokens, cfg.batch_size
     free_memory(device)
-    say(f"[generate] {name}: warming up (compiles here if the variant compiles) ...")
+    say(f"[generate] {name}: warming up (compiles or records CUDA graphs here if the variant does) ...")
     start = time.perf_counter()
-    compiles = "decoder" in options or ("disable_compile" not in options and "cache_implementation" in options)
+    generate = _generator(model, processor, image, name, cfg, device)
+    compiles = "disable_compile" not in options and "cache_implementation" in options
     for _ in range(2 if compiles else 1):  # the first call compiles, the next records the CUDA graphs
-        generate(one, n)
-        generate(many, n)
+        generate(1, n)
+        generate(b, n)
     warmup_s = time.perf_counter() - start
-    generate(one, 1)
-    ttft = [timed(lambda: generate(one, 1), device)[0] for _ in range(cfg.ttft_repeats)]
-    full, out = [], None
+    generate(1, 1)
+    ttft = [timed(lambda: generate(1, 1), device)[0] for _ in range(cfg.ttft_repeats)]
+    full, new = [], None
     for _ in range(cfg.decode_repeats):
-        seconds, out = timed(lambda: generate(one, n), device)
+        seconds, new = timed(lambda: generate(1, n), device)
         full.append(seconds)
-    new = out.shape[1] - one["input_ids"].shape[1]
     if new != n:
         raise RuntimeError(f"asked for {n} new tokens, got {new}")
-    batch_s = [timed(lambda: generate(many, n), device)[0] for _ in range(cfg.batch_repeats)]
+    batch_s = [timed(lambda: generate(b, n), device)[0] for _ in range(cfg.batch_repeats)]
     ttft_s, full_s = median(ttft), median(full)
     # On a busy CPU the two medians can cross for very short calls; no decode speed is better than a wrong one.
     decode_s = (full_s - ttft_s) / (n - 1) if full_s > ttft_s else None
@@ -149,7 +149,7 @@ def _run_variant(model, name: str, one: dict, many: dict, cfg: GenerateBenchConf
         "peak_memory_gib": peak_memory_gib(device),
     }
     if cfg.profile:
-        record.update(profiled(lambda: generate(one, n), device, Path(cfg.profile) / f"generate_{name.replace('+', '_')}",
+        record.update(profiled(lambda: generate(1, n), device, Path(cfg.profile) / f"generate_{name.replace('+', '_')}",
                                f"{name}, one prompt, {n} new tokens (prefill + {n - 1} decode steps)"))
     decode = "n/a" if decode_s is None else f"{1 / decode_s:.1f}"
     say(f"[generate] {name}: TTFT {record['ttft_ms']:.1f} ms, decode {decode} tok/s at batch 1, "
@@ -182,16 +182,16 @@ def run_generate_bench(cfg: GenerateBenchConfig) -> dict:
         start = time.perf_counter()
         processor([processor.render([{"role": "user", "content": PROMPT}])], images=[image])
         preprocess.append(time.perf_counter() - start)
-    one, many = _inputs(processor, image, 1, device), _inputs(processor, image, cfg.batch_size, device)
-    say(f"bench generate: preset {cfg.preset}, {dtype} on {device}, prompt {one['input_ids'].shape[1]} tokens "
+    prompt_tokens = _inputs(processor, image, 1, device)["input_ids"].shape[1]
+    say(f"bench generate: preset {cfg.preset}, {dtype} on {device}, prompt {prompt_tokens} tokens "
         f"({model.num_image_tokens} image tokens), {cfg.new_tokens} new tokens; variants: {', '.join(cfg.variants)}")
-    for name in cfg.variants:
+    for name in sorted(cfg.variants, key=lambda v: v == "engine"):  # the engine last: it changes the attention
         if name == "static+compile" and device.type != "cuda":
             records.append({"variant": name, "skipped": "transformers compiles generate on CUDA only"})
             say(f"[generate] {name}: skipped (needs CUDA)")
             continue
         try:
-            records.append(_run_variant(model, name, one, many, cfg, device))
+            records.append(_run_variant(model, processor, image, name, cfg, device))
         except Exception:  # noqa: BLE001 — one failing variant must not lose the others
             records.append({"variant": name, "error": traceback.format_exc(limit=8)})
             say(f"[generate] {name}: FAILED\n{records[-1]['error']}")
@@ -208,7 +208,7 @@ def run_generate_bench(cfg: GenerateBenchConfig) -> dict:
         "benchmark": "generate",
         "preset": cfg.preset,
         "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()},
-        "prompt_tokens": one["input_ids"].shape[1],
+        "prompt_tokens": prompt_tokens,
         "image_tokens": model.num_image_tokens,
         "dtype": str(dtype),
         "preprocess_ms": 1000 * median(preprocess),

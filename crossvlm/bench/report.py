@@ -26,7 +26,28 @@ def _markdown(title: str, cols: list[str], records: list[dict], done_key: str, c
     return lines
 
 
+def real_data_table(report: dict) -> str:
+    d = report["data"]
+    source = "a generated variable-length set" if d["generated"] else f"`{d['path']}`"
+    title = (f"Training on {source}, stage `{report['stage']}`, preset `{report['preset']}`: the real loop "
+             f"(`Trainer.run`), batch {report['config']['batch_size']} samples, rows of {d['max_length']} tokens; "
+             f"`fixed`: the fixed-length step on rows of the same shape; {_heading(report)}")
+    cols = ["variant", "attention", "samples/s", "real tokens/s", "× fixed", "padding", "MFU", "rows/step", "step ms",
+            "peak GiB"]
+    lines = _markdown(title, cols, report["variants"], "samples_per_s", lambda r: [
+        r["variant"], str(r.get("attention") or ("padded" if r["variant"] != "fixed" else "sdpa, no mask")),
+        _num(r["samples_per_s"]), _num(r["tokens_per_s"], ".0f"), _num(r.get("tokens_vs_fixed"), ".2f", suffix="×"),
+        _num(r.get("padding_share", 0.0), ".1f", 100, "%"), _num(r["mfu"], ".1f", 100, "%"),
+        _num(r.get("rows_per_step")), _num(r["step_s_median"], ".1f", 1000), _num(r["peak_memory_gib"]),
+    ])
+    if report.get("mfu_note"):
+        lines += ["", f"MFU: {report['mfu_note']}."]
+    return "\n".join(lines)
+
+
 def train_table(report: dict) -> str:
+    if report.get("data"):
+        return real_data_table(report)
     s = report["sample"]
     title = (f"Training, stage `{report['stage']}`, preset `{report['preset']}`: batch "
              f"{report['config']['batch_size']} per process, {s['text_tokens']} text tokens ({s['labelled']} labelled) "
@@ -73,7 +94,30 @@ def data_table(report: dict) -> str:
     return "\n".join(lines)
 
 
-TABLES = {"train": train_table, "generate": generate_table, "data": data_table}
+def serve_table(report: dict) -> str:
+    c = report["config"]
+    lines = [
+        f"Serving, preset `{report['preset']}`, {report['dtype']}: {report['slots']} slots of {report['max_len']} "
+        f"tokens; long workload: text {c['prompt_tokens'][0]}–{c['prompt_tokens'][1]} tokens + one "
+        f"{c['jpeg_size'][0]}×{c['jpeg_size'][1]} JPEG, {c['output_tokens'][0]}–{c['output_tokens'][1]} tokens out, "
+        f"ignore_eos; short: {c['short_tokens']} tokens; {_heading(report)}",
+        "",
+        "| run | requests | output tok/s | × generate() | TTFT p50 / p95 ms | ITL p50 / p95 ms | failed |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    runs = [(f"server, {name.replace('@', ', concurrency ')}", r) for name, r in report["server"].items()]
+    runs += [(f"offline engine, {name}", r) for name, r in report["offline"].items() if "requests" in r]
+    if report.get("baseline"):
+        runs.append(("stock generate(), one batch", report["baseline"]))
+    for name, r in runs:
+        ttft, itl = r.get("ttft_ms") or {}, r.get("itl_ms") or {}
+        lines.append(f"| {name} | {r['requests']} | {r['output_tokens_per_s']:.0f} | "
+                     f"{_num(r.get('vs_generate'), '.1f', suffix='×')} | {_num(ttft.get('p50'))} / {_num(ttft.get('p95'))} | "
+                     f"{_num(itl.get('p50'), '.2f')} / {_num(itl.get('p95'), '.2f')} | {r.get('failed', 0)} |")
+    return "\n".join(lines)
+
+
+TABLES = {"train": train_table, "generate": generate_table, "serve": serve_table, "data": data_table}
 
 
 def table(report: dict) -> str:

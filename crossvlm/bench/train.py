@@ -75,6 +75,13 @@ class TrainBenchConfig:
     """Write a torch.profiler trace and a kernel table of a few steps per variant into this folder."""
     profile_steps: int = 3
     seed: int = 0
+    data: str | None = None
+    """Run the real loop on this data file (crossvlm.bench.realdata); `generate`: on a generated
+    variable-length set; None: the fixed-length variants above."""
+    data_variants: tuple[str, ...] = ("packed", "fixed")
+    """With `data`: which of crossvlm.bench.realdata.DATA_VARIANTS to run."""
+    max_length: int | None = None
+    """With `data`: `data.max_length` (the packed row length); None: the stage config's."""
 
     def validate(self) -> None:
         from crossvlm.make_model import PRESETS
@@ -87,6 +94,14 @@ class TrainBenchConfig:
         bad = [v for v in self.variants if v not in BASE_VARIANTS]
         if bad:
             p.append(f"unknown variants {bad}; choose from {list(BASE_VARIANTS)}")
+        if self.data is not None:
+            from crossvlm.bench.realdata import DATA_VARIANTS
+
+            bad = [v for v in self.data_variants if v not in DATA_VARIANTS]
+            if bad or not self.data_variants:
+                p.append(f"unknown data variants {bad}; choose from {list(DATA_VARIANTS)}")
+            if self.levers:
+                p.append("--levers apply to the fixed-length variants, not to --data runs")
         bad = [lever for lever in self.levers if lever not in LEVERS]
         if bad:
             p.append(f"unknown levers {bad}; choose from {sorted(LEVERS)} or 'all'")
@@ -94,6 +109,8 @@ class TrainBenchConfig:
             p.append("nothing to run: give at least one variant or lever")
         if self.batch_size < 1 or self.steps < 1 or self.warmup < 0 or self.profile_steps < 1:
             p.append("batch size, steps and profile steps must be >= 1, warmup >= 0")
+        if self.data not in (None, "generate") and not Path(self.data).is_file():
+            p.append(f"--data {self.data}: no such file")
         if self.workers is not None and self.workers < 0:
             p.append("workers must be >= 0")
         if p:
@@ -138,10 +155,12 @@ class _Context:
     llm_grad: str
     workers: int
     results: list = field(default_factory=list)
+    sample_shape: SampleShape | None = None
+    """The fixed-length samples' shape; None: the stage's (STAGES)."""
 
     @property
     def shape(self) -> SampleShape:
-        return STAGES[self.cfg.stage]
+        return self.sample_shape or STAGES[self.cfg.stage]
 
 
 def plan(cfg: TrainBenchConfig) -> list[Variant]:
@@ -184,6 +203,8 @@ def _stage_overrides(ctx: _Context, v: Variant) -> dict:
         "model.init_from": None, "model.llm": str(ctx.llm_dir), "model.vision": str(ctx.vision_dir),
         "run.out_dir": str(ctx.tmp / "runs" / v.name), "run.max_steps": 10_000, "run.seed": cfg.seed,
         "run.progress": False, "run.plot": False, "data.num_workers": 0,
+        # Fixed-length rows have no padding and one sample each: the LLM's stock attention, no packing.
+        "data.packing": False,
         # The loop's own loader is built but never read (the bench feeds its batches); its epoch must
         # still hold one global batch, so the small photo file is repeated as often as needed.
         "data.sources": [{"path": str(ctx.photos),
@@ -474,10 +495,21 @@ def run_train_bench(cfg: TrainBenchConfig, rt=None) -> dict:
         )
         variants = plan(cfg)
         shape = ctx.shape
-        rt.print(f"bench train: stage {cfg.stage}, preset {cfg.preset}, batch {cfg.batch_size} x {rt.world_size} "
-                 f"process(es), {shape.text_tokens} text tokens ({shape.labelled} labelled) per sample, "
-                 f"{workers} loader workers, device {rt.device}; variants: {', '.join(v.name for v in variants)}")
-        records = [_run_variant(ctx, v) for v in variants]
+        data_info = None
+        if cfg.data is not None:
+            from crossvlm.bench.realdata import run_data_variants
+
+            rt.print(f"bench train: stage {cfg.stage}, preset {cfg.preset}, real loop on "
+                     f"{'a generated variable-length set' if cfg.data == 'generate' else cfg.data}, batch "
+                     f"{cfg.batch_size} samples x {rt.world_size} process(es), {workers} loader workers, device "
+                     f"{rt.device}; variants: {', '.join(cfg.data_variants)}")
+            records, data_info = run_data_variants(ctx, None if cfg.data == "generate" else Path(cfg.data),
+                                                   cfg.max_length, cfg.data_variants)
+        else:
+            rt.print(f"bench train: stage {cfg.stage}, preset {cfg.preset}, batch {cfg.batch_size} x {rt.world_size} "
+                     f"process(es), {shape.text_tokens} text tokens ({shape.labelled} labelled) per sample, "
+                     f"{workers} loader workers, device {rt.device}; variants: {', '.join(v.name for v in variants)}")
+            records = [_run_variant(ctx, v) for v in variants]
     add_ratios(records)
     cuda = rt.device.type == "cuda"
     return {
@@ -489,6 +521,7 @@ def run_train_bench(cfg: TrainBenchConfig, rt=None) -> dict:
                    "jpeg_size": list(cfg.jpeg_size), "loader_workers": workers},
         "mfu_peak_flops": PEAK_BF16_FLOPS if cuda else None,
         "mfu_note": None if cuda else "not applicable: MFU is defined against the GPU's bf16 peak",
+        "data": data_info,
         "env": env_info(rt.device, rt.world_size),
         "variants": records,
     }

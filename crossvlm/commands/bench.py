@@ -30,6 +30,14 @@ def _size(text: str) -> tuple[int, int]:
     return w, h
 
 
+def _range(text: str) -> tuple[int, int]:
+    try:
+        lo, hi = (int(x) for x in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected LO,HI, e.g. 100,1024, got {text!r}") from None
+    return lo, hi
+
+
 def _common(p: argparse.ArgumentParser, out_help: str) -> None:
     p.add_argument("--preset", choices=("full", "tiny"), default="full",
                    help="random base models with Qwen3-0.6B + CLIP ViT-B/16 shapes (full) or tiny ones (CPU tests)")
@@ -63,14 +71,26 @@ def _train_config(args: argparse.Namespace, stage: str, levers_default: tuple[st
     return TrainBenchConfig(
         preset=args.preset, stage=stage, models=args.models, batch_size=args.batch_size, steps=args.steps,
         warmup=args.warmup, max_seconds=args.max_seconds, compile=args.compile,
-        variants=TRAIN_VARIANTS if getattr(args, "variants", None) is None else args.variants,  # "none": levers only
+        variants=(TRAIN_VARIANTS if getattr(args, "variants", None) is None or getattr(args, "data", None)
+                  else args.variants),  # "none": levers only
         levers=args.levers if args.levers is not None else levers_default, workers=args.workers,
-        jpeg_size=args.jpeg_size, profile=args.profile,
+        jpeg_size=args.jpeg_size, profile=args.profile, **_data_options_of(args),
     )
 
 
+def _data_options_of(args: argparse.Namespace) -> dict:
+    """`bench train --data`'s settings (absent from `bench all`)."""
+    data = getattr(args, "data", None)
+    if data is None:
+        return {}
+    out = {"data": data, "max_length": args.max_length}
+    if args.variants is not None:
+        out["data_variants"] = args.variants
+    return out
+
+
 def register(sub) -> None:
-    parser = sub.add_parser("bench", help="speed benchmarks: training step, generation, data loader",
+    parser = sub.add_parser("bench", help="speed benchmarks: training step, generation, serving, data loader",
                             description="Speed benchmarks on random models of the real shapes (docs/PERFORMANCE.md).")
     actions = parser.add_subparsers(dest="bench_command", metavar="BENCHMARK", required=True)
 
@@ -80,7 +100,14 @@ def register(sub) -> None:
                            "bytes. Under torchrun each process runs its own batch; rank 0 reports the aggregate.")
     _common(p, "write the report as JSON to this file")
     p.add_argument("--stage", choices=("pretrain", "sft"), default="sft")
-    p.add_argument("--variants", type=_names, default=None, help="comma-separated subset of ours,mlp,naive")
+    p.add_argument("--variants", type=_names, default=None,
+                   help="comma-separated subset of ours,mlp,naive; with --data, of "
+                   "packed,flex,varlen,sdpa,padded,fixed (default packed,fixed)")
+    p.add_argument("--data", nargs="?", const="generate", metavar="FILE",
+                   help="run the real training loop (crossvlm train's) on FILE (any format the loader reads), beside "
+                   "the fixed-length step of the same shapes; --data alone generates a variable-length set")
+    p.add_argument("--max-length", type=int, help="with --data: data.max_length, the packed row length "
+                   "(default: the stage config's)")
     _train_options(p)
     p.set_defaults(func=_train)
 
@@ -90,6 +117,24 @@ def register(sub) -> None:
     _common(p, "write the report as JSON to this file")
     _generate_options(p)
     p.set_defaults(func=_generate)
+
+    p = actions.add_parser("serve", help="the real server under concurrent streaming clients, offline, generate()",
+                           description="Start `crossvlm serve` on 127.0.0.1 with a random model of the preset and "
+                           "drive it with concurrent streaming clients on a nano-vllm-like workload (text + one image, "
+                           "ignore_eos), then the same requests offline through the engine and through stock "
+                           "generate() (docs/PERFORMANCE.md).")
+    _common(p, "write the report as JSON to this file")
+    p.add_argument("--requests", type=int, default=256, help="requests of the long workload")
+    p.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 64, 256], help="streams open at once")
+    p.add_argument("--prompt-tokens", type=_range, default=(100, 1024), metavar="LO,HI", help="text tokens per request")
+    p.add_argument("--output-tokens", type=_range, default=(100, 1024), metavar="LO,HI", help="tokens asked per request")
+    p.add_argument("--short-requests", type=int, default=1000, help="requests of the short-answer case")
+    p.add_argument("--short-tokens", type=int, default=16, help="tokens per short answer")
+    p.add_argument("--baseline-requests", type=int, default=32, help="requests stock generate() answers (0: none)")
+    p.add_argument("--slots", type=int, help="the engine's slots (default: the largest concurrency)")
+    p.add_argument("--client-processes", type=int, default=4, help="processes the streaming clients run in")
+    p.add_argument("--compile", action="store_true", help="the engine's decode step fused by torch.compile")
+    p.set_defaults(func=_serve)
 
     p = actions.add_parser("data", help="data loader images/s per worker count on camera-sized JPEGs",
                            description="The real loader (crossvlm.data.bench.bench_loader) over generated JPEGs.")
@@ -167,6 +212,20 @@ def _generate(args: argparse.Namespace) -> int:
     from crossvlm.bench.generate import run_generate_bench
 
     return _finish(run_generate_bench(_generate_config(args)), args.out)
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from crossvlm.bench.serve import ServeBenchConfig, run_serve_bench
+
+    cfg = ServeBenchConfig(preset=args.preset, models=args.models, requests=args.requests,
+                           concurrency=tuple(args.concurrency), prompt_tokens=args.prompt_tokens,
+                           output_tokens=args.output_tokens, short_requests=args.short_requests,
+                           short_tokens=args.short_tokens, baseline_requests=args.baseline_requests, slots=args.slots,
+                           client_processes=args.client_processes, compile=args.compile)
+    report = run_serve_bench(cfg)
+    code = _finish(report, args.out)
+    failed = sum(r.get("failed", 0) for r in report["server"].values())
+    return 1 if failed else code
 
 
 def _data(args: argparse.Namespace) -> int:

@@ -108,7 +108,11 @@ def run(args: argparse.Namespace) -> int:
         raise CrossVLMError("give --model DIR, or both --llm and --vision")
     sampling = sampling_from_args(args)
     images = [open_image(path, param=str(path)) for path in args.image]
-    chat = ChatModel.load(args.model, llm=args.llm, vision=args.vision, device=args.device)
+    from crossvlm.engine import EngineConfig
+
+    # One conversation: one slot (a small KV cache and few CUDA graphs to record at start).
+    chat = ChatModel.load(args.model, llm=args.llm, vision=args.vision, device=args.device,
+                          engine=EngineConfig(slots=1))
     system = [{"role": "system", "content": args.system}] if args.system else []
 
     if args.prompt is not None:

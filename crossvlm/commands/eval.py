@@ -23,7 +23,11 @@ def register(sub) -> None:
     p.add_argument("--task", choices=("auto", "vqa", "caption"), default="auto",
                    help="metrics to compute (auto: vqa when references average at most 3 words)")
     p.add_argument("--limit", type=int, help="evaluate only the first N examples")
-    p.add_argument("--batch-size", type=int, default=16, help="prompts answered together")
+    p.add_argument("--batch-size", type=int, default=256,
+                   help="prompts read and handed to the generation engine at a time (up to twice this many in flight)")
+    from crossvlm.commands.serve import add_engine_args
+
+    add_engine_args(p.add_argument_group("engine"))
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--thinking", action="store_true", help="let the model think first (reasoning not scored)")
     p.add_argument("--out", type=Path, default=Path("predictions.jsonl"),
@@ -50,7 +54,9 @@ def run(args: argparse.Namespace) -> int:
     if problems:
         raise ConfigError("; ".join(problems))
 
-    chat = ChatModel.load(args.model, device=args.device)
+    from crossvlm.commands.serve import engine_config
+
+    chat = ChatModel.load(args.model, device=args.device, engine=engine_config(args))
     skipped = Skipped()
     examples = read_examples(args.data, fmt=args.format, image_root=args.image_root, limit=args.limit,
                              skipped=skipped)

@@ -27,10 +27,10 @@ def register(sub) -> None:
                    help="require `Authorization: Bearer KEY` on /v1 routes (default: $CROSSVLM_API_KEY)")
     p.add_argument("--model-name", help="the model id clients see (default: the directory's name)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 … (default: cuda if available)")
-    g = p.add_argument_group("batching")
-    g.add_argument("--max-batch-size", type=int, default=8, help="most requests answered together (1 = queue)")
-    g.add_argument("--batch-wait-ms", type=float, default=5.0,
-                   help="how long a free worker waits for more requests to batch with the first")
+    g = p.add_argument_group("engine")
+    add_engine_args(g)
+    g.add_argument("--max-waiting", type=int, default=1024,
+                   help="requests that may wait for a slot; more are refused with 429 and Retry-After")
     g.add_argument("--max-tokens", type=int, default=512, help="token budget when a request gives none")
     g.add_argument("--thinking", action="store_true", help="thinking mode for requests that do not choose")
     g = p.add_argument_group("images")
@@ -43,6 +43,27 @@ def register(sub) -> None:
                    help="accept file paths / file:// URLs of images inside DIR")
     p.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
     p.set_defaults(func=run)
+
+
+def add_engine_args(g) -> None:
+    """The generation engine's sizes (`crossvlm serve`, `chat`, `eval`)."""
+    g.add_argument("--slots", type=int, help="requests generated at once, each with its own KV-cache slot "
+                   "(default: 256 on a GPU if memory allows, 8 on a CPU)")
+    g.add_argument("--max-len", type=int, help="tokens per slot: the longest prompt + answer "
+                   "(default: the model's context, at most 4096)")
+    g.add_argument("--compile", action="store_true", help="fuse the decode step with torch.compile before "
+                   "recording its CUDA graphs (minutes more at start-up; see docs/PERFORMANCE.md)")
+
+
+def engine_config(args: argparse.Namespace):
+    from crossvlm.engine import EngineConfig
+    from crossvlm.errors import ConfigError
+
+    for name in ("slots", "max_len"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise ConfigError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
+    return EngineConfig(slots=args.slots, max_len=args.max_len, compile=args.compile)
 
 
 def _bind(host: str, port: int) -> socket.socket:
@@ -69,8 +90,8 @@ def run(args: argparse.Namespace) -> int:
     problems = []
     if (args.model is None) == (args.llm is None or args.vision is None):
         problems.append("give --model DIR, or both --llm and --vision")
-    if args.max_batch_size < 1:
-        problems.append(f"--max-batch-size must be at least 1, got {args.max_batch_size}")
+    if args.max_waiting < 0:
+        problems.append(f"--max-waiting must be at least 0, got {args.max_waiting}")
     if args.max_tokens < 1:
         problems.append(f"--max-tokens must be at least 1, got {args.max_tokens}")
     if args.allow_local_images is not None and not args.allow_local_images.is_dir():
@@ -78,14 +99,14 @@ def run(args: argparse.Namespace) -> int:
     if problems:
         raise ConfigError("; ".join(problems))
 
-    chat = ChatModel.load(args.model, llm=args.llm, vision=args.vision, device=args.device)
+    chat = ChatModel.load(args.model, llm=args.llm, vision=args.vision, device=args.device,
+                          engine=engine_config(args))
     settings = ServerSettings(
         model_name=args.model_name or (args.model.resolve().name if args.model else "crossvlm"), api_key=args.api_key or None,
         images=ImagePolicy(max_pixels=args.max_image_pixels, max_bytes=int(args.max_image_mb * 1e6),
                            allow_remote=args.allow_remote_images, remote_timeout=args.remote_timeout,
                            local_root=args.allow_local_images),
-        max_batch_size=args.max_batch_size, batch_wait=args.batch_wait_ms / 1000,
-        default_max_tokens=args.max_tokens, thinking=args.thinking,
+        max_waiting=args.max_waiting, default_max_tokens=args.max_tokens, thinking=args.thinking,
     )
     sock = _bind(args.host, args.port)
     host, port = sock.getsockname()[:2]

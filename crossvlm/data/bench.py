@@ -55,21 +55,10 @@ def bench_loader(data_path: str | Path, vision_dir: str | Path, llm_dir: str | P
 def write_photo_parquet(path: str | Path, rows: int = 512, size: tuple[int, int] = (640, 480), seed: int = 0) -> Path:
     """A MiniMind-V parquet of camera-sized JPEGs (smooth colour fields with noise, ~60 KB each), for
     benchmarking decode cost like real photos rather than the 64-px shapes."""
-    import numpy as np
     import pyarrow as pa
     import pyarrow.parquet as pq
-    from PIL import Image
 
-    rng = np.random.default_rng(seed)
-    w, h = size
-    images = []
-    for _ in range(min(rows, 64)):  # a pool of distinct images, reused to keep writing fast
-        low = rng.integers(0, 256, (6, 8, 3), dtype=np.uint8)
-        img = Image.fromarray(low).resize((w, h), Image.BICUBIC)
-        noisy = np.asarray(img, dtype=np.int16) + rng.integers(-20, 21, (h, w, 3))
-        buf = io.BytesIO()
-        Image.fromarray(noisy.clip(0, 255).astype(np.uint8)).save(buf, format="JPEG", quality=90)
-        images.append(buf.getvalue())
+    images = photo_jpegs(min(rows, 64), size, seed)  # a pool of distinct images, reused to keep writing fast
     pick = random.Random(seed)
     conversations = ['[{"role": "user", "content": "<image>\\nDescribe the image."}, '
                      '{"role": "assistant", "content": "A picture with soft colours and some noise."}]'] * rows
@@ -78,6 +67,24 @@ def write_photo_parquet(path: str | Path, rows: int = 512, size: tuple[int, int]
     path = Path(path)
     pq.write_table(table, path, row_group_size=256)
     return path
+
+
+def photo_jpegs(count: int, size: tuple[int, int] = (640, 480), seed: int = 0) -> list[bytes]:
+    """`count` encoded camera-like JPEGs: smooth colour fields with noise, ~60 KB at 640×480."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    w, h = size
+    images = []
+    for _ in range(count):
+        low = rng.integers(0, 256, (6, 8, 3), dtype=np.uint8)
+        img = Image.fromarray(low).resize((w, h), Image.BICUBIC)
+        noisy = np.asarray(img, dtype=np.int16) + rng.integers(-20, 21, (h, w, 3))
+        buf = io.BytesIO()
+        Image.fromarray(noisy.clip(0, 255).astype(np.uint8)).save(buf, format="JPEG", quality=90)
+        images.append(buf.getvalue())
+    return images
 
 
 def format_results(results: list[dict]) -> str:

@@ -1,14 +1,18 @@
-"""Samples into batches: dynamic right padding, or packing several samples into one row.
+"""Samples into batches: dynamic right padding, or packing several samples into rows of one length.
 
 A batch is a dict:
 - input_ids (B, T) long, right padded with the tokenizer's pad id;
 - labels (B, T) long, IGNORE_INDEX on padding and on untrained tokens;
 - attention_mask (B, T) long when padded; None when packed, with
-- position_ids (B, T) long restarting at 0 at every sample (packed only). With `attention_mask=None`
-  and such positions, transformers' masking utilities build a block-diagonal causal mask, so no
-  token attends across samples (the forward must also run without a KV cache: `use_cache=False`);
+- position_ids (B, T) long restarting at 0 at every sample, and document_ids (B, T) long: the index
+  of each token's sample within its row, the row's padding tail being one more (packed only). Packed
+  rows are always `max_length` wide, so a compiled model sees one row length whatever the samples'.
+  The model keeps every token to its own sample (crossvlm.model.packing); with `document_ids`
+  dropped, transformers' masking utilities still derive a block-diagonal causal mask from the
+  restarting positions (the forward must then run without a KV cache: `use_cache=False`);
 - pixel_values (N, 3, H, W) float32: the batch's images in the order their spans appear in the
   row-major flattened input_ids (absent when the batch has no image);
+- lengths: every sample's token count (the FLOP count of the step reads them);
 - num_tokens: labelled tokens; num_samples: good samples; num_truncated; bad_records: list[BadRecord].
 """
 
@@ -53,27 +57,33 @@ class Collator:
         bad = [s for s in items if isinstance(s, BadRecord)]
         rows = pack(samples, self.max_length) if self.packing else [[s] for s in samples]
         width = max((sum(len(s) for s in row) for row in rows), default=0)
+        if self.packing and rows:
+            width = self.max_length
         input_ids = torch.full((len(rows), width), self.pad_token_id, dtype=torch.long)  # (B, T)
         labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)  # (B, T)
         positions = torch.zeros((len(rows), width), dtype=torch.long)  # (B, T)
         mask = torch.zeros((len(rows), width), dtype=torch.long)  # (B, T)
+        documents = torch.zeros((len(rows), width), dtype=torch.long)  # (B, T)
         images = []
         for r, row in enumerate(rows):
             t = 0
-            for s in row:
+            for d, s in enumerate(row):
                 n = len(s)
                 input_ids[r, t : t + n] = s.input_ids
                 labels[r, t : t + n] = s.labels
                 positions[r, t : t + n] = torch.arange(n)
                 mask[r, t : t + n] = 1
+                documents[r, t : t + n] = d
                 if s.pixel_values is not None and len(s.pixel_values):
                     images.append(s.pixel_values)
                 t += n
             # Padding gets positions 0, 1, ... of its own, so it forms a separate "sample" when packed.
             positions[r, t:] = torch.arange(width - t)
+            documents[r, t:] = len(row)
         batch = {
             "input_ids": input_ids,
             "labels": labels,
+            "lengths": [len(s) for s in samples],
             "num_tokens": int((labels != IGNORE_INDEX).sum()),
             "num_samples": len(samples),
             "num_truncated": sum(s.truncated for s in samples),
@@ -82,6 +92,7 @@ class Collator:
         if self.packing:
             batch["attention_mask"] = None
             batch["position_ids"] = positions
+            batch["document_ids"] = documents
         else:
             batch["attention_mask"] = mask
         if images:
@@ -90,10 +101,14 @@ class Collator:
 
 
 def pack(samples: list[Sample], capacity: int) -> list[list[Sample]]:
-    """First-fit packing in sample order: each sample goes to the first row with room for it."""
+    """First-fit decreasing: longest sample first, each into the first row with room for it.
+
+    Placing the long samples first leaves the short ones to fill the gaps (fewer rows, less padding
+    than first-fit in sample order); equal lengths keep their sample order.
+    """
     rows: list[list[Sample]] = []
     room: list[int] = []
-    for s in samples:
+    for s in sorted(samples, key=len, reverse=True):
         for r, free in enumerate(room):
             if len(s) <= free:
                 rows[r].append(s)

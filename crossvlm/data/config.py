@@ -38,8 +38,10 @@ class DataConfig:
     enable_thinking: bool = False
     """False: every assistant turn follows an empty `<think>` block that is part of the prompt (not
     trained), exactly as the generation prompt renders it. True: the empty block is trained."""
-    packing: bool = False
-    """Pack the samples of a batch into as few rows of `max_length` as fit, attention kept per sample."""
+    packing: bool | str = False
+    """Pack the samples of a batch into as few rows of `max_length` tokens as fit, attention kept per
+    sample without a dense mask (crossvlm.model.packing). `auto`: pack on a GPU whose LLM attention can
+    keep samples apart, pad otherwise (the run's first lines say which)."""
     group_by_length: bool = False
     """Put samples of similar estimated length in the same batch (less padding)."""
     max_bad_fraction: float = 0.01
@@ -94,6 +96,8 @@ class DataConfig:
                 problems.append(f"{where}.image_root {src.image_root} is not a folder")
             if not (src.weight > 0):
                 problems.append(f"{where}.weight must be > 0, got {src.weight}")
+        if self.packing not in (True, False, "auto"):
+            problems.append(f"data.packing must be true, false or auto, got {self.packing!r}")
         if self.max_length < 8:
             problems.append(f"data.max_length must be at least 8, got {self.max_length}")
         if not 0.0 <= self.max_bad_fraction < 1.0:

@@ -20,6 +20,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from crossvlm.errors import ImageTokenMismatch, ModelLoadError
 from crossvlm.model.configuration import CrossVLMConfig
+from crossvlm.model.packing import packed_attention_kwargs
 from crossvlm.model.projector import CrossAttentionProjector, MLPProjector
 from crossvlm.model.vision import cut_tower, dropped_prefixes
 
@@ -293,13 +294,15 @@ class CrossVLM(PreTrainedModel):
         use_cache: bool | None = None,
         logits_to_keep: int = 0,
         num_items_in_batch: int | torch.Tensor | None = None,
+        document_ids: torch.LongTensor | None = None,
         **kwargs,
     ) -> CausalLMOutputWithPast:
         """Causal-LM forward. With `labels`, returns the loss over labelled positions and no logits.
 
         `num_items_in_batch` (the labelled-token count over all micro-batches and ranks of a step)
         turns the loss into a sum divided by it, so gradient accumulation and data parallelism
-        weight every token equally.
+        weight every token equally. `document_ids` (B, T) marks packed rows (crossvlm.model.packing):
+        each token then attends only within its own document, through the LLM's attention implementation.
         """
         cache = kwargs.pop("cache", None) if past_key_values is None else past_key_values
         if inputs_embeds is None:
@@ -308,6 +311,9 @@ class CrossVLM(PreTrainedModel):
             inputs_embeds = self.embed(input_ids, pixel_values)
         if cache is not None:
             kwargs[_CACHE_KWARG] = cache
+        if document_ids is not None:
+            kwargs.update(packed_attention_kwargs(self.llm.config._attn_implementation, document_ids))
+            attention_mask = kwargs.pop("attention_mask")
         out = self.llm.model(
             inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids,
             use_cache=use_cache, **kwargs,

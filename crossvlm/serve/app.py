@@ -1,15 +1,20 @@
 """The FastAPI application: OpenAI's chat completions (plain and streamed), models, health, chat page.
 
 Every refusal is a 4xx with OpenAI's error body `{"error": {"message", "type", "param", "code"}}`;
-a request is checked and its images decoded before it joins a batch, so a bad request never
-disturbs the others.
+a request is checked and its images decoded before it reaches the engine, so a bad request never
+disturbs the others. When every slot is busy requests wait; past `max_waiting` waiting ones the
+server answers 429 with `Retry-After`. A request whose generation fails gets a 500 in the same
+format (in the stream, if its first token was sent) while the others go on.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import json
+import threading
 import time
+from collections import deque
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,8 +25,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from crossvlm.inference import ChatModel, Completion, InputError, Prompt, SamplingParams
-from crossvlm.serve.engine import BatchEngine
+from crossvlm.engine import GenerationError, QueueFull
+from crossvlm.inference import ChatModel, Completion, Delta, InputError, Prompt, SamplingParams
 from crossvlm.serve.images import ImagePolicy, image_from_url
 from crossvlm.serve.schema import ChatCompletionRequest, ResponseIds, error_body, usage
 
@@ -37,8 +42,10 @@ class ServerSettings:
     api_key: str | None = None
     """When set, /v1 routes need `Authorization: Bearer <api_key>`."""
     images: ImagePolicy = field(default_factory=ImagePolicy)
-    max_batch_size: int = 8
-    batch_wait: float = 0.005
+    max_waiting: int = 1024
+    """Requests that may wait for a slot; more get 429 with Retry-After."""
+    retry_after: int = 1
+    """Seconds a refused client is told to wait (`Retry-After`)."""
     default_max_tokens: int = 512
     """Token budget of a request that gives no max_tokens."""
     thinking: bool = False
@@ -48,14 +55,77 @@ class ServerSettings:
 
 class APIError(Exception):
     def __init__(self, status: int, message: str, type_: str = "invalid_request_error",
-                 code: str | None = None, param: str | None = None):
+                 code: str | None = None, param: str | None = None, headers: dict | None = None):
         super().__init__(message)
-        self.status, self.body = status, error_body(message, type_, param, code)
+        self.status, self.body, self.headers = status, error_body(message, type_, param, code), headers
 
 
 def _error(status: int, message: str, type_: str = "invalid_request_error", code: str | None = None,
            param: str | None = None) -> JSONResponse:
     return JSONResponse(error_body(message, type_, param, code), status_code=status)
+
+
+def _failed(err: BaseException) -> APIError:
+    """The 500 of a request whose generation failed."""
+    return APIError(500, f"generation failed: {err}", "server_error", "generation_failed")
+
+
+class Mailbox:
+    """Events from the engine's thread to the event loop, handed over with one wake-up of the loop per
+    batch of them (an engine step yields one event per running stream), not one per event."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self.loop, self._items, self._lock = loop, [], threading.Lock()
+
+    def post(self, queue: asyncio.Queue, event) -> None:
+        with self._lock:
+            self._items.append((queue, event))
+            if len(self._items) > 1:
+                return  # a hand-over is already scheduled
+        try:
+            self.loop.call_soon_threadsafe(self._hand_over)
+        except RuntimeError:  # the loop has closed: nobody is listening any more
+            pass
+
+    def _hand_over(self) -> None:
+        with self._lock:
+            items, self._items = self._items, []
+        for queue, event in items:
+            queue.put_nowait(event)
+
+
+class Job:
+    """One request's events, delivered from the engine's thread to the asyncio loop that submitted it."""
+
+    def __init__(self, chat: ChatModel, mailbox: Mailbox, prompt: Prompt, sampling: SamplingParams, stream: bool,
+                 max_waiting: int):
+        self.queue: asyncio.Queue = asyncio.Queue()
+        self.engine = chat.engine
+        self.request = chat.submit(prompt, sampling, lambda event: mailbox.post(self.queue, event), stream=stream,
+                                   max_waiting=max_waiting)
+
+    def cancel(self) -> None:
+        """The client has gone: stop generating for it (its slot is free at the engine's next step)."""
+        if not self.request.done:
+            self.engine.cancel(self.request)
+
+    async def events(self):
+        """Deltas (those that piled up merged into one), then the completion; raises a failure."""
+        pending: deque = deque()
+        while True:
+            if not pending:
+                pending.append(await self.queue.get())
+            while not self.queue.empty():
+                pending.append(self.queue.get_nowait())
+            event = pending.popleft()
+            while isinstance(event, Delta) and pending and isinstance(pending[0], Delta):
+                more = pending.popleft()
+                event = Delta(event.reasoning + more.reasoning, event.text + more.text)
+            if isinstance(event, BaseException):
+                raise event
+            yield event
+            if isinstance(event, Completion):
+                return
 
 
 def _sse(body: dict | str) -> str:
@@ -65,22 +135,21 @@ def _sse(body: dict | str) -> str:
 def create_app(chat: ChatModel, settings: ServerSettings | None = None) -> FastAPI:
     """The server for one loaded model. The batching engine starts and stops with the app."""
     settings = settings or ServerSettings()
-    engine = BatchEngine(chat, settings.max_batch_size, settings.batch_wait)
     page = (STATIC / "index.html").read_text(encoding="utf-8")
 
     @asynccontextmanager
-    async def lifespan(_app: FastAPI):
-        engine.start()
+    async def lifespan(app: FastAPI):
+        chat.engine  # allocate the cache and record the graphs before the first request
+        app.state.mailbox = Mailbox(asyncio.get_running_loop())
         yield
-        engine.close()
+        chat.close()
 
     app = FastAPI(title="crossvlm", lifespan=lifespan, docs_url=None, redoc_url=None)
-    app.state.engine = engine
 
     # -- errors in OpenAI's shape ---------------------------------------------------------------
     @app.exception_handler(APIError)
     async def _api_error(_request, exc: APIError):
-        return JSONResponse(exc.body, status_code=exc.status)
+        return JSONResponse(exc.body, status_code=exc.status, headers=exc.headers)
 
     @app.exception_handler(InputError)
     async def _input_error(_request, exc: InputError):
@@ -131,7 +200,10 @@ def create_app(chat: ChatModel, settings: ServerSettings | None = None) -> FastA
 
     @app.get("/health")
     async def health():
-        return {"status": "ok", "model": settings.model_name, "engine": engine.stats()}
+        engine = chat.engine
+        return {"status": "ok", "model": settings.model_name,
+                "engine": {"slots": engine.slots, "running": engine.running(), "waiting": engine.waiting(),
+                           "max_len": engine.max_len, **engine.stats}}
 
     @app.get("/v1/models", dependencies=[Depends(authorize)])
     async def models():
@@ -163,23 +235,37 @@ def create_app(chat: ChatModel, settings: ServerSettings | None = None) -> FastA
             top_p=req.top_p or defaults.top_p,
             top_k=defaults.top_k if req.top_k is None else req.top_k,
             repetition_penalty=req.repetition_penalty or defaults.repetition_penalty,
-            stop=tuple(req.stop_list()), seed=req.seed,
+            stop=tuple(req.stop_list()), seed=req.seed, min_tokens=req.min_tokens or 0, ignore_eos=req.ignore_eos,
         )
         return prompt, sampling
 
     @app.post("/v1/chat/completions", dependencies=[Depends(authorize)])
-    async def chat_completions(req: ChatCompletionRequest):
+    async def chat_completions(req: ChatCompletionRequest, request: Request):
         prompt, sampling = await run_in_threadpool(prepare, req)
         ids = ResponseIds(req.model or settings.model_name)
-        job = engine.submit(prompt, sampling)
+        try:
+            job = Job(chat, request.app.state.mailbox, prompt, sampling, req.stream, settings.max_waiting)
+        except QueueFull as err:
+            raise APIError(429, f"the server is busy ({err}); retry later", "rate_limit_error", "server_busy",
+                           headers={"Retry-After": str(settings.retry_after)}) from None
+        events = job.events()
+        try:  # the first event decides between an answer and an error status
+            first = await anext(events)
+        except GenerationError as err:
+            raise _failed(err) from None
+        except BaseException:
+            job.cancel()
+            raise
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
-            return StreamingResponse(_stream(job, ids, include_usage), media_type="text/event-stream",
+            return StreamingResponse(_stream(job, first, events, ids, include_usage), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-        done = None
+        done = first if isinstance(first, Completion) else None
         try:
-            async for event in job.events():
-                done = event if isinstance(event, Completion) else done
+            async for event in events:
+                done = event
+        except GenerationError as err:
+            raise _failed(err) from None
         finally:
             if done is None:
                 job.cancel()
@@ -188,12 +274,18 @@ def create_app(chat: ChatModel, settings: ServerSettings | None = None) -> FastA
     return app
 
 
-async def _stream(job, ids: ResponseIds, include_usage: bool):
+async def _stream(job: Job, first, events, ids: ResponseIds, include_usage: bool):
     """Server-sent events in OpenAI's chunk format, ending with `data: [DONE]`."""
     finished = False
+
+    async def all_events():
+        yield first
+        async for event in events:
+            yield event
+
     try:
         yield _sse(ids.chunk({"role": "assistant", "content": ""}))
-        async for event in job.events():
+        async for event in all_events():
             if isinstance(event, Completion):
                 finished = True
                 yield _sse(ids.chunk({}, event.finish_reason))
@@ -205,10 +297,11 @@ async def _stream(job, ids: ResponseIds, include_usage: bool):
                     delta["reasoning_content"] = event.reasoning
                 if event.text:
                     delta["content"] = event.text
-                yield _sse(ids.chunk(delta))
-    except Exception as err:  # noqa: BLE001 — headers are sent: report in the stream, as OpenAI does
-        yield _sse(error_body(f"internal error: {type(err).__name__}: {err}", "server_error", None, "internal_error"))
+                if delta:
+                    yield _sse(ids.chunk(delta))
+    except GenerationError as err:  # headers are sent: report in the stream, as OpenAI does
+        yield _sse(_failed(err).body)
     finally:
         if not finished:
-            job.cancel()  # the client left (or the batch failed): stop generating for it
+            job.cancel()  # the client left (or generation failed): stop generating for it
     yield _sse("[DONE]")

@@ -58,6 +58,10 @@ class ChatCompletionRequest(_Model):
     repetition_penalty: float | None = Field(None, gt=0)
     stop: str | list[str] | None = None
     seed: int | None = None
+    min_tokens: int | None = Field(None, ge=0)
+    """vLLM's: no end of turn (and no stop string) before this many tokens."""
+    ignore_eos: bool = False
+    """vLLM's: generate past end-of-turn tokens until the token budget is spent (benchmark clients send it)."""
     stream: bool = False
     stream_options: StreamOptions | None = None
     n: Literal[1] = 1

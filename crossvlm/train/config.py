@@ -57,6 +57,9 @@ class ModelSection:
     """The projector's output starts at this multiple of the LLM's token-embedding std."""
     vision_feature_layer: int = -2
     """Vision hidden state fed to the projector (-2 = penultimate)."""
+    attention: str = "auto"
+    """The LLM's attention for packed rows (`data.packing`): `auto` (FlexAttention on a GPU), `flex_attention`,
+    `varlen` (FlashAttention's variable-length kernel, CUDA) or `sdpa` (a dense block-diagonal mask)."""
 
 
 @dataclass
@@ -185,6 +188,8 @@ class TrainConfig:
         m, t, o, r = self.model, self.trainable, self.optim, self.run
         if m.projector_type not in ("cross_attn", "mlp"):
             p.append(f"model.projector_type {m.projector_type!r} is not cross_attn or mlp")
+        if m.attention not in ("auto", "flex_attention", "varlen", "sdpa"):
+            p.append(f"model.attention {m.attention!r} is not one of auto, flex_attention, varlen, sdpa")
         if t.llm not in LLM_MODES:
             p.append(f"trainable.llm {t.llm!r} is not one of {list(LLM_MODES)}")
         if t.llm == "last_n" and t.llm_last_n < 1:

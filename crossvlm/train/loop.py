@@ -11,7 +11,6 @@ import math
 import os
 import shlex
 import sys
-import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -25,16 +24,12 @@ from crossvlm.train.config import TrainConfig
 from crossvlm.train.loggers import build_logger, read_metrics
 from crossvlm.train.optim import build_optimizer, build_scheduler
 from crossvlm.train.runtime import Runtime, StopRequest, init_runtime, seed_everything, shutdown
+from crossvlm.model.packing import VARLEN, choose_kernel, register_varlen
 from crossvlm.model.vision import vision_layers
+from crossvlm.train.throughput import COUNTS, SpeedWindow, llm_grad_of, step_counts
 from crossvlm.train.setup import apply_trainable, build_model, count_parameters, merge_adapters, set_train_mode
 
-MODEL_INPUTS = ("input_ids", "attention_mask", "position_ids", "labels", "pixel_values")
-
-
-def _sequence_tokens(batch: dict) -> int:
-    """Tokens of a batch the model runs, padding excluded."""
-    mask = batch.get("attention_mask")
-    return int(batch["input_ids"].numel() if mask is None else mask.sum())
+MODEL_INPUTS = ("input_ids", "attention_mask", "position_ids", "document_ids", "labels", "pixel_values")
 
 
 def train(cfg: TrainConfig) -> Path:
@@ -115,6 +110,7 @@ class Trainer:
                 if not p.requires_grad:
                     p.data = p.data.to(self.amp)
         model.to(rt.device)
+        self.cfg = cfg = self._choose_packing(cfg, model)
         if cfg.run.gradient_checkpointing:
             model.llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if cfg.run.compile:
@@ -128,6 +124,7 @@ class Trainer:
         self.engine = self._wrap(model)  # what the forward/backward runs on
 
         self.num_trainable, self.num_total = count_parameters(model)
+        self.llm_grad = llm_grad_of(cfg.trainable.llm)
         tok, improc = self.processor.tokenizer, self.processor.image_processor
         self.dataset = build_dataset(cfg.data, tok, improc, model.num_image_tokens)
         self.loader = build_loader(self.dataset, cfg.data, cfg.run.batch_size, seed=cfg.run.seed,
@@ -169,6 +166,27 @@ class Trainer:
                 f"optim.accumulation_steps = {old_batch} × {old_world} × {old_accum}); this run takes "
                 f"{batch * world * accum} ({batch} × {world} × {accum}). Resume with the same product{hint}."
             )
+
+    def _choose_packing(self, cfg: TrainConfig, model) -> TrainConfig:
+        """Resolve `data.packing: auto` and set the LLM's attention for packed rows; say which."""
+        if cfg.data.packing is False:
+            kernel, why = None, "data.packing false"
+        else:
+            kernel, why = choose_kernel(cfg.model.attention, self.rt.device, model.llm)
+            if kernel is None and cfg.data.packing is True:  # asked for: transformers' dense mask works anywhere
+                kernel, why = "sdpa", why.replace("batches are padded", "packing uses sdpa's dense mask")
+        if kernel == VARLEN:
+            register_varlen()
+        if kernel is not None and kernel != model.llm.config._attn_implementation:
+            model.llm.set_attn_implementation(kernel)
+        if kernel is None:
+            self.rt.print(f"batches: padded to their longest sample ({why})")
+        else:
+            self.rt.print(f"batches: samples packed into rows of {cfg.data.max_length} tokens, attention kept "
+                          f"within each sample by {kernel} ({why})")
+        packing = kernel is not None
+        eval_data = cfg.eval_data and replace(cfg.eval_data, packing=packing)
+        return replace(cfg, data=replace(cfg.data, packing=packing), eval_data=eval_data)
 
     def _wrap(self, model):
         if not self.rt.distributed:
@@ -217,13 +235,13 @@ class Trainer:
         before stepping); the token counts come from the collator on the host.
         """
         rt, world = self.rt, self.rt.world_size
-        counts = torch.tensor([float(sum(int(b["num_tokens"]) for b in batches)),
-                               float(sum(_sequence_tokens(b) for b in batches))], dtype=torch.float64)
+        counts = torch.tensor(step_counts(batches, self.model.config, self.llm_grad), dtype=torch.float64)
         if rt.distributed:
             counts = rt.all_reduce_sum(counts.to(rt.device)).cpu()
-        global_tokens, tokens_seen = counts.tolist()
+        counts = dict(zip(COUNTS, counts.tolist()))
+        global_tokens = counts["labelled"]
         if global_tokens == 0:  # every sample of the step, on every rank, was bad (the loader counted them)
-            return {"loss": float("nan"), "skipped": True, "tokens": tokens_seen, "why": "no labelled token"}
+            return {"loss": float("nan"), "skipped": True, "counts": counts, "why": "no labelled token"}
         # Each process divides its token-sum loss by (global tokens / world): after DDP averages the
         # gradients, every labelled token of the step weighs the same, whatever the split.
         denom = global_tokens / world
@@ -248,8 +266,7 @@ class Trainer:
         if why is None:
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return {"loss": loss_value, "grad_norm": grad_norm, "skipped": why is not None, "tokens": tokens_seen,
-                "why": why}
+        return {"loss": loss_value, "grad_norm": grad_norm, "skipped": why is not None, "counts": counts, "why": why}
 
     @torch.no_grad()
     def evaluate(self) -> float | None:
@@ -283,14 +300,16 @@ class Trainer:
         batches = iter(self.loader)
         bar = tqdm(total=self.total_steps, initial=self.step, disable=not (rt.is_main and cfg.run.progress),
                    desc=Path(cfg.run.out_dir).name, dynamic_ncols=True)
-        nonfinite_in_row, window_tokens, window_start = 0, 0.0, time.perf_counter()
+        nonfinite_in_row, speed = 0, SpeedWindow(rt.device, rt.world_size)
+        if speed.note:
+            rt.print(speed.note)
         while self.step < self.total_steps:
-            micro = [next(batches) for _ in range(cfg.optim.accumulation_steps)]
+            micro = speed.next_batches(batches, cfg.optim.accumulation_steps)
             result = self.train_step(micro)
             lr = self.scheduler.get_last_lr()[-1]
             self.scheduler.step()
             self.step += 1
-            window_tokens += result["tokens"]
+            speed.add(result["counts"])
             if result["skipped"] and result["why"] == "no labelled token":
                 rt.print(f"step {self.step}: no labelled token in the whole step, step skipped")
                 self.logger.log(self.step, {"skipped_empty": 1})
@@ -307,14 +326,15 @@ class Trainer:
                 nonfinite_in_row = 0
             bar.update(1)
             if not result["skipped"] and (self.step % cfg.run.log_interval == 0 or self.step == self.total_steps):
-                elapsed = time.perf_counter() - window_start
-                metrics = {"loss": result["loss"], "lr": lr, "tokens_per_s": window_tokens / max(elapsed, 1e-9),
-                           "grad_norm": result.get("grad_norm"), "epoch": self.step / self.steps_per_epoch}
+                rates = speed.rates()
+                metrics = {"loss": result["loss"], "lr": lr, **rates, "grad_norm": result.get("grad_norm"),
+                           "epoch": self.step / self.steps_per_epoch}
                 metrics["bad_records"] = self.loader.tracker.bad
                 self.logger.log(self.step, metrics)
-                bar.set_postfix(loss=f"{result['loss']:.4f}", lr=f"{lr:.2e}",
-                                tok_s=f"{metrics['tokens_per_s']:.0f}")
-                window_tokens, window_start = 0.0, time.perf_counter()
+                mfu = {} if rates["mfu"] is None else {"mfu": f"{100 * rates['mfu']:.1f}%"}
+                bar.set_postfix(loss=f"{result['loss']:.4f}", lr=f"{lr:.2e}", samples_s=f"{rates['samples_per_s']:.1f}",
+                                tok_s=f"{rates['tokens_per_s']:.0f}", pad=f"{100 * rates['padding_share']:.0f}%", **mfu)
+                speed.reset()
             if cfg.run.eval_interval and self.step % cfg.run.eval_interval == 0 and self.step < self.total_steps:
                 self._log_eval()
             if cfg.run.save_interval and self.step % cfg.run.save_interval == 0 and self.step < self.total_steps:

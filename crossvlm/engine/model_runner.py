@@ -1,0 +1,166 @@
+"""The model steps: prompt embedding (images encoded once), prefill, decode; CUDA graphs on a GPU.
+
+The LLM is the stock `Qwen3ForCausalLM`; its decoder (`llm.model`) is called with our cache
+(`SlotCache`, which the attention layers write into and read from), explicit positions and a
+ready-made boolean mask for every layer type, so transformers builds no mask and keeps no cache of
+its own. Each forward gets the cache's `Plan` first.
+
+- `embed`: token embeddings with the visual tokens merged (`CrossVLM.embed`), for the whole prompt
+  of several requests at once: the vision tower and projector run once per request, here.
+- `prefill`: chunks of prompt embeddings of several requests, right-padded into one batch; the
+  last chunk of a prompt samples its first token.
+- `decode`: one token for each of the first `rows` slots. On a GPU the step (embedding, decoder,
+  LM head) is captured as a CUDA graph for every (rows, kv_len) of two ladders, so a step is one
+  graph replay; attention reads only the first `kv_len` positions of a slot, the smallest rung that
+  holds the longest running request. Sampling follows, eagerly (a few kernels).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from crossvlm.engine.cache import Plan, SlotCache
+from crossvlm.engine.sampler import Sampler, to_device
+from crossvlm.model.modeling import _CACHE_KWARG
+
+
+@dataclass
+class Chunk:
+    """Prompt positions [start, start + len(embeds)) of one request, to be written into `slot`."""
+
+    slot: int
+    start: int
+    embeds: torch.Tensor  # (T, D)
+    last: bool
+    """Whether the prompt ends here (then its first token is sampled)."""
+
+
+def ladder(top: int, first: int) -> list[int]:
+    """first, 2·first, 4·first, … up to and including `top`."""
+    rungs, n = [], first
+    while n < top:
+        rungs.append(n)
+        n *= 2
+    return rungs + [top]
+
+
+class ModelRunner:
+    def __init__(self, model, cache: SlotCache, sampler: Sampler, graphs: bool, compile: bool = False,
+                 kv_step: int = 256):
+        self.model, self.llm, self.cache, self.sampler = model, model.llm, cache, sampler
+        self.device = next(model.llm.parameters()).device
+        self.dtype = model.llm.dtype
+        self.position = torch.zeros(cache.slots, dtype=torch.int64, device=self.device)  # next write, per slot
+        self.batch_ladder = ladder(cache.slots, 1)
+        self.kv_ladder = [min(n, cache.max_len) for n in range(kv_step, cache.max_len + kv_step, kv_step)]
+        self.logits = torch.zeros(cache.slots, model.config.text_config.vocab_size, dtype=self.dtype,
+                                  device=self.device)  # the decode step's output
+        self.graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
+        # Compiled, the step's many small kernels (RMSNorm pieces, rotary, residual adds) fuse; the batch
+        # and key length stay symbolic, so the rungs share a few compilations.
+        self._step = torch.compile(self._decode_step, dynamic=True) if compile else self._decode_step
+        if graphs:
+            self.capture()
+
+    def _decoder(self, embeds: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Hidden states (B, T, D) of embeddings (B, T, D) at positions (B, T), mask bool (B, 1, T, K)."""
+        masks = {"full_attention": mask, "sliding_attention": mask}
+        out = self.llm.model(inputs_embeds=embeds, position_ids=positions, attention_mask=masks, use_cache=False,
+                             **{_CACHE_KWARG: self.cache})
+        return out.last_hidden_state
+
+    # -- prompts ---------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def embed(self, prompts: list[list[int]], pixel_values: torch.Tensor | None) -> list[torch.Tensor]:
+        """Embeddings (T_i, D) of each prompt, visual tokens merged; `pixel_values` (N, 3, H, W) holds
+        the prompts' images in order."""
+        longest = max(map(len, prompts))
+        ids = torch.zeros(len(prompts), longest, dtype=torch.long)  # (n, T), right-padded with id 0 (not an image)
+        for i, p in enumerate(prompts):
+            ids[i, :len(p)] = torch.tensor(p)
+        self.model.check_image_tokens(ids, 0 if pixel_values is None else pixel_values.shape[0])  # on the host
+        pixels = None if pixel_values is None else to_device(pixel_values, self.device)
+        embeds = self.model.embed(to_device(ids, self.device), pixels)  # (n, T, D)
+        return [embeds[i, :len(p)] for i, p in enumerate(prompts)]
+
+    @torch.inference_mode()
+    def prefill(self, chunks: list[Chunk], greedy: bool, penalty: bool, min_tokens: bool) -> torch.Tensor | None:
+        """Run the chunks; returns the sampled first tokens of the chunks that end a prompt (in order)."""
+        n, longest = len(chunks), max(len(c.embeds) for c in chunks)
+        embeds = torch.zeros(n, longest, chunks[0].embeds.shape[-1], dtype=self.dtype, device=self.device)
+        for i, c in enumerate(chunks):
+            embeds[i, :len(c.embeds)] = c.embeds
+        starts = to_device([c.start for c in chunks], self.device)  # (n,)
+        positions = starts[:, None] + torch.arange(longest, device=self.device)  # (n, T)
+        # Keys read: up to the longest row's end, rounded up to 64 (aligned for the fused attention kernels).
+        kv_len = min(-(-max(c.start + len(c.embeds) for c in chunks) // 64) * 64, self.cache.max_len)
+        # Query t of row i sees keys 0 … start_i + t; padding queries write beyond the row's prompt (harmless).
+        mask = torch.arange(kv_len, device=self.device)[None, None, :] <= positions[:, :, None]  # (n, T, K)
+        slots = to_device([c.slot for c in chunks], self.device)
+        self.cache.plan = Plan(positions.clamp(max=self.cache.max_len - 1), kv_len, slots=slots)
+        hidden = self._decoder(embeds, positions, mask[:, None])  # (n, T, D)
+        last = [i for i, c in enumerate(chunks) if c.last]
+        if not last:
+            return None
+        ends = to_device([len(chunks[i].embeds) - 1 for i in last], self.device)
+        rows = to_device(last, self.device)
+        logits = self.llm.lm_head(hidden[rows, ends])  # (m, V)
+        done_slots = slots[rows]
+        self.position[done_slots] = starts[rows] + ends + 1
+        return self.sampler.sample(logits, done_slots, greedy=greedy, penalty=penalty, min_tokens=min_tokens)
+
+    def park(self, slots: list[int]) -> None:
+        """Point newly taken slots' decode writes at their last position, which no request fills (the
+        budget stops a request one token short of it): until its prompt is prefilled a slot is a hole
+        in decode steps over the first slots, and must not write over prompt keys already in place."""
+        self.position[to_device(slots, self.device)] = self.cache.max_len - 1
+
+    # -- decode ----------------------------------------------------------------------------------
+    def _decode_step(self, rows: int, kv_len: int) -> None:
+        """One token for each of the first `rows` slots; logits into `self.logits[:rows]`."""
+        position = self.position[:rows].clamp(max=self.cache.max_len - 1)  # (rows,); a free slot's may run on
+        mask = torch.arange(kv_len, device=self.device)[None, :] <= position[:, None]  # (rows, K)
+        self.cache.plan = Plan(position, kv_len, rows=rows)
+        embeds = self.llm.get_input_embeddings()(self.sampler.last_token[:rows, None])  # (rows, 1, D)
+        hidden = self._decoder(embeds, position[:, None], mask[:, None, None])
+        self.logits[:rows] = self.llm.lm_head(hidden[:, 0])
+        self.position[:rows] += 1
+
+    def bucket(self, rows: int, kv_needed: int) -> tuple[int, int]:
+        """The smallest (rows, kv_len) rungs that hold `rows` slots and `kv_needed` positions."""
+        return (next(b for b in self.batch_ladder if b >= rows), next(k for k in self.kv_ladder if k >= kv_needed))
+
+    @torch.inference_mode()
+    def decode(self, rows: int, kv_needed: int, greedy: bool, penalty: bool, min_tokens: bool) -> torch.Tensor:
+        """Sampled tokens (rows',) of the first rows' ≥ `rows` slots (rows' a rung of the ladder)."""
+        rows, kv_len = self.bucket(rows, kv_needed)
+        graph = self.graphs.get((rows, kv_len))
+        if graph is not None:
+            graph.replay()
+        else:
+            self._step(rows, kv_len)
+        slots = torch.arange(rows, device=self.device)
+        return self.sampler.sample(self.logits[:rows], slots, greedy=greedy, penalty=penalty, min_tokens=min_tokens)
+
+    @torch.inference_mode()
+    def capture(self) -> None:
+        """Record the decode step for every rung pair, largest first, all in one memory pool.
+
+        Capturing writes into the cache and advances positions: done before any request runs, and
+        the positions are reset after.
+        """
+        torch.cuda.synchronize(self.device)
+        self._decode_step(1, self.kv_ladder[0])  # first call eagerly: transformers sets up its hooks here
+        pool = None
+        for rows in reversed(self.batch_ladder):
+            for kv_len in reversed(self.kv_ladder):
+                self._step(rows, kv_len)  # warm up (and compile) this shape outside the graph
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=pool):
+                    self._step(rows, kv_len)
+                pool = graph.pool()
+                self.graphs[(rows, kv_len)] = graph
+        torch.cuda.synchronize(self.device)
+        self.position.zero_()

@@ -1,0 +1,122 @@
+"""Token choice on the device, each row with its own settings, no host sync.
+
+Every slot's settings (temperature, top-p, top-k, repetition penalty, min_tokens, seed) live in
+device tensors written once when a request is admitted, so a step needs nothing from the host but
+which kind of batch it is (all greedy or not, any penalty, any min_tokens). Sampled rows draw by
+the Gumbel-max trick with noise hashed from (seed, token count, rank) on the device: a seeded
+request gets the same tokens whatever runs beside it and whatever the batch size, and unseeded
+requests get a random seed at admission.
+"""
+
+from __future__ import annotations
+
+import random
+
+import torch
+
+from crossvlm.engine.request import SamplingParams
+
+_M32 = 0xFFFFFFFF
+
+
+def to_device(values, device: torch.device, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """A host list or tensor on the device without a sync: a copy from pageable memory would wait
+    for every step already queued on the GPU, so the host could no longer run ahead of it."""
+    host = values if isinstance(values, torch.Tensor) else torch.tensor(values, dtype=dtype)
+    if device.type != "cuda":
+        return host
+    return host.pin_memory().to(device, non_blocking=True)
+
+
+def _mix(x: torch.Tensor) -> torch.Tensor:
+    """A 32-bit integer hash (in int64, so products never overflow)."""
+    x = ((x ^ (x >> 16)) * 0x45D9F3B) & _M32
+    x = ((x ^ (x >> 16)) * 0x45D9F3B) & _M32
+    return x ^ (x >> 16)
+
+
+def uniform_noise(seed: torch.Tensor, step: torch.Tensor, width: int) -> torch.Tensor:
+    """(n, width) floats in (0, 1), a pure function of each row's (seed, step)."""
+    row = _mix((seed & _M32) ^ _mix(step & _M32))  # (n,)
+    col = torch.arange(width, device=seed.device, dtype=torch.int64)
+    bits = _mix(row[:, None] ^ _mix(col + 0x3243F6A8)[None, :])  # (n, width)
+    return ((bits >> 8).float() + 0.5) / float(1 << 24)
+
+
+class Sampler:
+    """Per-slot sampling state and the sampling step."""
+
+    def __init__(self, slots: int, vocab: int, eos_ids: list[int], device: torch.device):
+        z = lambda dtype: torch.zeros(slots, dtype=dtype, device=device)  # noqa: E731
+        self.temperature, self.top_p = z(torch.float32), z(torch.float32)
+        self.penalty = z(torch.float32)
+        self.top_k, self.seed, self.min_tokens = z(torch.int64), z(torch.int64), z(torch.int64)
+        self.generated = z(torch.int64)  # tokens sampled so far, per slot: the noise's step
+        self.last_token = z(torch.int64)  # the input of the next decode step
+        self.seen = torch.zeros(slots, vocab, dtype=torch.bool, device=device)  # for repetition penalty
+        self.is_eos = torch.zeros(vocab, dtype=torch.bool, device=device)  # (V,)
+        self.is_eos[sorted(eos_ids)] = True
+        self.device, self.vocab = device, vocab
+
+    def admit(self, slots: list[int], params: list[SamplingParams]) -> None:
+        """Write the settings of newly admitted requests into their slots (one copy per kind)."""
+        idx = to_device(slots, self.device)
+        floats = to_device([[0.0 if p.is_greedy else p.temperature, p.top_p, p.repetition_penalty]
+                            for p in params], self.device, torch.float32)
+        ints = to_device([[p.top_k, random.getrandbits(31) if p.seed is None else p.seed, p.min_tokens]
+                          for p in params], self.device, torch.int64)
+        for target, column in ((self.temperature, floats[:, 0]), (self.top_p, floats[:, 1]),
+                               (self.penalty, floats[:, 2]), (self.top_k, ints[:, 0]), (self.seed, ints[:, 1]),
+                               (self.min_tokens, ints[:, 2])):
+            target.index_copy_(0, idx, column)
+
+    def begin(self, slots: list[int], prompts: list[list[int]], penalty: bool) -> None:
+        """Zero the token counts (and, for a repetition penalty, mark the prompt's tokens seen) of requests
+        whose first token is about to be sampled. Not at admission: until then a slot is a hole row of
+        the decode steps, which count and mark for it."""
+        idx = to_device(slots, self.device)
+        self.generated[idx] = 0
+        if penalty:
+            self.seen[idx] = False
+            for slot, ids in zip(slots, prompts):
+                self.seen[slot, to_device(ids, self.device)] = True
+
+    def sample(self, logits: torch.Tensor, slots: torch.Tensor, *, greedy: bool, penalty: bool,
+               min_tokens: bool) -> torch.Tensor:
+        """Tokens (n,) for logits (n, V) of the given slots; -1 where a row's logits are not finite.
+
+        Also records the tokens as the slots' next decode input and counts them.
+        """
+        logits = logits.float()
+        bad = ~torch.isfinite(logits).all(-1)  # (n,)
+        if penalty:  # transformers' rule: a seen token's logit is divided (or, if negative, multiplied)
+            pen = self.penalty[slots, None]
+            hit = self.seen[slots]  # (n, V)
+            logits = torch.where(hit, torch.where(logits < 0, logits * pen, logits / pen), logits)
+        if min_tokens:
+            early = (self.generated[slots] < self.min_tokens[slots])[:, None]  # (n, 1)
+            logits = logits.masked_fill(early & self.is_eos, float("-inf"))
+        tokens = logits.argmax(-1)  # (n,)
+        if not greedy:
+            tokens = torch.where(self.temperature[slots] > 0, self._draw(logits, slots), tokens)
+        tokens = tokens.masked_fill(bad, -1)
+        self.last_token[slots] = tokens.clamp(min=0)
+        self.generated[slots] += 1
+        if penalty:
+            self.seen[slots, tokens.clamp(min=0)] = True
+        return tokens
+
+    def _draw(self, logits: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+        """Temperature, then top-k, then top-p (transformers' order), then one Gumbel-max draw."""
+        temperature = self.temperature[slots].clamp(min=1e-5)[:, None]
+        scaled, order = (logits / temperature).sort(dim=-1, descending=True, stable=True)  # (n, V)
+        rank = torch.arange(self.vocab, device=logits.device)
+        k = self.top_k[slots]
+        drop = rank[None, :] >= torch.where(k > 0, k, self.vocab)[:, None]
+        scaled = scaled.masked_fill(drop, float("-inf"))
+        probs = scaled.softmax(-1)
+        drop |= (probs.cumsum(-1) - probs) > self.top_p[slots, None]  # the first token always stays
+        scaled = scaled.masked_fill(drop, float("-inf"))
+        noise = uniform_noise(self.seed[slots], self.generated[slots], self.vocab)
+        pick = (scaled - torch.log(-torch.log(noise))).argmax(-1, keepdim=True)  # (n, 1), a rank
+        return order.gather(-1, pick)[:, 0]

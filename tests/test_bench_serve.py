@@ -1,0 +1,32 @@
+"""`crossvlm bench serve` end to end on the tiny models: the real server, client processes, offline, generate()."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+
+@pytest.mark.slow
+def test_bench_serve_drives_the_server_and_counts_every_token(tiny_models, tmp_path, capsys):
+    from crossvlm.cli import main
+
+    out = tmp_path / "serve.json"
+    assert main(["bench", "serve", "--preset", "tiny", "--models", str(tiny_models), "--requests", "5",
+                 "--concurrency", "1", "3", "--prompt-tokens", "10,40", "--output-tokens", "4,12",
+                 "--short-requests", "6", "--baseline-requests", "2", "--client-processes", "2",
+                 "--out", str(out)]) == 0
+    report = json.loads(out.read_text())
+    wanted = report["config"]
+    # Every asked-for token arrives (ignore_eos), at every concurrency, and offline.
+    assert set(report["server"]) == {"long@1", "long@3", "short@3"}
+    for name, run in report["server"].items():
+        assert run["failed"] == 0 and run["output_tokens_per_s"] > 0
+        assert run["ttft_ms"]["p50"] > 0 and run["itl_ms"]["p50"] > 0
+    assert report["server"]["short@3"]["output_tokens"] == 6 * wanted["short_tokens"]
+    assert report["offline"]["short"]["output_tokens"] == 6 * wanted["short_tokens"]
+    assert report["server"]["long@1"]["output_tokens"] == report["server"]["long@3"]["output_tokens"] \
+        == report["offline"]["long"]["output_tokens"]
+    assert 5 * 4 <= report["offline"]["long"]["output_tokens"] <= 5 * 12
+    assert report["baseline"]["requests"] == 2 and report["offline"]["long"]["vs_generate"] > 0
+    assert "| server, long, concurrency 3 | 5 |" in capsys.readouterr().out

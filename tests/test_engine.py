@@ -1,0 +1,239 @@
+"""The generation engine against transformers' `generate()`, and its batching, cancelling and sampling."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+import torch
+
+import crossvlm
+from crossvlm.engine import EngineConfig, Request, SamplingParams
+from crossvlm.engine.sampler import Sampler
+from crossvlm.model.modeling import CrossVLM
+from serving import shapes_image
+
+
+@pytest.fixture(scope="module")
+def chat(tiny_vlm_dir):
+    chat = crossvlm.load(tiny_vlm_dir, device="cpu", engine=EngineConfig(slots=4, max_len=512))
+    yield chat
+    chat.close()
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_vlm_dir) -> CrossVLM:
+    """The same weights, loaded apart: stock attention, stock `generate()`."""
+    return CrossVLM.from_pretrained(str(tiny_vlm_dir)).eval()
+
+
+def _user(text: str) -> list[dict]:
+    return [{"role": "user", "content": text}]
+
+
+def _run(chat, prompts, sampling: list[SamplingParams], start=None) -> list[Request]:
+    """Submit requests (after `start()`, if given, returns) and wait for them; returns them with their tokens."""
+    done = threading.Semaphore(0)
+    requests = []
+    for p, s in zip(prompts, sampling):
+        if start is not None and requests:
+            start(requests)
+        requests.append(chat.engine.submit(Request(p.input_ids, p.pixel_values, s, lambda _: done.release())))
+    for _ in requests:
+        assert done.acquire(timeout=120)
+    assert all(r.finish_reason in ("stop", "length") for r in requests)
+    return requests
+
+
+def _hf_tokens(reference, chat, prompt, n: int) -> list[int]:
+    ids = torch.tensor([prompt.input_ids])
+    pixels = chat.processor.preprocess_images(prompt.images) if prompt.images else None  # made apart
+    out = reference.generate(ids, pixels, max_new_tokens=n, min_new_tokens=n, do_sample=False)
+    return out[0, ids.shape[1]:].tolist()
+
+
+CASES = [  # prompts of different lengths: no image, one, two in one prompt, a longer conversation
+    (_user("hello"), []),
+    (_user("<image>what colour is the circle?"), [shapes_image(1)]),
+    (_user("<image><image>count the shapes in both pictures and say which has more"), [shapes_image(2), shapes_image(3)]),
+    ([{"role": "system", "content": "answer briefly"}, *_user("is there a star?"),
+      {"role": "assistant", "content": "yes"}, *_user("<image>where?")], [shapes_image(4, (80, 48))]),
+    (_user("<image>describe"), [shapes_image(5)]),
+]
+
+
+def test_greedy_equals_generate_token_for_token(chat, reference):
+    # Five prompts on four slots: one waits and joins when a slot frees, mid-decode of the others.
+    prompts = [chat.prompt(m, i) for m, i in CASES]
+    budgets = [24, 17, 30, 9, 21]
+    sampling = [SamplingParams(max_new_tokens=n, greedy=True, ignore_eos=True) for n in budgets]
+    requests = _run(chat, prompts, sampling)
+    for request, prompt, n in zip(requests, prompts, budgets):
+        assert request.generated == n and request.finish_reason == "length"
+        assert request.tokens == _hf_tokens(reference, chat, prompt, n)
+    assert len({tuple(r.tokens) for r in requests}) == len(requests), "the tiny model gives distinct answers"
+
+
+def test_a_request_joining_mid_decode_gets_its_tokens_alone(chat):
+    long, late = (chat.prompt(m, i) for m, i in (CASES[2], CASES[1]))
+    sampling = [SamplingParams(max_new_tokens=60, greedy=True, ignore_eos=True),
+                SamplingParams(max_new_tokens=20, greedy=True, ignore_eos=True)]
+    alone = [_run(chat, [p], [s])[0].tokens for p, s in zip((long, late), sampling)]
+
+    def when_decoding(requests):  # hold the second request back until the first is well into its answer
+        deadline = time.monotonic() + 60
+        while requests[0].generated < 10 and time.monotonic() < deadline:
+            time.sleep(0.001)
+        assert requests[0].generated >= 10 and not requests[0].done
+
+    together = _run(chat, [long, late], sampling, start=when_decoding)
+    assert [r.tokens for r in together] == alone
+
+
+def test_long_prompts_prefilled_in_chunks_beside_running_answers(tiny_vlm_dir, reference):
+    # Prefill at most 16 tokens a step. A one-token request takes slot 0 and leaves; a long answer
+    # decodes in slot 1; then a long prompt is prefilled into slot 0 over several steps, while every
+    # decode step also covers slot 0 (the first two slots): its prefilled keys must stay untouched.
+    chunked = crossvlm.load(tiny_vlm_dir, device="cpu", engine=EngineConfig(slots=2, max_len=512, prefill_tokens=16))
+    try:
+        prompts = [chunked.prompt(m, i) for m, i in (CASES[0], CASES[4], CASES[2])]
+        assert len(prompts[2].input_ids) > 3 * 16
+        budgets = [1, 80, 12]
+        sampling = [SamplingParams(max_new_tokens=n, greedy=True, ignore_eos=True) for n in budgets]
+
+        def third_when_second_decodes(requests):
+            deadline = time.monotonic() + 60
+            while len(requests) == 2 and not (requests[0].done and requests[1].generated >= 2):
+                assert time.monotonic() < deadline
+                time.sleep(0.001)
+
+        requests = _run(chunked, prompts, sampling, start=third_when_second_decodes)
+        assert [r.slot for r in requests] == [None] * 3 and requests[1].generated == 80
+        for request, prompt, n in zip(requests, prompts, budgets):
+            assert request.tokens == _hf_tokens(reference, chunked, prompt, n)
+        assert chunked.engine.stats["prefills"] >= 5
+        # Sampled with a seed and a repetition penalty: the same tokens as alone, though the decode steps
+        # ran over its slot while its prompt went in.
+        seeded = SamplingParams(max_new_tokens=12, temperature=1.0, top_k=0, top_p=1.0, seed=5,
+                                repetition_penalty=1.3, ignore_eos=True)
+        alone = _run(chunked, prompts[2:], [seeded])[0].tokens
+        beside = _run(chunked, prompts, [*sampling[:2], seeded], start=third_when_second_decodes)[2].tokens
+        assert beside == alone
+        # Every layer's keys of the chunked prompt, in slot 0, are those of one uncached forward.
+        ids = torch.tensor([prompts[2].input_ids])
+        with torch.no_grad():
+            cache = reference(ids, prompts[2].pixel_values, use_cache=True).past_key_values
+        for layer, keys in enumerate(chunked.engine.cache.keys):
+            torch.testing.assert_close(keys[0, :, :ids.shape[1]], cache.layers[layer].keys[0], atol=1e-4, rtol=1e-4)
+    finally:
+        chunked.close()
+
+
+def test_cancelled_stream_frees_its_slot_at_once(tiny_vlm_dir):
+    one_slot = crossvlm.load(tiny_vlm_dir, device="cpu", engine=EngineConfig(slots=1, max_len=512))
+    try:
+        endless = SamplingParams(max_new_tokens=400, greedy=True, ignore_eos=True)
+        stream = one_slot.stream(_user("hello"), sampling=endless)
+        pieces = iter(stream)
+        next(pieces), next(pieces)
+        engine = one_slot.engine
+        assert engine.running() == 1 and engine.cache.free == 0
+        steps = engine.stats["steps"]
+        stream.cancel()
+        deadline = time.monotonic() + 10
+        while engine.cache.free == 0 and time.monotonic() < deadline:
+            time.sleep(0.001)
+        assert engine.cache.free == 1 and engine.running() == 0
+        assert engine.stats["steps"] - steps <= 2, "the slot is free by the next step"
+        assert stream.request.finish_reason == "cancelled" and stream.request.generated < 100
+        # The freed slot serves the next request.
+        answer = one_slot.chat(_user("hello"), sampling=SamplingParams(max_new_tokens=5, greedy=True))
+        assert answer.completion_tokens >= 1
+    finally:
+        one_slot.close()
+
+
+def test_seeded_sampling_is_reproducible_whatever_runs_beside_it(chat):
+    prompt = chat.prompt(_user("hello"))
+    seeded = SamplingParams(max_new_tokens=20, temperature=1.0, top_p=0.95, top_k=50, seed=123, ignore_eos=True)
+    alone = _run(chat, [prompt], [seeded])[0].tokens
+    others = [chat.prompt(m, i) for m, i in CASES[1:4]]
+    noise = [SamplingParams(max_new_tokens=25, temperature=1.0, ignore_eos=True) for _ in others]
+    crowded = _run(chat, [*others, prompt], [*noise, seeded])[-1].tokens
+    assert crowded == alone
+    other_seed = _run(chat, [prompt], [SamplingParams(**{**seeded.__dict__, "seed": 124})])[0].tokens
+    greedy = _run(chat, [prompt], [SamplingParams(max_new_tokens=20, greedy=True, ignore_eos=True)])[0].tokens
+    assert other_seed != alone and alone != greedy, "sampling draws, and the seed matters"
+
+
+def test_sampler_settings_per_row():
+    vocab, eos = 50, 7
+    sampler = Sampler(slots=4, vocab=vocab, eos_ids=[eos], device=torch.device("cpu"))
+    logits = torch.zeros(4, vocab)
+    logits[:, eos] = 10.0  # end of turn is by far the likeliest
+    logits[:, 3] = 9.0
+    params = [SamplingParams(greedy=True), SamplingParams(greedy=True, min_tokens=2),
+              SamplingParams(temperature=1.0, top_k=1, seed=1), SamplingParams(temperature=1.0, top_k=1, min_tokens=1)]
+    sampler.admit([0, 1, 2, 3], params)
+    sampler.begin([0, 1, 2, 3], [[1], [1], [1], [1]], penalty=False)
+    slots = torch.arange(4)
+    first = sampler.sample(logits, slots, greedy=False, penalty=False, min_tokens=True).tolist()
+    assert first == [eos, 3, eos, 3]  # min_tokens holds back the end of turn; top-k 1 is greedy
+    second = sampler.sample(logits, slots, greedy=False, penalty=False, min_tokens=True).tolist()
+    assert second == [eos, 3, eos, eos]  # row 3 reached its min_tokens
+    logits[1, 0] = float("nan")
+    assert sampler.sample(logits, slots, greedy=True, penalty=False, min_tokens=False).tolist()[1] == -1
+
+
+def test_ignore_eos_and_min_tokens_in_the_request(chat):
+    tok = chat.tokenizer
+    eos = next(iter(chat.eos_ids))
+    events = []
+    words = tok("yes it is", add_special_tokens=False)["input_ids"]
+    plain = Request([1], None, SamplingParams(max_new_tokens=10), events.append, max_new_tokens=10)
+    plain.add_token(words[0], tok, chat.eos_ids)
+    plain.add_token(eos, tok, chat.eos_ids)
+    assert plain.finish_reason == "stop" and plain.generated == 2
+    for params in (SamplingParams(max_new_tokens=4, ignore_eos=True), SamplingParams(max_new_tokens=4, min_tokens=3)):
+        request = Request([1], None, params, events.append, max_new_tokens=4)
+        for token in (words[0], eos, words[1], eos):
+            request.add_token(token, tok, chat.eos_ids)
+        assert request.finish_reason == ("length" if params.ignore_eos else "stop")
+        assert request.generated == 4
+
+
+@pytest.mark.slow
+def test_compiled_decode_step_gives_the_same_tokens(tiny_vlm_dir, reference):
+    """`EngineConfig.compile`: the decode step fused by torch.compile (here on the CPU, without graphs)."""
+    compiled = crossvlm.load(tiny_vlm_dir, device="cpu", engine=EngineConfig(slots=4, max_len=512, compile=True))
+    try:
+        prompts = [compiled.prompt(m, i) for m, i in CASES[:3]]
+        budgets = [12, 7, 9]
+        sampling = [SamplingParams(max_new_tokens=n, greedy=True, ignore_eos=True) for n in budgets]
+        for request, prompt, n in zip(_run(compiled, prompts, sampling), prompts, budgets):
+            assert request.tokens == _hf_tokens(reference, compiled, prompt, n)
+    finally:
+        compiled.close()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("compile", [False, True], ids=["eager-step", "compiled-step"])
+def test_greedy_equals_generate_on_cuda_with_graphs(tiny_vlm_dir, compile):
+    """The decode step replayed as CUDA graphs (every batch and length rung) gives generate()'s tokens."""
+    chat = crossvlm.load(tiny_vlm_dir, device="cuda", dtype=torch.float32,
+                         engine=EngineConfig(slots=4, max_len=512, compile=compile))
+    reference = CrossVLM.from_pretrained(str(tiny_vlm_dir), dtype=torch.float32).cuda().eval()
+    try:
+        prompts = [chat.prompt(m, i) for m, i in CASES]
+        budgets = [300, 17, 30, 9, 21]  # the first runs past the first length rung (256)
+        sampling = [SamplingParams(max_new_tokens=n, greedy=True, ignore_eos=True) for n in budgets]
+        requests = _run(chat, prompts, sampling)
+        assert chat.engine.runner.graphs, "the decode step was captured"
+        for request, prompt, n in zip(requests, prompts, budgets):
+            ids = torch.tensor([prompt.input_ids], device="cuda")
+            pixels = chat.processor.preprocess_images(prompt.images).cuda() if prompt.images else None
+            out = reference.generate(ids, pixels, max_new_tokens=n, min_new_tokens=n, do_sample=False)
+            assert request.tokens == out[0, ids.shape[1]:].tolist()
+    finally:
+        chat.close()
