@@ -66,6 +66,7 @@ def setup(tiny_models, tmp_path_factory):
 
 
 def overrides(setup, combo, out: Path, batch_size: int, **extra) -> dict:
+    """A tiny run of `combo`. No LoRA dropout: its masks for one batch of 2 and two batches of 1 differ."""
     llm, vision, projector = combo
     return {"model.llm": str(setup["models"] / "llm"), "model.vision": str(setup["models"] / "vision"),
             "data.sources": [str(setup["data"])], "data.shuffle": False, "run.out_dir": str(out),
