@@ -254,8 +254,10 @@ def test_checkpoint_write_is_atomic(tiny_models, shapes, tmp_path, monkeypatch):
 
 
 def test_killed_run_resumes_with_identical_losses(tiny_models, shapes, tmp_path):
-    """A real SIGKILL mid-run, then `--resume auto`: every later loss equals the uninterrupted run's."""
-    args = ["train", str(config_path("debug.yaml")), "--model.llm", str(tiny_models / "llm"),
+    """A real SIGKILL mid-run, then `--resume auto`: every later loss equals the uninterrupted run's.
+    With the vision tower trained too (every other mode: tests/test_distributed.py, in one process)."""
+    args = ["train", str(config_path("debug.yaml")), "--trainable.vision", "true",
+            "--model.llm", str(tiny_models / "llm"),
             "--model.vision", str(tiny_models / "vision"), "--data.sources", f"[{shapes['sft_train']}]",
             "--run.max_steps", "10", "--run.save_interval", "3", "--data.num_workers", "1"]
     whole = _run_cli(args + ["--run.out_dir", str(tmp_path / "whole")])

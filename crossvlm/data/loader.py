@@ -131,6 +131,14 @@ def build_dataset(cfg: DataConfig, tokenizer, image_processor, num_image_tokens:
     return VLMDataset(readers, spans, cfg, tokenizer, image_processor, num_image_tokens)
 
 
+def _ignore_sigterm(worker_id: int) -> None:
+    """SLURM signals every process of a job step: a SIGTERM is the trainer's to act on (it finishes the
+    step and checkpoints), and a worker that died of it would fail that step."""
+    import signal
+
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
 class Loader:
     """Iterable of batches for one rank; resumes at `step` (global batches already consumed).
 
@@ -171,6 +179,7 @@ class Loader:
             self.dataset, batch_sampler=self.sampler(), collate_fn=self.collator, num_workers=workers,
             pin_memory=torch.cuda.is_available() if self.pin_memory is None else self.pin_memory,
             prefetch_factor=self.prefetch_factor if workers else None, persistent_workers=False,
+            worker_init_fn=_ignore_sigterm,
         )
         for batch in loader:
             self.step += 1
@@ -178,16 +187,27 @@ class Loader:
             yield batch
 
     def state_dict(self) -> dict:
-        return {"step": self.step, "seed": self.seed, "global_batch": self.batch_size * self.world_size,
-                "bad_records": self.tracker.state_dict()}
+        """The data position as (epoch, samples of its order consumed): the same whatever the number of
+        processes that shared them, so a run can resume on another one."""
+        global_batch = self.batch_size * self.world_size
+        epoch, batch = divmod(self.step, self.steps_per_epoch)
+        return {"epoch": epoch, "samples_in_epoch": batch * global_batch, "seed": self.seed,
+                "global_batch": global_batch, "bad_records": self.tracker.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
-        if state["seed"] != self.seed or state["global_batch"] != self.batch_size * self.world_size:
-            raise DataError(
-                f"cannot resume the data position: the checkpoint used seed {state['seed']} and global batch "
-                f"{state['global_batch']}, this run seed {self.seed} and {self.batch_size * self.world_size}"
-            )
-        self.step = int(state["step"])
+        global_batch = self.batch_size * self.world_size
+        samples, problem = int(state["samples_in_epoch"]), None
+        if state["seed"] != self.seed:
+            problem = f"the checkpoint's data order comes from seed {state['seed']}, this run's from {self.seed}"
+        elif samples % global_batch:
+            problem = (f"the checkpoint stopped {samples} samples into epoch {state['epoch']}, not a whole number of "
+                       f"this run's batches of {global_batch} (batch size × processes)")
+        elif self.lengths is not None and state["global_batch"] != global_batch:
+            problem = (f"with group_by_length the order depends on the batch of all processes: it was "
+                       f"{state['global_batch']}, here it is {global_batch}")
+        if problem:
+            raise DataError(f"cannot resume the data position: {problem}")
+        self.step = int(state["epoch"]) * self.steps_per_epoch + samples // global_batch
         self.tracker.load_state_dict(state["bad_records"])
 
 

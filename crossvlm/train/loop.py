@@ -9,6 +9,8 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import shlex
+import sys
 from dataclasses import replace
 from pathlib import Path
 
@@ -16,12 +18,12 @@ import torch
 from tqdm import tqdm
 
 from crossvlm.data.loader import build_dataset, build_loader
-from crossvlm.errors import TrainingError
+from crossvlm.errors import CheckpointError, TrainingError
 from crossvlm.train.checkpoint import find_resume, load_checkpoint, save_checkpoint
 from crossvlm.train.config import TrainConfig
 from crossvlm.train.loggers import build_logger, read_metrics
 from crossvlm.train.optim import build_optimizer, build_scheduler
-from crossvlm.train.runtime import Runtime, init_runtime, seed_everything, shutdown
+from crossvlm.train.runtime import Runtime, StopRequest, init_runtime, seed_everything, shutdown
 from crossvlm.model.packing import VARLEN, choose_kernel, register_varlen
 from crossvlm.model.vision import vision_layers
 from crossvlm.train.throughput import COUNTS, SpeedWindow, llm_grad_of, step_counts
@@ -31,12 +33,20 @@ MODEL_INPUTS = ("input_ids", "attention_mask", "position_ids", "document_ids", "
 
 
 def train(cfg: TrainConfig) -> Path:
-    """Run a stage; returns the final model directory (out_dir/final)."""
+    """Run a stage; returns the final model directory (out_dir/final), or, when a SIGTERM stopped the
+    run early, the checkpoint it wrote to resume from."""
     rt = init_runtime(cfg.run.device)
+    trainer = None
     try:
         with _cpu_threads(cfg, rt):
-            return Trainer(cfg, rt).run()
+            trainer = Trainer(cfg, rt)
+            with trainer.stop:
+                return trainer.run()
     finally:
+        # Free the DDP/FSDP engine before its process group goes: freed after, its last reference
+        # to a gloo group runs the group's destructor under the GIL, which waits for a gloo thread
+        # that waits for the GIL (seen: a hang after a SIGTERM stop, 1 run in 4).
+        del trainer
         shutdown(rt)
 
 
@@ -59,6 +69,28 @@ def _cpu_threads(cfg: TrainConfig, rt: Runtime):
         yield
     finally:
         torch.set_num_threads(before)
+
+
+def resume_command(argv: list[str], env: dict) -> str:
+    """The command that continues a stopped run: the one that started it, with `--resume auto`."""
+    args, skip = [], False
+    for arg in argv[1:]:
+        if skip or arg in ("--resume", "--run.resume"):
+            skip = not skip
+            continue
+        if not arg.startswith(("--resume=", "--run.resume=")):
+            args.append(arg)
+    args += ["--resume", "auto"]
+    if "train" not in args:  # not started from the command line (the Python API, a test)
+        return "the same call with run.resume = 'auto'"
+    if "TORCHELASTIC_RUN_ID" in env:  # under torchrun
+        per_node = int(env["LOCAL_WORLD_SIZE"])
+        nodes = int(env["WORLD_SIZE"]) // per_node
+        command = shlex.join(["torchrun", "--nnodes", str(nodes), "--nproc_per_node", str(per_node),
+                              "-m", "crossvlm.cli", *args])
+        return command + (" (on every node, with the --rdzv-* options used before)" if nodes > 1 else "")
+    prog = ["crossvlm"] if Path(argv[0]).name == "crossvlm" else ["python", "-m", "crossvlm.cli"]
+    return shlex.join([*prog, *args])
 
 
 def autocast_dtype(name: str, device: torch.device) -> torch.dtype | None:
@@ -110,9 +142,13 @@ class Trainer:
         self.optimizer = build_optimizer(model, cfg.optim, rt.device)
         self.scheduler = build_scheduler(self.optimizer, cfg.optim, self.total_steps)
         self.step = 0
-        resume = find_resume(self.out_dir, cfg.run.resume)
+        self.stop = StopRequest()  # installed around run() by train()
+        self.last_checkpoint: Path | None = None
+        resume = find_resume(self.out_dir, cfg.run.resume,
+                             warn=lambda message: rt.print(f"warning: {message}", file=sys.stderr))
         if resume is not None:
             meta = load_checkpoint(resume, self.engine, self.optimizer, self.scheduler)
+            self._check_samples_per_step(resume, meta)
             self.step = int(meta["step"])
             self.loader.load_state_dict(meta["data"])
             rt.print(f"resumed from {resume} at step {self.step}")
@@ -120,6 +156,21 @@ class Trainer:
             rt.is_main, self.out_dir, tensorboard=cfg.run.tensorboard, wandb=cfg.run.wandb,
             wandb_project=cfg.run.wandb_project, config=cfg.to_dict(), resumed=resume is not None,
         )
+
+    def _check_samples_per_step(self, path: Path, meta: dict) -> None:
+        """A run may resume on another number of processes, but each optimizer step must take as many
+        samples as before: the step count, the schedule and the data position are counted in them."""
+        old_batch, old_world = meta["config"]["run"]["batch_size"], meta["world_size"]
+        old_accum = meta["config"]["optim"]["accumulation_steps"]
+        batch, world, accum = self.cfg.run.batch_size, self.rt.world_size, self.cfg.optim.accumulation_steps
+        old = old_batch * old_world * old_accum
+        if old != batch * world * accum:
+            hint = f" (here: --run.batch_size {old // (world * accum)})" if old % (world * accum) == 0 else ""
+            raise CheckpointError(
+                f"{path} was written with {old} samples per optimizer step (run.batch_size × processes × "
+                f"optim.accumulation_steps = {old_batch} × {old_world} × {old_accum}); this run takes "
+                f"{batch * world * accum} ({batch} × {world} × {accum}). Resume with the same product{hint}."
+            )
 
     def _choose_packing(self, cfg: TrainConfig, model) -> TrainConfig:
         """Resolve `data.packing: auto` and set the LLM's attention for packed rows; say which."""
@@ -212,6 +263,8 @@ class Trainer:
         params = [p for g in self.optimizer.param_groups for p in g["params"]]
         clip = self.cfg.optim.grad_clip or float("inf")
         grad_norm = torch.nn.utils.clip_grad_norm_(params, clip)
+        if hasattr(grad_norm, "full_tensor"):  # FSDP2: the norm of sharded gradients is a DTensor
+            grad_norm = grad_norm.full_tensor()
         loss_value, grad_norm = torch.stack([loss_sum, grad_norm.float()]).tolist()  # the step's one sync
         why = ("non-finite loss" if not math.isfinite(loss_value)
                else "non-finite gradient" if not math.isfinite(grad_norm) else None)
@@ -291,6 +344,11 @@ class Trainer:
                 self._log_eval()
             if cfg.run.save_interval and self.step % cfg.run.save_interval == 0 and self.step < self.total_steps:
                 self.save_checkpoint()
+            # Every rank stops after the same step, whichever of them got the signal (a one-number
+            # all-reduce per step under torchrun; nothing in a single process).
+            if self.step < self.total_steps and rt.any(self.stop.requested):
+                bar.close()
+                return self._stopped()
         bar.close()
         self._log_eval()
         self.save_checkpoint()
@@ -309,10 +367,20 @@ class Trainer:
             self.logger.log(self.step, {"eval_loss": loss})
             self.rt.print(f"step {self.step}: held-out loss {loss:.4f}")
 
-    def save_checkpoint(self) -> None:
-        save_checkpoint(self.rt, self.out_dir, self.step, self.engine, self.optimizer, self.scheduler,
-                        data_state=self.loader.state_dict(), config=self.cfg.to_dict(),
-                        keep_last=self.cfg.run.keep_last)
+    def save_checkpoint(self) -> Path:
+        self.last_checkpoint = save_checkpoint(
+            self.rt, self.out_dir, self.step, self.engine, self.optimizer, self.scheduler,
+            data_state=self.loader.state_dict(), config=self.cfg.to_dict(), keep_last=self.cfg.run.keep_last)
+        return self.last_checkpoint
+
+    def _stopped(self) -> Path:
+        """After a SIGTERM: checkpoint this step (unless that is done) and say how to go on."""
+        done = self.last_checkpoint is not None and self.last_checkpoint.name == f"step-{self.step:07d}"
+        path = self.last_checkpoint if done else self.save_checkpoint()
+        self.logger.close()
+        self.rt.print(f"stopped by SIGTERM after step {self.step} of {self.total_steps}; checkpoint {path}\n"
+                      f"resume with: {resume_command(sys.argv, dict(os.environ))}")
+        return path
 
     def save_final(self) -> Path:
         """The trained model as a directory `crossvlm chat` and the next stage load."""

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import os
 import random
+import signal
+import threading
 from dataclasses import dataclass
 
 import numpy as np
@@ -44,6 +46,14 @@ class Runtime:
         if self.distributed:
             dist.barrier()
 
+    def any(self, flag: bool) -> bool:
+        """True on every rank if `flag` is true on any rank (one small all-reduce when distributed)."""
+        if not self.distributed:
+            return flag
+        value = torch.tensor([float(flag)], device=self.device)
+        dist.all_reduce(value, op=dist.ReduceOp.MAX)
+        return bool(value.item())
+
 
 def init_runtime(device: str = "auto") -> Runtime:
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
@@ -63,6 +73,35 @@ def init_runtime(device: str = "auto") -> Runtime:
 def shutdown(rt: Runtime) -> None:
     if rt.distributed and dist.is_initialized():
         dist.destroy_process_group()
+
+
+class StopRequest:
+    """Notes a SIGTERM instead of dying of it, so the loop can stop cleanly at the end of its step.
+
+    SIGTERM is what SLURM, Kubernetes and spot/preemptible machines send before they kill a job (and
+    what torchrun passes on to its processes). Used as a context manager around the loop; the previous
+    handler comes back on exit. Only the main thread can install a handler: elsewhere it does nothing.
+    """
+
+    def __init__(self):
+        self.signal: int | None = None
+        self._previous = None
+
+    @property
+    def requested(self) -> bool:
+        return self.signal is not None
+
+    def _note(self, signum, frame) -> None:
+        self.signal = signum
+
+    def __enter__(self) -> StopRequest:
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGTERM, self._note)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
 
 
 def seed_everything(seed: int) -> None:
