@@ -135,11 +135,12 @@ def test_lmms_eval_command_scores_a_local_task_as_crossvlm_eval_does(tiny_vlm_di
     tasks.mkdir()
     (tasks / f"{TASK}.yaml").write_text(task_yaml(TASK, data, max_new_tokens=6))
     out = tmp_path / "lmms_out"
-    lmms_eval = Path(sys.executable).with_name("lmms-eval")
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf"),
            "OMP_NUM_THREADS": "1"}
     run = subprocess.run(
-        [str(lmms_eval), "--model", "crossvlm", "--model_args", f"pretrained={tiny_vlm_dir},device=cpu",
+        # `python -m lmms_eval` is the `lmms-eval` command, run by this interpreter (so it sees this
+        # environment's crossvlm even where lmms-eval itself is installed outside it).
+        [sys.executable, "-m", "lmms_eval", "--model", "crossvlm", "--model_args", f"pretrained={tiny_vlm_dir},device=cpu",
          "--tasks", TASK, "--include_path", str(tasks), "--batch_size", "4", "--output_path", str(out),
          "--log_samples"],
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)

@@ -110,19 +110,22 @@ class Job:
             self.engine.cancel(self.request)
 
     async def events(self):
-        """Deltas (those that piled up merged into one), then the completion; raises a failure."""
+        """Deltas, then the completion; raises a failure. The first delta goes out alone (the time to
+        the first token); later ones that piled up while the client was being written to go out merged."""
         pending: deque = deque()
+        first = True
         while True:
             if not pending:
                 pending.append(await self.queue.get())
             while not self.queue.empty():
                 pending.append(self.queue.get_nowait())
             event = pending.popleft()
-            while isinstance(event, Delta) and pending and isinstance(pending[0], Delta):
+            while not first and isinstance(event, Delta) and pending and isinstance(pending[0], Delta):
                 more = pending.popleft()
                 event = Delta(event.reasoning + more.reasoning, event.text + more.text)
             if isinstance(event, BaseException):
                 raise event
+            first = first and not (isinstance(event, Delta) and (event.text or event.reasoning))
             yield event
             if isinstance(event, Completion):
                 return

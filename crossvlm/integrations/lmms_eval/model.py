@@ -81,25 +81,22 @@ class CrossVLMLmms(lmms):
         self.thinking = str(thinking).lower() in ("1", "true", "yes")
 
     def generate_until(self, requests: list[Instance]) -> list[str]:
-        """Answer every request; prompts sharing sampling settings are generated `batch_size` at a time."""
-        answers: list[str | None] = [None] * len(requests)
-        groups: dict[tuple, list[tuple[int, object, SamplingParams]]] = {}
-        for i, request in enumerate(requests):
-            context, gen_kwargs, doc_to_visual, doc_id, task, split = request.args
-            visuals = doc_to_visual(self.task_dict[task][split][doc_id]) or []
-            where = f"{task}/{split} doc {doc_id}"
-            try:
-                prompt = self.chat.prompt(conversation(context, len(visuals), where), list(visuals), self.thinking)
-            except InputError as err:
-                raise InputError(f"{where}: {err}", err.code, err.param) from err
-            sampling = sampling_from_gen_kwargs(gen_kwargs, self.max_new_tokens)
-            groups.setdefault(sampling.batch_key(), []).append((i, prompt, sampling))
-        for members in groups.values():
-            stream = iter(members)
-            while chunk := list(islice(stream, self.batch_size)):
-                done = self.chat.generate_prompts([p for _, p, _ in chunk], [s for _, _, s in chunk])
-                for (i, _, _), completion in zip(chunk, done):
-                    answers[i] = completion.text
+        """Answer every request, `batch_size` prompts at a time; the engine gives each its own settings."""
+        answers: list[str] = []
+        stream = iter(requests)
+        while chunk := list(islice(stream, self.batch_size)):
+            prompts, settings = [], []
+            for request in chunk:
+                context, gen_kwargs, doc_to_visual, doc_id, task, split = request.args
+                visuals = doc_to_visual(self.task_dict[task][split][doc_id]) or []
+                where = f"{task}/{split} doc {doc_id}"
+                try:
+                    prompts.append(self.chat.prompt(conversation(context, len(visuals), where), list(visuals),
+                                                    self.thinking))
+                except InputError as err:
+                    raise InputError(f"{where}: {err}", err.code, err.param) from err
+                settings.append(sampling_from_gen_kwargs(gen_kwargs, self.max_new_tokens))
+            answers += [completion.text for completion in self.chat.generate_prompts(prompts, settings)]
         return answers
 
     def loglikelihood(self, requests: list[Instance]):
