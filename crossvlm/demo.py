@@ -190,6 +190,7 @@ def run_demo(out: Path, *, seed: int = 0, n_train: int = 6000, n_test: int = 300
              quiet: bool = False) -> dict:
     """Make models and data, pretrain, fine-tune, evaluate; returns the figures printed."""
     from crossvlm.data.synth import write_synthetic
+    from crossvlm.engine.engine import EngineConfig
     from crossvlm.inference import ChatModel
     from crossvlm.make_model import write_random_models
     from crossvlm.train.config import load_config
@@ -243,7 +244,8 @@ def run_demo(out: Path, *, seed: int = 0, n_train: int = 6000, n_test: int = 300
         timings[f"{name}_s"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    chat = ChatModel.load(stages["sft"], device="cpu")
+    # As many engine slots as score_shapes sends questions at once (the CPU default is 8).
+    chat = ChatModel.load(stages["sft"], device="cpu", engine=EngineConfig(slots=64))
     score = score_shapes(chat, data["sft_test"])
     timings["eval_s"] = time.perf_counter() - t
     pictures = {"pretrain_curves": out / "pretrain" / "curves.png", "sft_curves": out / "sft" / "curves.png"}

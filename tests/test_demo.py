@@ -39,3 +39,18 @@ def test_demo_runs_both_stages_and_reports(tmp_path, capsys, projector, tokens, 
                                       "projector_init", "projector_output_scale")} == {
             "projector_locality": "cell", "projector_position": "keys", "projector_kv_norm": False,
             "projector_init": "pool", "projector_output_scale": 14}
+
+
+def test_the_demo_process_exits_when_done(tmp_path):
+    """Loader workers ignore SIGTERM (it is the trainer's to act on), so multiprocessing cannot stop
+    one left behind when the interpreter exits: a run must stop its own workers, or the command never
+    returns (seen: `crossvlm demo` printed its results, then waited forever)."""
+    import subprocess
+    import sys
+
+    run = subprocess.run(
+        [sys.executable, "-m", "crossvlm.cli", "demo", "--out", str(tmp_path), "--train-images", "64",
+         "--test-images", "4", "--vision-steps", "0", "--pretrain-steps", "2", "--sft-steps", "3",
+         "--projector", "mlp"],
+        capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]

@@ -20,6 +20,8 @@ camera-sized JPEG each.
 
 from __future__ import annotations
 
+import contextlib
+
 import json
 import math
 import random
@@ -150,11 +152,10 @@ def _run_real(ctx, name: str, data_path: Path, max_length: int) -> dict:
 
 def _profile_steps(ctx, trainer, name: str) -> dict:
     """`profile_steps` more steps of the trained run under torch.profiler, on the loader's next batches."""
-    batches = iter(trainer.loader)  # continues where the run stopped
-
     def steps():
-        for _ in range(ctx.cfg.profile_steps):
-            trainer.train_step([next(batches)])
+        with contextlib.closing(iter(trainer.loader)) as batches:  # continues where the run stopped
+            for _ in range(ctx.cfg.profile_steps):
+                trainer.train_step([next(batches)])
 
     stem = Path(ctx.cfg.profile) / f"train_{ctx.cfg.stage}_data_{name}"
     return profiled(steps, ctx.rt.device, stem, f"{name} on real data, stage {ctx.cfg.stage}, "

@@ -181,10 +181,19 @@ class Loader:
             prefetch_factor=self.prefetch_factor if workers else None, persistent_workers=False,
             worker_init_fn=_ignore_sigterm,
         )
-        for batch in loader:
-            self.step += 1
-            self.tracker.update(batch)
-            yield batch
+        batches = iter(loader)
+        try:
+            for batch in batches:
+                self.step += 1
+                self.tracker.update(batch)
+                yield batch
+        finally:
+            # Stop the worker processes now, not whenever the iterator is collected: they ignore
+            # SIGTERM (see _ignore_sigterm), so multiprocessing's exit-time terminate() cannot stop
+            # one left behind, and the interpreter would wait for it forever.
+            shutdown = getattr(batches, "_shutdown_workers", None)
+            if shutdown is not None:
+                shutdown()
 
     def state_dict(self) -> dict:
         """The data position as (epoch, samples of its order consumed): the same whatever the number of

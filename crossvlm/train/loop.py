@@ -283,15 +283,16 @@ class Trainer:
         loader = build_loader(self.eval_dataset, eval_cfg, self.cfg.run.batch_size, seed=0, rank=self.rt.rank,
                               world_size=self.rt.world_size, epochs=1, drop_last=False)
         total = torch.zeros(2, device=self.rt.device)  # (loss sum, tokens)
-        for i, batch in enumerate(loader):
-            if i >= self.cfg.run.eval_batches:
-                break
-            n = int(batch["num_tokens"])
-            if n == 0:
-                continue
-            with self._autocast():
-                loss = self.model(**self._to_device(batch)).loss
-            total += torch.tensor([loss.float().item() * n, n], device=self.rt.device)
+        with contextlib.closing(iter(loader)) as batches:  # its workers stop when this ends
+            for i, batch in enumerate(batches):
+                if i >= self.cfg.run.eval_batches:
+                    break
+                n = int(batch["num_tokens"])
+                if n == 0:
+                    continue
+                with self._autocast():
+                    loss = self.model(**self._to_device(batch)).loss
+                total += torch.tensor([loss.float().item() * n, n], device=self.rt.device)
         set_train_mode(self.model)
         total = self.rt.all_reduce_sum(total)
         return (total[0] / total[1]).item() if total[1] > 0 else None
@@ -302,53 +303,54 @@ class Trainer:
         rt.print(f"training {self.num_trainable:,} of {self.num_total:,} parameters for {self.total_steps} steps "
                  f"({self.steps_per_epoch} per epoch) on {rt.world_size} process(es), device {rt.device}")
         set_train_mode(self.model)
-        batches = iter(self.loader)
-        bar = tqdm(total=self.total_steps, initial=self.step, disable=not (rt.is_main and cfg.run.progress),
-                   desc=Path(cfg.run.out_dir).name, dynamic_ncols=True)
-        nonfinite_in_row, speed = 0, SpeedWindow(rt.device, rt.world_size)
-        if speed.note:
-            rt.print(speed.note)
-        while self.step < self.total_steps:
-            micro = speed.next_batches(batches, cfg.optim.accumulation_steps)
-            result = self.train_step(micro)
-            lr = self.scheduler.get_last_lr()[-1]
-            self.scheduler.step()
-            self.step += 1
-            speed.add(result["counts"])
-            if result["skipped"] and result["why"] == "no labelled token":
-                rt.print(f"step {self.step}: no labelled token in the whole step, step skipped")
-                self.logger.log(self.step, {"skipped_empty": 1})
-            elif result["skipped"]:
-                nonfinite_in_row += 1
-                rt.print(f"step {self.step}: {result['why']} ({result['loss']}), step skipped")
-                self.logger.log(self.step, {"skipped_nonfinite": 1, "loss_raw": str(result["loss"])})
-                if nonfinite_in_row >= cfg.run.max_nonfinite_in_row:
-                    raise TrainingError(
-                        f"the loss or gradient was NaN/inf for {nonfinite_in_row} steps in a row (last at step "
-                        f"{self.step}); lower optim.lr, check the data, or use run.dtype bfloat16 instead of float16"
-                    )
-            else:
-                nonfinite_in_row = 0
-            bar.update(1)
-            if not result["skipped"] and (self.step % cfg.run.log_interval == 0 or self.step == self.total_steps):
-                rates = speed.rates()
-                metrics = {"loss": result["loss"], "lr": lr, **rates, "grad_norm": result.get("grad_norm"),
-                           "epoch": self.step / self.steps_per_epoch}
-                metrics["bad_records"] = self.loader.tracker.bad
-                self.logger.log(self.step, metrics)
-                mfu = {} if rates["mfu"] is None else {"mfu": f"{100 * rates['mfu']:.1f}%"}
-                bar.set_postfix(loss=f"{result['loss']:.4f}", lr=f"{lr:.2e}", samples_s=f"{rates['samples_per_s']:.1f}",
-                                tok_s=f"{rates['tokens_per_s']:.0f}", pad=f"{100 * rates['padding_share']:.0f}%", **mfu)
-                speed.reset()
-            if cfg.run.eval_interval and self.step % cfg.run.eval_interval == 0 and self.step < self.total_steps:
-                self._log_eval()
-            if cfg.run.save_interval and self.step % cfg.run.save_interval == 0 and self.step < self.total_steps:
-                self.save_checkpoint()
-            # Every rank stops after the same step, whichever of them got the signal (a one-number
-            # all-reduce per step under torchrun; nothing in a single process).
-            if self.step < self.total_steps and rt.any(self.stop.requested):
-                bar.close()
-                return self._stopped()
+        with contextlib.closing(iter(self.loader)) as batches:  # the loader's workers stop with the run
+            bar = tqdm(total=self.total_steps, initial=self.step, disable=not (rt.is_main and cfg.run.progress),
+                       desc=Path(cfg.run.out_dir).name, dynamic_ncols=True)
+            nonfinite_in_row, speed = 0, SpeedWindow(rt.device, rt.world_size)
+            if speed.note:
+                rt.print(speed.note)
+            while self.step < self.total_steps:
+                micro = speed.next_batches(batches, cfg.optim.accumulation_steps)
+                result = self.train_step(micro)
+                lr = self.scheduler.get_last_lr()[-1]
+                self.scheduler.step()
+                self.step += 1
+                speed.add(result["counts"])
+                if result["skipped"] and result["why"] == "no labelled token":
+                    rt.print(f"step {self.step}: no labelled token in the whole step, step skipped")
+                    self.logger.log(self.step, {"skipped_empty": 1})
+                elif result["skipped"]:
+                    nonfinite_in_row += 1
+                    rt.print(f"step {self.step}: {result['why']} ({result['loss']}), step skipped")
+                    self.logger.log(self.step, {"skipped_nonfinite": 1, "loss_raw": str(result["loss"])})
+                    if nonfinite_in_row >= cfg.run.max_nonfinite_in_row:
+                        raise TrainingError(
+                            f"the loss or gradient was NaN/inf for {nonfinite_in_row} steps in a row (last at step "
+                            f"{self.step}); lower optim.lr, check the data, or use run.dtype bfloat16 instead of float16"
+                        )
+                else:
+                    nonfinite_in_row = 0
+                bar.update(1)
+                if not result["skipped"] and (self.step % cfg.run.log_interval == 0 or self.step == self.total_steps):
+                    rates = speed.rates()
+                    metrics = {"loss": result["loss"], "lr": lr, **rates, "grad_norm": result.get("grad_norm"),
+                               "epoch": self.step / self.steps_per_epoch}
+                    metrics["bad_records"] = self.loader.tracker.bad
+                    self.logger.log(self.step, metrics)
+                    mfu = {} if rates["mfu"] is None else {"mfu": f"{100 * rates['mfu']:.1f}%"}
+                    bar.set_postfix(loss=f"{result['loss']:.4f}", lr=f"{lr:.2e}",
+                                    samples_s=f"{rates['samples_per_s']:.1f}", tok_s=f"{rates['tokens_per_s']:.0f}",
+                                    pad=f"{100 * rates['padding_share']:.0f}%", **mfu)
+                    speed.reset()
+                if cfg.run.eval_interval and self.step % cfg.run.eval_interval == 0 and self.step < self.total_steps:
+                    self._log_eval()
+                if cfg.run.save_interval and self.step % cfg.run.save_interval == 0 and self.step < self.total_steps:
+                    self.save_checkpoint()
+                # Every rank stops after the same step, whichever of them got the signal (a one-number
+                # all-reduce per step under torchrun; nothing in a single process).
+                if self.step < self.total_steps and rt.any(self.stop.requested):
+                    bar.close()
+                    return self._stopped()
         bar.close()
         self._log_eval()
         self.save_checkpoint()
