@@ -146,7 +146,9 @@ def test_lmms_eval_command_scores_a_local_task_as_crossvlm_eval_does(tiny_vlm_di
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
 
-    results = json.loads(next(out.rglob("*_results.json")).read_text())["results"][TASK]
+    found = sorted(out.rglob("*_results.json"))
+    assert found, "lmms-eval wrote no results:\n" + run.stdout[-3000:] + run.stderr[-3000:]
+    results = json.loads(found[0].read_text())["results"][TASK]
     assert results["exact_match,none"] == pytest.approx(ours["exact_match"])
     assert results["contains,none"] == pytest.approx(ours["contains"])
     samples = [json.loads(line) for line in next(out.rglob(f"*_samples_{TASK}.jsonl")).read_text().splitlines()]
