@@ -246,7 +246,8 @@ class Trainer:
         counts = dict(zip(COUNTS, counts.tolist()))
         global_tokens = counts["labelled"]
         if global_tokens == 0:  # every sample of the step, on every rank, was bad (the loader counted them)
-            return {"loss": float("nan"), "skipped": True, "counts": counts, "why": "no labelled token"}
+            return {"loss": float("nan"), "skipped": True, "counts": counts, "why": "no labelled token",
+                    "stop": rt.any(self.stop.requested)}
         # Each process divides its token-sum loss by (global tokens / world): after DDP averages the
         # gradients, every labelled token of the step weighs the same, whatever the split.
         denom = global_tokens / world
@@ -259,19 +260,24 @@ class Trainer:
                 loss = self.engine(**self._to_device(batch), num_items_in_batch=denom).loss
             loss.backward()
             loss_sum += loss.detach().float()
-        loss_sum = rt.all_reduce_sum(loss_sum) / world
+        # A SIGTERM on any rank rides on the loss's all-reduce, so every rank stops after this same step
+        # without a collective of its own.
+        stop = torch.tensor(float(self.stop.requested), device=rt.device)
+        reduced = rt.all_reduce_sum(torch.stack([loss_sum, stop]))
+        loss_sum, stop = reduced[0] / world, reduced[1]
         params = [p for g in self.optimizer.param_groups for p in g["params"]]
         clip = self.cfg.optim.grad_clip or float("inf")
         grad_norm = torch.nn.utils.clip_grad_norm_(params, clip)
         if hasattr(grad_norm, "full_tensor"):  # FSDP2: the norm of sharded gradients is a DTensor
             grad_norm = grad_norm.full_tensor()
-        loss_value, grad_norm = torch.stack([loss_sum, grad_norm.float()]).tolist()  # the step's one sync
+        loss_value, grad_norm, stop = torch.stack([loss_sum, grad_norm.float(), stop]).tolist()  # the step's one sync
         why = ("non-finite loss" if not math.isfinite(loss_value)
                else "non-finite gradient" if not math.isfinite(grad_norm) else None)
         if why is None:
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return {"loss": loss_value, "grad_norm": grad_norm, "skipped": why is not None, "counts": counts, "why": why}
+        return {"loss": loss_value, "grad_norm": grad_norm, "skipped": why is not None, "counts": counts, "why": why,
+                "stop": stop > 0}
 
     @torch.no_grad()
     def evaluate(self) -> float | None:
@@ -346,9 +352,8 @@ class Trainer:
                     self._log_eval()
                 if cfg.run.save_interval and self.step % cfg.run.save_interval == 0 and self.step < self.total_steps:
                     self.save_checkpoint()
-                # Every rank stops after the same step, whichever of them got the signal (a one-number
-                # all-reduce per step under torchrun; nothing in a single process).
-                if self.step < self.total_steps and rt.any(self.stop.requested):
+                # Every rank stops after the same step, whichever of them got the signal (see train_step).
+                if self.step < self.total_steps and result["stop"]:
                     bar.close()
                     return self._stopped()
         bar.close()
