@@ -37,9 +37,10 @@ def test_the_installed_package_works_outside_any_checkout(tmp_path):
     # own, so a file the package misses is missing. Its dependencies are this interpreter's (.ci/run has
     # installed them, torch included, into the environment running the tests): a new virtual
     # environment would not see them and would reinstall torch, minutes and GBs for nothing this
-    # test checks.
-    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--prefix", str(prefix), str(source)],
-                   check=True, capture_output=True)
+    # test checks. --ignore-installed: without it pip uninstalls the crossvlm installed in this
+    # environment (an editable one included) before writing the copy under the prefix.
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--ignore-installed", "--prefix",
+                    str(prefix), str(source)], check=True, capture_output=True)
     site_packages = next(prefix.glob("lib/python*/site-packages"))
     elsewhere.mkdir()
     env = {**os.environ, "PYTHONPATH": str(site_packages)}  # ahead of any crossvlm this interpreter has
