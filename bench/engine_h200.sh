@@ -9,22 +9,41 @@ PRESET=${PRESET:-full}
 MODELS=${MODELS:-/tmp/crossvlm-$PRESET}
 SERVE_ARGS=${SERVE_ARGS:---baseline-requests 16}  # a quick try elsewhere: PRESET=tiny SERVE_ARGS="--requests 4 ..."
 EXAMPLES=${EXAMPLES:-1000}
-PARTS=${PARTS:-test generate serve eval}  # one GPU call holds 10 minutes: e.g. PARTS="test generate" then PARTS=serve
+PARTS=${PARTS:-test preprocess generate serve eval}  # one GPU call holds 10 minutes: e.g. PARTS="test generate" then PARTS=serve
 has() { [[ " $PARTS " == *" $1 "* ]]; }
 WORK=$(mktemp -d)
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
 $PY -c "import torch, transformers; print(torch.__version__, transformers.__version__, torch.cuda.get_device_name())"
-if has test; then
-    $PY -m pytest -q -p no:cacheprovider tests/test_engine.py -k cuda 2>&1 | tail -15 > "$OUT/gpu_test.txt"
+if has test; then  # every GPU-only test (engine graphs, packed kernels, bench)
+    $PY -m pytest -q -p no:cacheprovider -m gpu tests/ 2>&1 | tail -15 > "$OUT/gpu_test.txt"
     cat "$OUT/gpu_test.txt"
 fi
-if has generate; then
-    $PY -m crossvlm.cli bench generate --preset $PRESET --models "$MODELS" --variants dynamic,engine \
-        --profile "$WORK/prof" --out "$OUT/generate.json"
-    cp "$WORK"/prof/*.kernels.txt "$OUT/" 2>/dev/null
+if has preprocess; then  # one 640x480 JPEG through the image processor: each backend, on the CPU and the GPU
+    $PY - <<'PYEOF' 2>&1 | tee "$OUT/preprocess.txt"
+import time, numpy as np, torch
+from PIL import Image
+from transformers import CLIPImageProcessor, CLIPImageProcessorPil
+im = Image.fromarray((np.random.default_rng(0).random((480, 640, 3)) * 255).astype("uint8"))
+kw = dict(size={"shortest_edge": 224}, crop_size={"height": 224, "width": 224})
+for name, proc, extra in (("pil", CLIPImageProcessorPil(**kw), {}), ("torchvision cpu", CLIPImageProcessor(**kw), {}),
+                          ("torchvision cuda", CLIPImageProcessor(**kw), {"device": "cuda"})):
+    for threads in (torch.get_num_threads(), 1):
+        torch.set_num_threads(threads)
+        for _ in range(3): proc(images=[im], return_tensors="pt", **extra)
+        torch.cuda.synchronize(); t = time.perf_counter()
+        for _ in range(20): out = proc(images=[im], return_tensors="pt", **extra)["pixel_values"]
+        torch.cuda.synchronize()
+        print(f"{name}, {threads} threads: {(time.perf_counter() - t) / 20 * 1000:.2f} ms", tuple(out.shape), out.device)
+PYEOF
 fi
-has serve && $PY -m crossvlm.cli bench serve --preset $PRESET --models "$MODELS" $SERVE_ARGS --out "$OUT/serve.json"
+if has generate; then
+    $PY -m crossvlm.cli bench generate --preset $PRESET --models "$MODELS" --variants ${GEN_VARIANTS:-dynamic,engine,engine+compile} \
+        --profile "$WORK/prof" --out "$OUT/generate.json"
+    cat "$WORK"/prof/*.kernels.txt > "$OUT/generate_kernels.txt" 2>/dev/null
+fi
+has serve && $PY -m crossvlm.cli bench serve --preset $PRESET --models "$MODELS" $SERVE_ARGS --out "$OUT/serve.json" 2>&1 \
+    | tee "$OUT/serve.log"
 has eval || exit 0
 # crossvlm eval, default settings, $EXAMPLES (1,000) short answers of 16 tokens; `--limit 1` times loading and start-up alone.
 $PY - "$MODELS" "$WORK/vlm" <<'PYEOF'

@@ -218,26 +218,36 @@ def test_ignore_eos_and_min_tokens_in_the_request(chat):
 
 @pytest.mark.slow
 def test_compiled_decode_step_gives_the_same_tokens(tiny_vlm_dir, reference):
-    """`EngineConfig.compile`: the decode step fused by torch.compile (here on the CPU, without graphs)."""
+    """`EngineConfig.compile`: the decode step and the prefill fused by torch.compile, both compiled by
+    `warm_up` before the first request (here on the CPU, without graphs)."""
     compiled = crossvlm.load(tiny_vlm_dir, device="cpu", engine=EngineConfig(slots=4, max_len=512, compile=True))
     try:
+        assert compiled.engine.warm_up()
+        assert not compiled.engine.runner.position.any(), "warming up leaves no position behind"
         prompts = [compiled.prompt(m, i) for m, i in CASES[:3]]
         budgets = [12, 7, 9]
         sampling = [SamplingParams(max_new_tokens=n, greedy=True, ignore_eos=True) for n in budgets]
         for request, prompt, n in zip(_run(compiled, prompts, sampling), prompts, budgets):
             assert request.tokens == _hf_tokens(reference, compiled, prompt, n)
+        assert not compiled.engine.warm_up(), "too late once requests have run"
     finally:
         compiled.close()
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("compile", [False, True], ids=["eager-step", "compiled-step"])
-def test_greedy_equals_generate_on_cuda_with_graphs(tiny_vlm_dir, compile):
-    """The decode step replayed as CUDA graphs (every batch and length rung) gives generate()'s tokens."""
+@pytest.mark.parametrize("compile,warm_up", [(False, False), (False, True), (True, True)],
+                         ids=["recorded-when-needed", "recorded-at-start", "compiled-recorded-at-start"])
+def test_greedy_equals_generate_on_cuda_with_graphs(tiny_vlm_dir, compile, warm_up):
+    """The decode step replayed as CUDA graphs gives generate()'s tokens, whether each batch and length
+    rung is recorded when first needed (while other requests are mid-answer) or all before the first
+    request (`warm_up`, what the server does)."""
     chat = crossvlm.load(tiny_vlm_dir, device="cuda", dtype=torch.float32,
                          engine=EngineConfig(slots=4, max_len=512, compile=compile))
     reference = CrossVLM.from_pretrained(str(tiny_vlm_dir), dtype=torch.float32).cuda().eval()
     try:
+        if warm_up:
+            chat.engine.warm_up()
+            assert len(chat.engine.runner.graphs) == len(chat.engine.runner.batch_ladder) * len(chat.engine.runner.kv_ladder)
         prompts = [chat.prompt(m, i) for m, i in CASES]
         budgets = [300, 17, 30, 9, 21]  # the first runs past the first length rung (256)
         sampling = [SamplingParams(max_new_tokens=n, greedy=True, ignore_eos=True) for n in budgets]

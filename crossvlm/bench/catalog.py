@@ -22,10 +22,12 @@ GENERATE_VARIANTS = {
     "static": {"cache_implementation": "static", "disable_compile": True},
     "static+compile": {"cache_implementation": "static"},
     "engine": {"engine": "crossvlm.engine"},
+    "engine+compile": {"engine": "crossvlm.engine", "compile": True},
 }
 """`generate()` options of each `bench generate` variant (transformers compiles a static cache on CUDA);
 `engine` is crossvlm's generation engine, what `serve`, `chat`, `eval` and `crossvlm.load` run: slot KV
-cache, continuous batching, decode steps replayed as CUDA graphs, sampling on the device."""
+cache, continuous batching, decode steps replayed as CUDA graphs, sampling on the device; `engine+compile`
+the same with its steps fused by torch.compile first (`crossvlm serve --compile`)."""
 
 DEFAULT_GENERATE_VARIANTS = ("dynamic", "static", "static+compile", "engine")
 """What `bench generate` runs unless told."""

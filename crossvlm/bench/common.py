@@ -61,10 +61,11 @@ def timed(fn, device: torch.device) -> tuple[float, object]:
     return time.perf_counter() - start, result
 
 
-def profiled(fn, device: torch.device, stem: Path, title: str, enabled: bool = True) -> dict:
+def profiled(fn, device: torch.device, stem: Path, title: str, enabled: bool = True, sort: str | None = None) -> dict:
     """Run `fn()` under torch.profiler; write `stem.trace.json.gz` (Perfetto, chrome://tracing) and
-    `stem.kernels.txt` (the 30 ops with the most self GPU time, self CPU time on a CPU). With
-    `enabled` False (the other ranks of a distributed run) `fn` runs unprofiled and nothing is written."""
+    `stem.kernels.txt` (the 30 ops with the most self GPU time, self CPU time on a CPU, or by `sort`,
+    e.g. "cpu_time_total" for where the host's time goes). With `enabled` False (the other ranks of a
+    distributed run) `fn` runs unprofiled and nothing is written."""
     from torch.profiler import ProfilerActivity, profile
 
     cuda = device.type == "cuda"
@@ -82,7 +83,7 @@ def profiled(fn, device: torch.device, stem: Path, title: str, enabled: bool = T
     trace = Path(f"{stem}.trace.json.gz")  # gzipped: Perfetto and chrome://tracing open it as is
     prof.export_chrome_trace(str(trace))
     averages = prof.key_averages()
-    sort = "self_device_time_total" if cuda else "self_cpu_time_total"
+    sort = sort or ("self_device_time_total" if cuda else "self_cpu_time_total")
     try:
         table = averages.table(sort_by=sort, row_limit=30)
     except (AttributeError, KeyError):  # torch versions before the cuda -> device renaming

@@ -10,7 +10,7 @@ Variants (transformers' own levers, then ours):
 - `static`: `cache_implementation="static"` with `disable_compile=True`;
 - `static+compile`: `cache_implementation="static"`, which transformers compiles on CUDA for the
   decode steps (`torch.compile`, mode "reduce-overhead": CUDA graphs); the prefill stays eager;
-- `engine`: `crossvlm.engine`, the generation engine behind serve, chat, eval and `crossvlm.load`
+- `engine`, `engine+compile`: `crossvlm.engine`, the generation engine behind serve, chat, eval and `crossvlm.load`
   (greedy with `ignore_eos`; the prompt prepared once by `ChatModel.prompt`, images preprocessed, as
   the `generate()` variants get theirs). It runs last: it makes the LLM attend through its own
   attention function (transformers' registry).
@@ -104,7 +104,7 @@ def _generator(model, processor, image, name: str, cfg: GenerateBenchConfig, dev
     chat = ChatModel(model, processor)
     prompt = chat.prompt([{"role": "user", "content": PROMPT}], [image])
     kv = -(-(len(prompt.input_ids) + cfg.new_tokens) // 256) * 256
-    chat.engine_config = EngineConfig(slots=cfg.batch_size, max_len=kv)
+    chat.engine_config = EngineConfig(slots=cfg.batch_size, max_len=kv, compile=options.get("compile", False))
 
     def generate(batch: int, n: int) -> int:
         done = chat.generate_prompts([prompt] * batch, SamplingParams(max_new_tokens=n, greedy=True, ignore_eos=True))
@@ -149,8 +149,12 @@ def _run_variant(model, processor, image, name: str, cfg: GenerateBenchConfig, d
         "peak_memory_gib": peak_memory_gib(device),
     }
     if cfg.profile:
-        record.update(profiled(lambda: generate(1, n), device, Path(cfg.profile) / f"generate_{name.replace('+', '_')}",
+        stem = Path(cfg.profile) / f"generate_{name.replace('+', '_')}"
+        record.update(profiled(lambda: generate(1, n), device, stem,
                                f"{name}, one prompt, {n} new tokens (prefill + {n - 1} decode steps)"))
+        # Where the first token's time goes on the host (the engine labels its phases `engine.*`).
+        record["ttft_profile"] = profiled(lambda: generate(1, 1), device, Path(f"{stem}_ttft"),
+                                          f"{name}, one prompt, first token only", sort="cpu_time_total")
     decode = "n/a" if decode_s is None else f"{1 / decode_s:.1f}"
     say(f"[generate] {name}: TTFT {record['ttft_ms']:.1f} ms, decode {decode} tok/s at batch 1, "
         f"{record['aggregate_tokens_per_s']:.0f} tok/s at batch {b} (warmup {warmup_s:.1f} s)")
@@ -185,7 +189,7 @@ def run_generate_bench(cfg: GenerateBenchConfig) -> dict:
     prompt_tokens = _inputs(processor, image, 1, device)["input_ids"].shape[1]
     say(f"bench generate: preset {cfg.preset}, {dtype} on {device}, prompt {prompt_tokens} tokens "
         f"({model.num_image_tokens} image tokens), {cfg.new_tokens} new tokens; variants: {', '.join(cfg.variants)}")
-    for name in sorted(cfg.variants, key=lambda v: v == "engine"):  # the engine last: it changes the attention
+    for name in sorted(cfg.variants, key=lambda v: v.startswith("engine")):  # the engine last: it changes the attention
         if name == "static+compile" and device.type != "cuda":
             records.append({"variant": name, "skipped": "transformers compiles generate on CUDA only"})
             say(f"[generate] {name}: skipped (needs CUDA)")

@@ -110,7 +110,7 @@ def run(args: argparse.Namespace) -> int:
     images = [open_image(path, param=str(path)) for path in args.image]
     from crossvlm.engine import EngineConfig
 
-    # One conversation: one slot (a small KV cache and few CUDA graphs to record at start).
+    # One conversation: one slot (a small KV cache; its CUDA graphs are recorded as the answer grows).
     chat = ChatModel.load(args.model, llm=args.llm, vision=args.vision, device=args.device,
                           engine=EngineConfig(slots=1))
     system = [{"role": "system", "content": args.system}] if args.system else []

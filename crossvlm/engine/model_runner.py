@@ -10,9 +10,14 @@ its own. Each forward gets the cache's `Plan` first.
 - `prefill`: chunks of prompt embeddings of several requests, right-padded into one batch; the
   last chunk of a prompt samples its first token.
 - `decode`: one token for each of the first `rows` slots. On a GPU the step (embedding, decoder,
-  LM head) is captured as a CUDA graph for every (rows, kv_len) of two ladders, so a step is one
+  LM head) is recorded as a CUDA graph for each (rows, kv_len) pair of two ladders, so a step is one
   graph replay; attention reads only the first `kv_len` positions of a slot, the smallest rung that
-  holds the longest running request. Sampling follows, eagerly (a few kernels).
+  holds the longest running request. A pair is recorded the first time a step needs it (a server
+  records them all before its first request: `warm_up`). Sampling follows, eagerly (a few kernels).
+
+With `compile`, the decode step and the prefill's decoder run through `torch.compile` (Inductor):
+their many small kernels (RMSNorm pieces, rotary, residual adds) fuse, which is what makes a step
+fast at small batches, where launching kernels, not the GPU, sets the pace.
 """
 
 from __future__ import annotations
@@ -57,12 +62,16 @@ class ModelRunner:
         self.kv_ladder = [min(n, cache.max_len) for n in range(kv_step, cache.max_len + kv_step, kv_step)]
         self.logits = torch.zeros(cache.slots, model.config.text_config.vocab_size, dtype=self.dtype,
                                   device=self.device)  # the decode step's output
+        self.use_graphs, self.compiled = graphs, compile
         self.graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
-        # Compiled, the step's many small kernels (RMSNorm pieces, rotary, residual adds) fuse; the batch
-        # and key length stay symbolic, so the rungs share a few compilations.
+        self._pool = None  # the graphs' one memory pool (one step runs at a time)
+        # Sizes stay symbolic (dynamic=True), so the rungs and prompt lengths share a few compilations.
         self._step = torch.compile(self._decode_step, dynamic=True) if compile else self._decode_step
+        self._prefill_decoder = torch.compile(self._decoder, dynamic=True) if compile else self._decoder
         if graphs:
-            self.capture()
+            torch.cuda.synchronize(self.device)
+            self._decode_step(1, self.kv_ladder[0])  # first call eagerly: transformers sets up its hooks here
+            self.position.zero_()
 
     def _decoder(self, embeds: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Hidden states (B, T, D) of embeddings (B, T, D) at positions (B, T), mask bool (B, 1, T, K)."""
@@ -100,7 +109,7 @@ class ModelRunner:
         mask = torch.arange(kv_len, device=self.device)[None, None, :] <= positions[:, :, None]  # (n, T, K)
         slots = to_device([c.slot for c in chunks], self.device)
         self.cache.plan = Plan(positions.clamp(max=self.cache.max_len - 1), kv_len, slots=slots)
-        hidden = self._decoder(embeds, positions, mask[:, None])  # (n, T, D)
+        hidden = self._prefill_decoder(embeds, positions, mask[:, None])  # (n, T, D)
         last = [i for i, c in enumerate(chunks) if c.last]
         if not last:
             return None
@@ -140,27 +149,39 @@ class ModelRunner:
         if graph is not None:
             graph.replay()
         else:
-            self._step(rows, kv_len)
+            self._step(rows, kv_len)  # this step, run for real: also the warm-up a recording needs
+            if self.use_graphs:
+                self._record(rows, kv_len)
         slots = torch.arange(rows, device=self.device)
         return self.sampler.sample(self.logits[:rows], slots, greedy=greedy, penalty=penalty, min_tokens=min_tokens)
 
-    @torch.inference_mode()
-    def capture(self) -> None:
-        """Record the decode step for every rung pair, largest first, all in one memory pool.
+    def _record(self, rows: int, kv_len: int) -> None:
+        """Record the step of this rung pair. Recording runs nothing, so the cache and positions stay
+        as the real step just left them. Only the engine's thread touches the GPU while it records."""
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
+            self._step(rows, kv_len)
+        self._pool = graph.pool()
+        self.graphs[(rows, kv_len)] = graph
 
-        Capturing writes into the cache and advances positions: done before any request runs, and
-        the positions are reset after.
-        """
-        torch.cuda.synchronize(self.device)
-        self._decode_step(1, self.kv_ladder[0])  # first call eagerly: transformers sets up its hooks here
-        pool = None
-        for rows in reversed(self.batch_ladder):
+    @torch.inference_mode()
+    def warm_up(self) -> None:
+        """Compile (with `compile`) and record (with graphs) now what requests would otherwise wait for:
+        the prefill for one prompt and for several (torch.compile specializes a size of 1), and every
+        rung pair of the decode step, largest first (the pool then fits the largest at once). This
+        writes into the cache and advances positions: only before any request runs; the positions
+        are reset after."""
+        if self.compiled:
+            width = self.llm.get_input_embeddings().embedding_dim
+            for n in sorted({1, min(2, self.cache.slots)}):
+                prompt = torch.zeros(100, width, dtype=self.dtype, device=self.device)  # keys: 128, not 100
+                self.prefill([Chunk(i, 0, prompt, True) for i in range(n)], greedy=True, penalty=False, min_tokens=False)
+        for rows in reversed(self.batch_ladder if self.use_graphs or self.compiled else []):
             for kv_len in reversed(self.kv_ladder):
-                self._step(rows, kv_len)  # warm up (and compile) this shape outside the graph
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph, pool=pool):
-                    self._step(rows, kv_len)
-                pool = graph.pool()
-                self.graphs[(rows, kv_len)] = graph
-        torch.cuda.synchronize(self.device)
+                if (rows, kv_len) not in self.graphs:
+                    self._step(rows, kv_len)  # warm up (and compile) this shape outside the graph
+                    if self.use_graphs:
+                        self._record(rows, kv_len)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
         self.position.zero_()

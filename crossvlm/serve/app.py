@@ -142,7 +142,7 @@ def create_app(chat: ChatModel, settings: ServerSettings | None = None) -> FastA
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        chat.engine  # allocate the cache and record the graphs before the first request
+        chat.engine.warm_up()  # allocate the cache and record the graphs before the first request
         app.state.mailbox = Mailbox(asyncio.get_running_loop())
         yield
         chat.close()
