@@ -335,3 +335,24 @@ def test_train_and_generate_bench_on_cuda(tiny_models):
     for r in gen["variants"]:
         assert "error" not in r, r.get("error")
         assert r["ttft_ms"] > 0 and r["peak_memory_gib"] > 0
+
+
+def test_gpu_idle_charges_each_gap_to_the_innermost_host_phase():
+    """`crossvlm.bench.idle`: GPU gaps inside the labelled window, each moment charged to the innermost label."""
+    from crossvlm.bench.idle import describe, gpu_idle
+
+    def span(name, cat, start, end):
+        return {"ph": "X", "name": name, "cat": cat, "ts": start, "dur": end - start}
+
+    events = [span("train.step", "user_annotation", 0, 1000), span("train.forward", "user_annotation", 100, 400),
+              span("train.report", "user_annotation", 800, 1000), span("other.label", "user_annotation", 0, 1000),
+              span("k1", "kernel", 0, 100), span("k2", "kernel", 150, 300), span("copy", "gpu_memcpy", 290, 400),
+              span("k3", "kernel", 500, 800), span("k4", "kernel", 805, 810)]  # k4 leaves gaps under 20 µs and above
+    report = gpu_idle(events)
+    assert report["window_ms"] == pytest.approx(1.0) and report["gpu_busy_ms"] == pytest.approx(0.655)
+    assert report["gaps"] == 3 and report["longest_gap_ms"] == pytest.approx(0.19)
+    # 100-150 lies in train.forward (inside train.step), 400-500 in train.step alone, 810-1000 in train.report
+    assert report["idle_by_host_phase_ms"] == pytest.approx({"train.step": 0.1, "train.report": 0.19,
+                                                             "train.forward": 0.05})
+    assert "train.report" in describe(report) and "65.5%" in describe(report)
+    assert gpu_idle([span("train.step", "user_annotation", 0, 10), span("aten::mm", "cpu_op", 1, 5)]) is None

@@ -224,6 +224,11 @@ def test_bench_train_on_a_data_file(tiny_models, tmp_path, capsys):
     assert sdpa["tokens_vs_fixed"] == pytest.approx(sdpa["tokens_per_s"] / fixed["tokens_per_s"])
     for r in (sdpa, fixed):  # kernel tables of both, to compare a packed row with a fixed one
         assert "Self CPU" in (tmp_path / "prof" / Path(r["kernels"]).name).read_text()
+    # the data variant's profile covers whole iterations of Trainer.run's loop, after the measured steps
+    from crossvlm.bench.idle import read_trace
+
+    labels = {e["name"] for e in read_trace(Path(sdpa["trace"])) if e.get("cat") == "user_annotation"}
+    assert {"train.next_batch", "train.forward", "train.backward", "train.optimizer", "train.report"} <= labels
     assert "| sdpa | sdpa |" in capsys.readouterr().out
 
 

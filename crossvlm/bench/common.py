@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import gc
 import json
 import os
@@ -61,24 +60,27 @@ def timed(fn, device: torch.device) -> tuple[float, object]:
     return time.perf_counter() - start, result
 
 
-def profiled(fn, device: torch.device, stem: Path, title: str, enabled: bool = True, sort: str | None = None) -> dict:
-    """Run `fn()` under torch.profiler; write `stem.trace.json.gz` (Perfetto, chrome://tracing) and
-    `stem.kernels.txt` (the 30 ops with the most self GPU time, self CPU time on a CPU, or by `sort`,
-    e.g. "cpu_time_total" for where the host's time goes). With `enabled` False (the other ranks of a
-    distributed run) `fn` runs unprofiled and nothing is written."""
+def profiler(device: torch.device):
+    """An unstarted torch.profiler session recording the host (every thread: the generation engine
+    works in a thread of its own) and, on a GPU, its kernels."""
     from torch.profiler import ProfilerActivity, profile
 
-    cuda = device.type == "cuda"
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
-    try:  # the generation engine works in a thread of its own: record every thread's ops
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    try:
         options = {"experimental_config": torch._C._profiler._ExperimentalConfig(profile_all_threads=True)}
     except (AttributeError, TypeError):  # a torch without the option
         options = {}
-    with profile(activities=activities, **options) if enabled else contextlib.nullcontext() as prof:
-        fn()
-        synchronize(device)
-    if not enabled:
-        return {}
+    return profile(activities=activities, **options)
+
+
+def write_profile(prof, device: torch.device, stem: Path, title: str, sort: str | None = None) -> dict:
+    """Write a stopped profile: `stem.trace.json.gz` (Perfetto, chrome://tracing) and `stem.kernels.txt`
+    (the 30 ops with the most self GPU time, self CPU time on a CPU, or by `sort`, e.g.
+    "cpu_time_total" for where the host's time goes), and on a GPU where it waited for the host
+    (`crossvlm.bench.idle`)."""
+    from crossvlm.bench.idle import describe, gpu_idle, read_trace
+
+    cuda = device.type == "cuda"
     stem.parent.mkdir(parents=True, exist_ok=True)
     trace = Path(f"{stem}.trace.json.gz")  # gzipped: Perfetto and chrome://tracing open it as is
     prof.export_chrome_trace(str(trace))
@@ -88,10 +90,23 @@ def profiled(fn, device: torch.device, stem: Path, title: str, enabled: bool = T
         table = averages.table(sort_by=sort, row_limit=30)
     except (AttributeError, KeyError):  # torch versions before the cuda -> device renaming
         table = averages.table(sort_by="self_cuda_time_total", row_limit=30)
+    idle = gpu_idle(read_trace(trace)) if cuda else None
     kernels = Path(f"{stem}.kernels.txt")
-    kernels.write_text(f"{title}, sorted by {sort}\n\n{table}\n")
+    kernels.write_text(f"{title}, sorted by {sort}\n\n{table}\n" + (f"\n{describe(idle)}\n" if cuda else ""))
     say(f"  profile: {trace} and {kernels}")
-    return {"trace": str(trace), "kernels": str(kernels)}
+    return {"trace": str(trace), "kernels": str(kernels), **({"gpu_idle": idle} if idle else {})}
+
+
+def profiled(fn, device: torch.device, stem: Path, title: str, enabled: bool = True, sort: str | None = None) -> dict:
+    """Run `fn()` under torch.profiler and write the profile (`write_profile`). With `enabled` False
+    (the other ranks of a distributed run) `fn` runs unprofiled and nothing is written."""
+    if not enabled:
+        fn()
+        return {}
+    with profiler(device) as prof:
+        fn()
+        synchronize(device)
+    return write_profile(prof, device, stem, title, sort)
 
 
 def median(values: list[float]) -> float | None:

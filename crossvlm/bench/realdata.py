@@ -20,8 +20,6 @@ camera-sized JPEG each.
 
 from __future__ import annotations
 
-import contextlib
-
 import json
 import math
 import random
@@ -31,7 +29,7 @@ import traceback
 from pathlib import Path
 
 from crossvlm.bench.batches import SampleShape
-from crossvlm.bench.common import free_memory, peak_memory_gib, profiled, say
+from crossvlm.bench.common import free_memory, peak_memory_gib, say
 
 DATA_VARIANTS = {
     "packed": ("auto", "auto"),
@@ -82,10 +80,30 @@ def write_variable_length_set(path: Path, stage: str, rows: int = 2048, size: tu
 
 
 def _measured_trainer_class():
+    from crossvlm.bench.common import profiler, synchronize, write_profile
     from crossvlm.train.loop import Trainer
 
     class MeasuredTrainer(Trainer):
-        """`Trainer.run()` as `crossvlm train` runs it, minus writing checkpoints and the final model."""
+        """`Trainer.run()` as `crossvlm train` runs it, minus writing checkpoints and the final model.
+
+        With `profile` set to (first step, steps, stem, title), the loop's iterations from that step on
+        run under torch.profiler, from one `train_step` call to the one after the last: everything the
+        loop does between steps (the loader's hand-over, the report) is in the profile."""
+
+        profile: tuple[int, int, Path, str] | None = None
+        profile_record: dict | None = None
+
+        def train_step(self, batches: list[dict]) -> dict:
+            if self.profile is not None and self.rt.is_main:
+                first, count, stem, title = self.profile
+                if self.step == first:
+                    self._prof = profiler(self.rt.device)
+                    self._prof.start()
+                elif self.step == first + count:
+                    synchronize(self.rt.device)
+                    self._prof.stop()
+                    self.profile_record = write_profile(self._prof, self.rt.device, stem, title)
+            return super().train_step(batches)
 
         def save_checkpoint(self) -> None:
             pass
@@ -96,9 +114,10 @@ def _measured_trainer_class():
     return MeasuredTrainer
 
 
-def _summarise(lines: list[dict], warmup: int, max_length: int, peak: float | None) -> dict:
-    """The measured steps' rates from the run's metrics lines (one per step)."""
-    steps = [m for m in lines if m.get("step", 0) > warmup and "window_s" in m]
+def _summarise(lines: list[dict], warmup: int, measured: int, max_length: int, peak: float | None) -> dict:
+    """The measured steps' rates from the run's metrics lines (one per step): steps warmup + 1 …
+    warmup + measured (any later ones were profiled)."""
+    steps = [m for m in lines if warmup < m.get("step", 0) <= warmup + measured and "window_s" in m]
     if not steps:
         raise RuntimeError(f"no step after the {warmup} warm-up steps was logged")
     wall = sum(m["window_s"] for m in steps)
@@ -135,31 +154,23 @@ def _run_real(ctx, name: str, data_path: Path, max_length: int) -> dict:
     overrides.update({
         "data.sources": [str(data_path)], "data.packing": packing, "model.attention": attention,
         "data.max_length": max_length, "data.num_workers": ctx.workers,
-        "run.max_steps": cfg.warmup + cfg.steps, "run.log_interval": 1, "run.eval_interval": 0,
+        # Profiled, the run goes on for profile_steps more loop iterations and one to end the last.
+        "run.max_steps": cfg.warmup + cfg.steps + (cfg.profile_steps + 1 if cfg.profile else 0),
+        "run.log_interval": 1, "run.eval_interval": 0,
     })
     trainer = _measured_trainer_class()(load_config(config_path(f"{cfg.stage}.yaml"), overrides), rt)
+    if cfg.profile:
+        trainer.profile = (cfg.warmup + cfg.steps, cfg.profile_steps, Path(cfg.profile) / f"train_{cfg.stage}_data_{name}",
+                           f"{name} on real data, stage {cfg.stage}, {cfg.profile_steps} iterations of Trainer.run's loop")
     kernel = trainer.model.llm.config._attn_implementation if trainer.cfg.data.packing else None
     start = time.perf_counter()
     trainer.run()
     record = {"packing": trainer.cfg.data.packing, "attention": kernel, "run_s": time.perf_counter() - start,
               "compiled_graphs": _compiled_graphs() if cfg.compile else None}
-    record.update(_summarise(read_metrics(Path(overrides["run.out_dir"]) / "metrics.jsonl"), cfg.warmup,
+    record.update(_summarise(read_metrics(Path(overrides["run.out_dir"]) / "metrics.jsonl"), cfg.warmup, cfg.steps,
                              max_length, peak_memory_gib(rt.device)))
-    if cfg.profile:
-        record.update(_profile_steps(ctx, trainer, name))
+    record.update(trainer.profile_record or {})
     return record
-
-
-def _profile_steps(ctx, trainer, name: str) -> dict:
-    """`profile_steps` more steps of the trained run under torch.profiler, on the loader's next batches."""
-    def steps():
-        with contextlib.closing(iter(trainer.loader)) as batches:  # continues where the run stopped
-            for _ in range(ctx.cfg.profile_steps):
-                trainer.train_step([next(batches)])
-
-    stem = Path(ctx.cfg.profile) / f"train_{ctx.cfg.stage}_data_{name}"
-    return profiled(steps, ctx.rt.device, stem, f"{name} on real data, stage {ctx.cfg.stage}, "
-                    f"{ctx.cfg.profile_steps} steps", enabled=ctx.rt.is_main)
 
 
 def _run_fixed(ctx, rows: int, max_length: int, labelled_share: float) -> dict:

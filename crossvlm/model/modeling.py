@@ -319,7 +319,8 @@ class CrossVLM(PreTrainedModel):
         if cache is not None:
             kwargs[_CACHE_KWARG] = cache
         if document_ids is not None:
-            kwargs.update(packed_attention_kwargs(self.llm.config._attn_implementation, document_ids))
+            with torch.profiler.record_function("model.document_mask"):
+                kwargs.update(packed_attention_kwargs(self.llm.config._attn_implementation, document_ids))
             attention_mask = kwargs.pop("attention_mask")
         out = self.llm.model(
             inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids,

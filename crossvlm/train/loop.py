@@ -15,6 +15,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import torch
+from torch.profiler import record_function
 from tqdm import tqdm
 
 from crossvlm.data.loader import build_dataset, build_loader
@@ -256,9 +257,13 @@ class Trainer:
         loss_sum = torch.zeros((), device=rt.device)
         for i, batch in enumerate(batches):
             sync = i == len(batches) - 1 or not hasattr(self.engine, "no_sync")
-            with (contextlib.nullcontext() if sync else self.engine.no_sync()), self._autocast():
-                loss = self.engine(**self._to_device(batch), num_items_in_batch=denom).loss
-            loss.backward()
+            with record_function("train.to_device"):
+                inputs = self._to_device(batch)
+            with (contextlib.nullcontext() if sync else self.engine.no_sync()), self._autocast(), \
+                    record_function("train.forward"):
+                loss = self.engine(**inputs, num_items_in_batch=denom).loss
+            with record_function("train.backward"):
+                loss.backward()
             loss_sum += loss.detach().float()
         # A SIGTERM on any rank rides on the loss's all-reduce, so every rank stops after this same step
         # without a collective of its own.
@@ -267,15 +272,18 @@ class Trainer:
         loss_sum, stop = reduced[0] / world, reduced[1]
         params = [p for g in self.optimizer.param_groups for p in g["params"]]
         clip = self.cfg.optim.grad_clip or float("inf")
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, clip)
-        if hasattr(grad_norm, "full_tensor"):  # FSDP2: the norm of sharded gradients is a DTensor
-            grad_norm = grad_norm.full_tensor()
-        loss_value, grad_norm, stop = torch.stack([loss_sum, grad_norm.float(), stop]).tolist()  # the step's one sync
+        with record_function("train.clip"):
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, clip)
+            if hasattr(grad_norm, "full_tensor"):  # FSDP2: the norm of sharded gradients is a DTensor
+                grad_norm = grad_norm.full_tensor()
+        with record_function("train.sync"):
+            loss_value, grad_norm, stop = torch.stack([loss_sum, grad_norm.float(), stop]).tolist()  # the step's one sync
         why = ("non-finite loss" if not math.isfinite(loss_value)
                else "non-finite gradient" if not math.isfinite(grad_norm) else None)
-        if why is None:
-            self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        with record_function("train.optimizer"):
+            if why is None:
+                self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
         return {"loss": loss_value, "grad_norm": grad_norm, "skipped": why is not None, "counts": counts, "why": why,
                 "stop": stop > 0}
 
@@ -312,48 +320,17 @@ class Trainer:
         with contextlib.closing(iter(self.loader)) as batches:  # the loader's workers stop with the run
             bar = tqdm(total=self.total_steps, initial=self.step, disable=not (rt.is_main and cfg.run.progress),
                        desc=Path(cfg.run.out_dir).name, dynamic_ncols=True)
-            nonfinite_in_row, speed = 0, SpeedWindow(rt.device, rt.world_size)
+            self._nonfinite_in_row, speed = 0, SpeedWindow(rt.device, rt.world_size)
             if speed.note:
                 rt.print(speed.note)
             while self.step < self.total_steps:
-                micro = speed.next_batches(batches, cfg.optim.accumulation_steps)
+                # (The record_function labels name the loop's phases in a profile: `bench train --data --profile`.)
+                with record_function("train.next_batch"):
+                    micro = speed.next_batches(batches, cfg.optim.accumulation_steps)
                 result = self.train_step(micro)
-                lr = self.scheduler.get_last_lr()[-1]
-                self.scheduler.step()
-                self.step += 1
-                speed.add(result["counts"])
-                if result["skipped"] and result["why"] == "no labelled token":
-                    rt.print(f"step {self.step}: no labelled token in the whole step, step skipped")
-                    self.logger.log(self.step, {"skipped_empty": 1})
-                elif result["skipped"]:
-                    nonfinite_in_row += 1
-                    rt.print(f"step {self.step}: {result['why']} ({result['loss']}), step skipped")
-                    self.logger.log(self.step, {"skipped_nonfinite": 1, "loss_raw": str(result["loss"])})
-                    if nonfinite_in_row >= cfg.run.max_nonfinite_in_row:
-                        raise TrainingError(
-                            f"the loss or gradient was NaN/inf for {nonfinite_in_row} steps in a row (last at step "
-                            f"{self.step}); lower optim.lr, check the data, or use run.dtype bfloat16 instead of float16"
-                        )
-                else:
-                    nonfinite_in_row = 0
-                bar.update(1)
-                if not result["skipped"] and (self.step % cfg.run.log_interval == 0 or self.step == self.total_steps):
-                    rates = speed.rates()
-                    metrics = {"loss": result["loss"], "lr": lr, **rates, "grad_norm": result.get("grad_norm"),
-                               "epoch": self.step / self.steps_per_epoch}
-                    metrics["bad_records"] = self.loader.tracker.bad
-                    self.logger.log(self.step, metrics)
-                    mfu = {} if rates["mfu"] is None else {"mfu": f"{100 * rates['mfu']:.1f}%"}
-                    bar.set_postfix(loss=f"{result['loss']:.4f}", lr=f"{lr:.2e}",
-                                    samples_s=f"{rates['samples_per_s']:.1f}", tok_s=f"{rates['tokens_per_s']:.0f}",
-                                    pad=f"{100 * rates['padding_share']:.0f}%", **mfu)
-                    speed.reset()
-                if cfg.run.eval_interval and self.step % cfg.run.eval_interval == 0 and self.step < self.total_steps:
-                    self._log_eval()
-                if cfg.run.save_interval and self.step % cfg.run.save_interval == 0 and self.step < self.total_steps:
-                    self.save_checkpoint()
-                # Every rank stops after the same step, whichever of them got the signal (see train_step).
-                if self.step < self.total_steps and result["stop"]:
+                with record_function("train.report"):
+                    stop = self._after_step(result, speed, bar)
+                if stop:
                     bar.close()
                     return self._stopped()
         bar.close()
@@ -367,6 +344,46 @@ class Trainer:
             plot_curves(read_metrics(self.out_dir / "metrics.jsonl"), self.out_dir / "curves.png",
                         title=self.out_dir.name)
         return final
+
+    def _after_step(self, result: dict, speed: SpeedWindow, bar) -> bool:
+        """Count, report, evaluate and checkpoint after a step; whether the run must stop now (SIGTERM)."""
+        cfg, rt = self.cfg, self.rt
+        lr = self.scheduler.get_last_lr()[-1]
+        self.scheduler.step()
+        self.step += 1
+        speed.add(result["counts"])
+        if result["skipped"] and result["why"] == "no labelled token":
+            rt.print(f"step {self.step}: no labelled token in the whole step, step skipped")
+            self.logger.log(self.step, {"skipped_empty": 1})
+        elif result["skipped"]:
+            self._nonfinite_in_row += 1
+            rt.print(f"step {self.step}: {result['why']} ({result['loss']}), step skipped")
+            self.logger.log(self.step, {"skipped_nonfinite": 1, "loss_raw": str(result["loss"])})
+            if self._nonfinite_in_row >= cfg.run.max_nonfinite_in_row:
+                raise TrainingError(
+                    f"the loss or gradient was NaN/inf for {self._nonfinite_in_row} steps in a row (last at step "
+                    f"{self.step}); lower optim.lr, check the data, or use run.dtype bfloat16 instead of float16"
+                )
+        else:
+            self._nonfinite_in_row = 0
+        bar.update(1)
+        if not result["skipped"] and (self.step % cfg.run.log_interval == 0 or self.step == self.total_steps):
+            rates = speed.rates()
+            metrics = {"loss": result["loss"], "lr": lr, **rates, "grad_norm": result.get("grad_norm"),
+                       "epoch": self.step / self.steps_per_epoch}
+            metrics["bad_records"] = self.loader.tracker.bad
+            self.logger.log(self.step, metrics)
+            mfu = {} if rates["mfu"] is None else {"mfu": f"{100 * rates['mfu']:.1f}%"}
+            bar.set_postfix(loss=f"{result['loss']:.4f}", lr=f"{lr:.2e}",
+                            samples_s=f"{rates['samples_per_s']:.1f}", tok_s=f"{rates['tokens_per_s']:.0f}",
+                            pad=f"{100 * rates['padding_share']:.0f}%", **mfu)
+            speed.reset()
+        if cfg.run.eval_interval and self.step % cfg.run.eval_interval == 0 and self.step < self.total_steps:
+            self._log_eval()
+        if cfg.run.save_interval and self.step % cfg.run.save_interval == 0 and self.step < self.total_steps:
+            self.save_checkpoint()
+        # Every rank stops after the same step, whichever of them got the signal (see train_step).
+        return self.step < self.total_steps and bool(result["stop"])
 
     def _log_eval(self) -> None:
         loss = self.evaluate()
