@@ -247,7 +247,9 @@ def test_serve_command_on_loopback_with_api_key_from_env(tiny_vlm_dir):
                              "--port", "0", "--log-level", "warning"],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     try:
-        line = proc.stdout.readline()
+        lines = [proc.stdout.readline() for _ in range(3)]  # the engine's start (stderr here too), then the address
+        assert lines[0].startswith("crossvlm serve: engine of 8 slots") and "engine ready in" in lines[1], lines
+        line = lines[2]
         assert " on http://127.0.0.1:" in line, line
         base = line.split(" on ")[1].split()[0]
         assert httpx.get(base + "/health", timeout=30).json()["status"] == "ok"

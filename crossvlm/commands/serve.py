@@ -7,6 +7,7 @@ import ipaddress
 import os
 import socket
 import sys
+import time
 from pathlib import Path
 
 
@@ -108,7 +109,15 @@ def run(args: argparse.Namespace) -> int:
                            local_root=args.allow_local_images),
         max_waiting=args.max_waiting, default_max_tokens=args.max_tokens, thinking=args.thinking,
     )
-    sock = _bind(args.host, args.port)
+    sock = _bind(args.host, args.port)  # before the warm-up: a port in use fails at once, not minutes later
+    start, engine = time.perf_counter(), chat.engine  # the KV cache is allocated here
+
+    def note(text: str) -> None:
+        print(f"crossvlm serve: {text}", file=sys.stderr, flush=True)
+
+    note(f"engine of {engine.slots} slots × {engine.max_len} tokens on {engine.device}")
+    engine.warm_up(lambda text: note(text + " ..."))
+    note(f"engine ready in {time.perf_counter() - start:.1f} s")
     host, port = sock.getsockname()[:2]
     url_host = f"[{host}]" if ":" in host else host
     print(f"crossvlm serve: {settings.model_name} on http://{url_host}:{port} (chat page at /)", flush=True)

@@ -96,6 +96,7 @@ class Engine:
         self._cancelled: list[Request] = []
         self._thread: threading.Thread | None = None
         self._stop = False
+        self._warm = False
         self.stats = {"steps": 0, "prefills": 0, "tokens": 0, "largest_batch": 0, "failed": 0}
 
     def _default_slots(self, text, device: torch.device, fraction: float) -> int:
@@ -105,15 +106,19 @@ class Engine:
         per_slot = SlotCache.bytes_per_token(text, self.model.llm.dtype) * self.max_len
         return max(1, min(256, int(free * fraction // per_slot)))
 
-    def warm_up(self) -> bool:
+    def warm_up(self, say=None) -> bool:
         """Record every decode step's CUDA graph now (and, with `compile`, compile the steps), which
         otherwise happens the first time a batch size and context length are met (a fraction of a
         second each in some request's time; a compilation takes a minute). Only possible before the
-        first request (this writes into the cache): afterwards it does nothing and returns False."""
+        first request (this writes into the cache): afterwards it does nothing and returns False.
+        `say(text)` hears of each phase as it starts (compiling, recording)."""
         with self._lock:
+            if self._warm:
+                return True
             if self._thread is not None or self._incoming:
                 return False
-            self.runner.warm_up()
+            self.runner.warm_up(say)
+            self._warm = True
             return True
 
     @property

@@ -165,23 +165,27 @@ class ModelRunner:
         self.graphs[(rows, kv_len)] = graph
 
     @torch.inference_mode()
-    def warm_up(self) -> None:
+    def warm_up(self, say=None) -> None:
         """Compile (with `compile`) and record (with graphs) now what requests would otherwise wait for:
         the prefill for one prompt and for several (torch.compile specializes a size of 1), and every
         rung pair of the decode step, largest first (the pool then fits the largest at once). This
         writes into the cache and advances positions: only before any request runs; the positions
-        are reset after."""
+        are reset after. `say(text)` hears of each phase as it starts."""
+        say = say or (lambda text: None)
         if self.compiled:
+            say("compiling the prefill (a minute or more)")
             width = self.llm.get_input_embeddings().embedding_dim
             for n in sorted({1, min(2, self.cache.slots)}):
                 prompt = torch.zeros(100, width, dtype=self.dtype, device=self.device)  # keys: 128, not 100
                 self.prefill([Chunk(i, 0, prompt, True) for i in range(n)], greedy=True, penalty=False, min_tokens=False)
-        for rows in reversed(self.batch_ladder if self.use_graphs or self.compiled else []):
-            for kv_len in reversed(self.kv_ladder):
-                if (rows, kv_len) not in self.graphs:
-                    self._step(rows, kv_len)  # warm up (and compile) this shape outside the graph
-                    if self.use_graphs:
-                        self._record(rows, kv_len)
+        if self.use_graphs or self.compiled:
+            pairs = [(r, k) for r in reversed(self.batch_ladder) for k in reversed(self.kv_ladder) if (r, k) not in self.graphs]
+            say(("compiling the decode step (minutes), then " if self.compiled else "")
+                + (f"recording {len(pairs)} decode graphs" if self.use_graphs else "running each batch and length rung"))
+            for rows, kv_len in pairs:
+                self._step(rows, kv_len)  # warm up (and compile) this shape outside the graph
+                if self.use_graphs:
+                    self._record(rows, kv_len)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         self.position.zero_()
