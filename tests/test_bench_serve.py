@@ -30,3 +30,22 @@ def test_bench_serve_drives_the_server_and_counts_every_token(tiny_models, tmp_p
     assert 5 * 4 <= report["offline"]["long"]["output_tokens"] <= 5 * 12
     assert report["baseline"]["requests"] == 2 and report["offline"]["long"]["vs_generate"] > 0
     assert "| server, long, concurrency 3 | 5 |" in capsys.readouterr().out
+
+
+def test_bench_serve_runs_one_part_alone(tiny_models, tmp_path):
+    """`--no-server` / `--no-offline`: a GPU call may hold only one compiled engine's start, so each part runs alone."""
+    from crossvlm.cli import main
+
+    common = ["bench", "serve", "--preset", "tiny", "--models", str(tiny_models), "--requests", "2", "--concurrency",
+              "2", "--prompt-tokens", "10,20", "--output-tokens", "3,5", "--short-requests", "2",
+              "--baseline-requests", "0", "--client-processes", "1"]
+    out = tmp_path / "offline.json"
+    assert main(common + ["--no-server", "--out", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert report["server"] == {} and report["offline"]["short"]["output_tokens"] == 2 * report["config"]["short_tokens"]
+    out = tmp_path / "server.json"
+    assert main(common + ["--no-offline", "--out", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert report["offline"] == {} and set(report["server"]) == {"long@2", "short@2"}
+    with pytest.raises(SystemExit):  # not both
+        main(common + ["--no-offline", "--no-server"])

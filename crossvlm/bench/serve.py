@@ -57,7 +57,11 @@ class ServeBenchConfig:
     """The engine's slots (default: the largest concurrency)."""
     client_processes: int = 4
     compile: bool = False
-    """Start the engines with `compile` (the decode step fused by torch.compile)."""
+    """Start the engines with `compile` (the decode step and the prefill fused by torch.compile)."""
+    server: bool = True
+    """Measure through the HTTP server."""
+    offline: bool = True
+    """Measure the engine offline (one GPU call may not hold both parts with `compile`: each compiles)."""
     jpeg_size: tuple[int, int] = (640, 480)
     seed: int = 0
 
@@ -73,6 +77,8 @@ class ServeBenchConfig:
                 p.append(f"{name} must be a range LO,HI with 1 <= LO <= HI, got {lo},{hi}")
         if min(self.requests, *self.concurrency, self.short_tokens, self.client_processes) < 1:
             p.append("requests, concurrency, short tokens and client processes must be >= 1")
+        if not (self.server or self.offline):
+            p.append("nothing to measure: both the server and the offline part are off")
         if min(self.short_requests, self.baseline_requests) < 0:
             p.append("short requests and baseline requests must be >= 0")
         if p:
@@ -206,6 +212,32 @@ def baseline(model, processor, works: list[Work], device: torch.device) -> dict:
             "generated_tokens_per_s": len(works) * longest / seconds}
 
 
+def _serve_part(cfg: ServeBenchConfig, report: dict, model_dir: Path, slots: int, long: list[Work],
+                short: list[Work]) -> None:
+    """`crossvlm serve` in a subprocess, driven at each concurrency, then with the short answers."""
+    say("[serve] starting crossvlm serve ...")
+    start = time.perf_counter()
+    server = Server(model_dir, slots, cfg.max_len, waiting=max(len(long), len(short)), compile=cfg.compile)
+    pool = multiprocessing.get_context("spawn").Pool(cfg.client_processes)  # clients apart from the server
+    try:
+        drive(pool, cfg.client_processes, server.url, long[:1], 1)  # the first request warms the server and the client processes
+        report["server_start_s"] = time.perf_counter() - start
+        for c in cfg.concurrency:
+            n = min(len(long), max(8, 4 * c))
+            say(f"[serve] long workload, concurrency {c}: {n} requests ...")
+            result = report["server"][f"long@{c}"] = {"concurrency": c, **drive(pool, cfg.client_processes, server.url, long[:n], c)}
+            say(f"  {result['output_tokens_per_s']:.0f} tok/s, TTFT p50 {result['ttft_ms']['p50']:.1f} ms, "
+                f"ITL p50 {result['itl_ms']['p50'] or 0:.2f} ms, failed {result['failed']}")
+        if short:
+            c = max([c for c in cfg.concurrency if c <= 64] or [min(cfg.concurrency)])
+            say(f"[serve] short answers, concurrency {c}: {len(short)} requests ...")
+            result = report["server"][f"short@{c}"] = {"concurrency": c, **drive(pool, cfg.client_processes, server.url, short, c)}
+            say(f"  {result['output_tokens_per_s']:.0f} tok/s, TTFT p50 {result['ttft_ms']['p50']:.1f} ms")
+    finally:
+        pool.terminate()
+        server.close()
+
+
 def run_serve_bench(cfg: ServeBenchConfig) -> dict:
     from crossvlm.bench.batches import jpeg_pool
     from crossvlm.engine import EngineConfig
@@ -242,40 +274,21 @@ def run_serve_bench(cfg: ServeBenchConfig) -> dict:
         del model
         free_memory(device)
 
-        say("[serve] starting crossvlm serve ...")
-        start = time.perf_counter()
-        server = Server(model_dir, slots, cfg.max_len, waiting=max(len(long), len(short)), compile=cfg.compile)
-        pool = multiprocessing.get_context("spawn").Pool(cfg.client_processes)  # clients apart from the server
-        try:
-            drive(pool, cfg.client_processes, server.url, long[:1], 1)  # the first request warms the server and the client processes
-            report["server_start_s"] = time.perf_counter() - start
-            for c in cfg.concurrency:
-                n = min(len(long), max(8, 4 * c))
-                say(f"[serve] long workload, concurrency {c}: {n} requests ...")
-                result = report["server"][f"long@{c}"] = {"concurrency": c, **drive(pool, cfg.client_processes, server.url, long[:n], c)}
-                say(f"  {result['output_tokens_per_s']:.0f} tok/s, TTFT p50 {result['ttft_ms']['p50']:.1f} ms, "
-                    f"ITL p50 {result['itl_ms']['p50'] or 0:.2f} ms, failed {result['failed']}")
-            if short:
-                c = max([c for c in cfg.concurrency if c <= 64] or [min(cfg.concurrency)])
-                say(f"[serve] short answers, concurrency {c}: {len(short)} requests ...")
-                result = report["server"][f"short@{c}"] = {"concurrency": c, **drive(pool, cfg.client_processes, server.url, short, c)}
-                say(f"  {result['output_tokens_per_s']:.0f} tok/s, TTFT p50 {result['ttft_ms']['p50']:.1f} ms")
-        finally:
-            pool.terminate()
-            server.close()
-
-        chat = ChatModel.load(model_dir, device=device.type, engine=EngineConfig(slots=slots, max_len=cfg.max_len,
-                                                                               compile=cfg.compile))
-        chat.engine.warm_up()  # every graph recorded (and compiled) before the clock starts, as the server does
-        offline(chat, long[:1])
-        for name, works in (("long", long), ("short", short)):
-            if works:
-                say(f"[serve] offline {name}: {len(works)} requests through ChatModel.generate_prompts ...")
-                result = report["offline"][name] = offline(chat, works)
-                say(f"  {result['output_tokens_per_s']:.0f} tok/s in {result['seconds']:.1f} s")
-        report["offline"]["engine_stats"] = dict(chat.engine.stats)
-        report["peak_memory_gib"] = peak_memory_gib(device)
-        chat.close()
+        if cfg.server:
+            _serve_part(cfg, report, model_dir, slots, long, short)
+        if cfg.offline:
+            chat = ChatModel.load(model_dir, device=device.type, engine=EngineConfig(slots=slots, max_len=cfg.max_len,
+                                                                                   compile=cfg.compile))
+            chat.engine.warm_up()  # every graph recorded (and compiled) before the clock starts, as the server does
+            offline(chat, long[:1])
+            for name, works in (("long", long), ("short", short)):
+                if works:
+                    say(f"[serve] offline {name}: {len(works)} requests through ChatModel.generate_prompts ...")
+                    result = report["offline"][name] = offline(chat, works)
+                    say(f"  {result['output_tokens_per_s']:.0f} tok/s in {result['seconds']:.1f} s")
+            report["offline"]["engine_stats"] = dict(chat.engine.stats)
+            report["peak_memory_gib"] = peak_memory_gib(device)
+            chat.close()
     base = (report.get("baseline") or {}).get("output_tokens_per_s")
     for part in (report["server"], report["offline"]):
         for r in part.values():

@@ -133,7 +133,10 @@ def register(sub) -> None:
     p.add_argument("--baseline-requests", type=int, default=32, help="requests stock generate() answers (0: none)")
     p.add_argument("--slots", type=int, help="the engine's slots (default: the largest concurrency)")
     p.add_argument("--client-processes", type=int, default=4, help="processes the streaming clients run in")
-    p.add_argument("--compile", action="store_true", help="the engine's decode step fused by torch.compile")
+    p.add_argument("--compile", action="store_true", help="the engine's decode step and prefill fused by torch.compile")
+    part = p.add_mutually_exclusive_group()
+    part.add_argument("--no-offline", dest="offline", action="store_false", help="through the server only")
+    part.add_argument("--no-server", dest="server", action="store_false", help="the offline engine only")
     p.set_defaults(func=_serve)
 
     p = actions.add_parser("data", help="data loader images/s per worker count on camera-sized JPEGs",
@@ -221,7 +224,8 @@ def _serve(args: argparse.Namespace) -> int:
                            concurrency=tuple(args.concurrency), prompt_tokens=args.prompt_tokens,
                            output_tokens=args.output_tokens, short_requests=args.short_requests,
                            short_tokens=args.short_tokens, baseline_requests=args.baseline_requests, slots=args.slots,
-                           client_processes=args.client_processes, compile=args.compile)
+                           client_processes=args.client_processes, compile=args.compile, server=args.server,
+                           offline=args.offline)
     report = run_serve_bench(cfg)
     code = _finish(report, args.out)
     failed = sum(r.get("failed", 0) for r in report["server"].values())
