@@ -63,8 +63,13 @@ def pick_device(device: str = "auto") -> torch.device:
     return torch.device(device)
 
 
-def open_image(source, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS, param: str | None = None) -> Image.Image:
-    """An RGB image from a PIL image, a file path or encoded bytes; the pixel limit is read from the header."""
+def open_image(source, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS, param: str | None = None,
+               draft_size: int | None = None) -> Image.Image:
+    """An RGB image from a PIL image, a file path or encoded bytes; the pixel limit is read from the header.
+
+    `draft_size` (a `ChatModel`'s `draft_size`) decodes a JPEG as the training loader does, at the
+    smallest DCT scale that keeps both sides at least that large: the model then gets the pixels it was
+    trained on, and a camera photo decodes several times faster. A PIL image is taken as it is."""
     from crossvlm.data.images import load_image
     from crossvlm.data.records import RecordError
 
@@ -73,7 +78,7 @@ def open_image(source, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS, param: str | 
     if isinstance(source, str):
         source = Path(source)
     try:
-        return load_image(source, max_pixels)
+        return load_image(source, max_pixels, draft_size)
     except RecordError as err:
         if err.kind == "image_too_large":
             raise InputError(f"image has too many pixels: {err.detail}", "image_too_large", param) from None
@@ -86,8 +91,8 @@ def open_image(source, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS, param: str | 
                          "invalid_image", param) from None
 
 
-def collect_images(messages: list[dict], images: list | None = None,
-                   max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> tuple[list[dict], list[Image.Image]]:
+def collect_images(messages: list[dict], images: list | None = None, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
+                   draft_size: int | None = None) -> tuple[list[dict], list[Image.Image]]:
     """Messages with string contents (`<image>` marking each image) and their images in order.
 
     String `<image>` marks take from `images` in turn; image parts carry their own image. Vision
@@ -114,10 +119,10 @@ def collect_images(messages: list[dict], images: list | None = None,
                     if not pool:
                         raise InputError(f"{where}: more {IMAGE_MARK} marks than images given",
                                          "image_count_mismatch", where)
-                    ordered.append(open_image(pool.pop(0), max_pixels, where))
+                    ordered.append(open_image(pool.pop(0), max_pixels, where, draft_size))
                 text += piece
             elif kind == "image":
-                ordered.append(open_image(part.get("image"), max_pixels, where))
+                ordered.append(open_image(part.get("image"), max_pixels, where, draft_size))
                 text += IMAGE_MARK
             else:
                 raise InputError(f"{where}: unknown content part type {kind!r} (use text or image)",
@@ -137,6 +142,10 @@ class ChatModel:
         self.processor = processor
         self.tokenizer = processor.tokenizer
         self.max_image_pixels = max_image_pixels
+        from crossvlm.data.images import target_side
+
+        self.draft_size = target_side(processor.image_processor)
+        """JPEGs given as bytes or paths decode at the scale the training loader uses (`open_image`)."""
         self.engine_config = engine or EngineConfig()
         self.context_length = self.engine_config.max_len_for(model.config.text_config)
         eos = model.llm.generation_config.eos_token_id
@@ -186,7 +195,7 @@ class ChatModel:
             raise InputError("the conversation has no messages", "invalid_content", "messages")
         from crossvlm.data.render import TemplateMismatch, encode_prompt
 
-        flat, imgs = collect_images(messages, images, self.max_image_pixels)
+        flat, imgs = collect_images(messages, images, self.max_image_pixels, self.draft_size)
         try:  # rendered exactly as training renders a conversation (docs/DATA.md)
             ids = encode_prompt(flat, self.tokenizer, self.processor.num_image_tokens, enable_thinking=enable_thinking)
         except TemplateMismatch as err:

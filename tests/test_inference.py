@@ -169,3 +169,34 @@ def test_interactive_chat_keeps_history_adds_images_and_resets(chat, tiny_vlm_di
                         *_user("<image>what colour is the circle?")], [shapes_image(4)], budget).text
     assert out.splitlines() == [first, second, first]  # after /reset the history is gone
     assert "nope.png" in err and "reset" in err
+
+
+def test_a_jpeg_reaches_the_model_as_the_training_loader_gives_it(chat, tmp_path):
+    """Inference decodes a JPEG as the training loader does (at the smallest DCT scale that keeps the
+    tower's side, then the processor), so the model sees the pixels it was trained on: from bytes,
+    from a path, through the chat API and through the server's image URLs."""
+    import base64
+
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    from crossvlm.data.images import ImageTransform, load_image
+    from crossvlm.serve.images import ImagePolicy, image_from_url
+
+    rng = np.random.default_rng(0)
+    buf = io.BytesIO()
+    Image.fromarray((rng.random((480, 640, 3)) * 255).astype("uint8")).save(buf, "JPEG", quality=90)
+    jpeg = buf.getvalue()
+    (tmp_path / "photo.jpg").write_bytes(jpeg)
+    transform = ImageTransform(chat.processor.image_processor)
+    assert transform.draft_size and transform.draft_size * 2 <= 480  # the draft scale is not 1 here
+    trained = transform([load_image(jpeg, 10**8, transform.draft_size)])  # what a training step sees
+    full = transform([load_image(jpeg, 10**8)])
+    assert not torch.equal(trained, full), "the test image must tell the two decodings apart"
+    for source in (jpeg, tmp_path / "photo.jpg", str(tmp_path / "photo.jpg")):
+        prompt = chat.prompt(_user("<image>what is this?"), [source])
+        assert torch.equal(prompt.pixel_values, trained)
+    url = "data:image/jpeg;base64," + base64.b64encode(jpeg).decode()
+    served = image_from_url(url, ImagePolicy(), "image_url", chat.draft_size)
+    assert torch.equal(chat.prompt(_user("<image>what is this?"), [served]).pixel_values, trained)

@@ -107,7 +107,9 @@ def run(args: argparse.Namespace) -> int:
     if args.model is None and (args.llm is None or args.vision is None):
         raise CrossVLMError("give --model DIR, or both --llm and --vision")
     sampling = sampling_from_args(args)
-    images = [open_image(path, param=str(path)) for path in args.image]
+    for path in args.image:  # refused before the model loads; the chat model decodes them (as training does)
+        open_image(path, param=str(path))
+    images = list(args.image)
     from crossvlm.engine import EngineConfig
 
     # One conversation: one slot (a small KV cache; its CUDA graphs are recorded as the answer grows).
@@ -141,7 +143,8 @@ def run(args: argparse.Namespace) -> int:
                 print("(conversation reset)", file=sys.stderr)
             elif command == "/image" and rest.strip():
                 try:
-                    pending.append(open_image(Path(rest.strip()).expanduser(), param=rest.strip()))
+                    pending.append(open_image(Path(rest.strip()).expanduser(), param=rest.strip(),
+                                              draft_size=chat.draft_size))
                     print(f"(image attached: {rest.strip()})", file=sys.stderr)
                 except CrossVLMError as err:
                     print(f"error: {err}", file=sys.stderr)

@@ -57,7 +57,7 @@ class ImageTransform:
 
     def __init__(self, image_processor):
         self.processor = image_processor
-        side = _target_side(image_processor)
+        side = target_side(image_processor)
         # JPEGs decode at the smallest DCT scale (1/2, 1/4, 1/8) that keeps both sides at least the
         # target side; the processor's own resampling then does the last reduction. A 640×480 photo
         # for a 224-px tower decodes at 320×240: ~1.6× faster to decode and process.
@@ -70,7 +70,7 @@ class ImageTransform:
         return torch.as_tensor(out, dtype=torch.float32)  # (N, 3, H, W)
 
 
-def _target_side(processor) -> int | None:
+def target_side(processor) -> int | None:
     """The side the processor resizes to, read from its `size` / `crop_size` (None if unknown)."""
     for attr in ("size", "crop_size"):
         size = getattr(processor, attr, None)

@@ -223,7 +223,7 @@ def create_app(chat: ChatModel, settings: ServerSettings | None = None) -> FastA
                 content = [
                     {"type": "text", "text": part.text} if part.type == "text" else
                     {"type": "image", "image": image_from_url(part.image_url.url, settings.images,
-                                                              f"messages[{m}].content[{p}].image_url")}
+                                                              f"messages[{m}].content[{p}].image_url", chat.draft_size)}
                     for p, part in enumerate(content)
                 ]
             messages.append({"role": role, "content": content or ""})

@@ -38,9 +38,10 @@ class ImagePolicy:
     """Folder whose files may be named by `file://` URLs or plain paths; None refuses local files."""
 
 
-def image_from_url(url: str, policy: ImagePolicy, param: str):
-    """Decode the image an `image_url` names; raises `InputError` (400) for anything refused."""
-    return open_image(_image_bytes(url.strip(), policy, param), policy.max_pixels, param)
+def image_from_url(url: str, policy: ImagePolicy, param: str, draft_size: int | None = None):
+    """Decode the image an `image_url` names (a JPEG at `draft_size`, as training decodes it: see
+    `open_image`); raises `InputError` (400) for anything refused."""
+    return open_image(_image_bytes(url.strip(), policy, param), policy.max_pixels, param, draft_size)
 
 
 def _image_bytes(url: str, policy: ImagePolicy, param: str) -> bytes:
