@@ -57,7 +57,7 @@ class ServeBenchConfig:
     """The engine's slots (default: the largest concurrency)."""
     client_processes: int = 4
     compile: bool = False
-    """Start the engines with `compile` (the decode step and the prefill fused by torch.compile)."""
+    """Start the engines with `compile` (the decode step, the prefill and the image path fused by torch.compile)."""
     server: bool = True
     """Measure through the HTTP server."""
     offline: bool = True

@@ -52,7 +52,7 @@ class EngineConfig:
     graphs: bool | None = None
     """Replay the decode step as CUDA graphs (default: on a GPU)."""
     compile: bool = False
-    """Fuse the decode step and the prefill with `torch.compile` (Inductor), the decode step before its
+    """Fuse the decode step, the prefill and the image path with `torch.compile` (Inductor), the decode step before its
     graphs are recorded: minutes more at start-up, 2.5x the decode speed at batch 1 on an H200
     (docs/PERFORMANCE.md, "Generation engine")."""
     memory_fraction: float = 0.6

@@ -15,9 +15,10 @@ its own. Each forward gets the cache's `Plan` first.
   holds the longest running request. A pair is recorded the first time a step needs it (a server
   records them all before its first request: `warm_up`). Sampling follows, eagerly (a few kernels).
 
-With `compile`, the decode step and the prefill's decoder run through `torch.compile` (Inductor):
-their many small kernels (RMSNorm pieces, rotary, residual adds) fuse, which is what makes a step
-fast at small batches, where launching kernels, not the GPU, sets the pace.
+With `compile`, the decode step and the prefill's decoder run through `torch.compile` (Inductor), and
+the image path (vision layers, projector) layer by layer: their many small kernels (RMSNorm pieces,
+rotary, residual adds) fuse, which is what makes a step fast at small batches, where launching
+kernels, not the GPU, sets the pace.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ import torch
 from crossvlm.engine.cache import Plan, SlotCache
 from crossvlm.engine.sampler import Sampler, to_device
 from crossvlm.model.modeling import _CACHE_KWARG
+from crossvlm.model.vision import vision_layers
 
 
 @dataclass
@@ -68,6 +70,9 @@ class ModelRunner:
         # Sizes stay symbolic (dynamic=True), so the rungs and prompt lengths share a few compilations.
         self._step = torch.compile(self._decode_step, dynamic=True) if compile else self._decode_step
         self._prefill_decoder = torch.compile(self._decoder, dynamic=True) if compile else self._decoder
+        if compile:  # the image path layer by layer, as training compiles it: one graph serves every layer
+            for module in [*vision_layers(model.vision), model.projector]:
+                module.compile(dynamic=True)
         if graphs:
             torch.cuda.synchronize(self.device)
             self._decode_step(1, self.kv_ladder[0])  # first call eagerly: transformers sets up its hooks here
@@ -173,7 +178,10 @@ class ModelRunner:
         are reset after. `say(text)` hears of each phase as it starts."""
         say = say or (lambda text: None)
         if self.compiled:
-            say("compiling the prefill (a minute or more)")
+            say("compiling the image path and the prefill (a minute or more)")
+            size, pad = self.model.config.vision_config.image_size, self.model.config.image_token_id
+            for n in (1, 2):  # one image and several
+                self.embed([[pad] * (n * self.model.num_image_tokens)], torch.zeros(n, 3, size, size))
             width = self.llm.get_input_embeddings().embedding_dim
             for n in sorted({1, min(2, self.cache.slots)}):
                 prompt = torch.zeros(100, width, dtype=self.dtype, device=self.device)  # keys: 128, not 100
