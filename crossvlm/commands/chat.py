@@ -107,14 +107,15 @@ def run(args: argparse.Namespace) -> int:
     if args.model is None and (args.llm is None or args.vision is None):
         raise CrossVLMError("give --model DIR, or both --llm and --vision")
     sampling = sampling_from_args(args)
-    for path in args.image:  # refused before the model loads; the chat model decodes them (as training does)
+    for path in args.image:  # a bad image is refused before the model loads
         open_image(path, param=str(path))
-    images = list(args.image)
     from crossvlm.engine import EngineConfig
 
     # One conversation: one slot (a small KV cache; its CUDA graphs are recorded as the answer grows).
     chat = ChatModel.load(args.model, llm=args.llm, vision=args.vision, device=args.device,
                           engine=EngineConfig(slots=1))
+    # Decoded once more, as training decodes them, and kept decoded: every turn resends the history's images.
+    images = [open_image(path, param=str(path), draft_size=chat.draft_size) for path in args.image]
     system = [{"role": "system", "content": args.system}] if args.system else []
 
     if args.prompt is not None:
