@@ -229,10 +229,12 @@ def test_resume_command_is_the_starting_command_with_resume_auto():
 
 @pytest.mark.slow
 def test_sigterm_checkpoints_the_step_exits_0_and_the_printed_command_resumes_exactly(tiny_models, shapes, tmp_path):
-    """A real SIGTERM to the run's whole process group (as SLURM sends it: the loader's worker too)."""
+    """A real SIGTERM to the run's whole process group (as SLURM sends it: the loader's worker too).
+    With a fused AdamW, as on GPUs: the host has launched the next step when it reads the stop, so
+    the run stops after that one."""
     args = ["train", str(config_path("debug.yaml")), "--model.llm", str(tiny_models / "llm"),
             "--model.vision", str(tiny_models / "vision"), "--data.sources", f"[{shapes['sft_train']}]",
-            "--run.max_steps", "8", "--run.batch_size", "2", "--data.num_workers", "1"]
+            "--run.max_steps", "8", "--run.batch_size", "2", "--data.num_workers", "1", "--optim.fused", "true"]
     whole = _run_cli(args + ["--run.out_dir", str(tmp_path / "whole")])
     victim = _run_cli(args + ["--run.out_dir", str(tmp_path / "stopped")], start_new_session=True)
     metrics = tmp_path / "stopped" / "metrics.jsonl"

@@ -87,23 +87,23 @@ def _measured_trainer_class():
         """`Trainer.run()` as `crossvlm train` runs it, minus writing checkpoints and the final model.
 
         With `profile` set to (first step, steps, stem, title), the loop's iterations from that step on
-        run under torch.profiler, from one `train_step` call to the one after the last: everything the
+        run under torch.profiler, from one step's launch to the launch of the one after the last: everything the
         loop does between steps (the loader's hand-over, the report) is in the profile."""
 
         profile: tuple[int, int, Path, str] | None = None
         profile_record: dict | None = None
 
-        def train_step(self, batches: list[dict]) -> dict:
+        def launch_step(self, batches: list[dict]):
             if self.profile is not None and self.rt.is_main:
                 first, count, stem, title = self.profile
-                if self.step == first:
+                if self.launched == first:
                     self._prof = profiler(self.rt.device)
                     self._prof.start()
-                elif self.step == first + count:
+                elif self.launched == first + count:
                     synchronize(self.rt.device)
                     self._prof.stop()
                     self.profile_record = write_profile(self._prof, self.rt.device, stem, title)
-            return super().train_step(batches)
+            return super().launch_step(batches)
 
         def save_checkpoint(self) -> None:
             pass

@@ -241,9 +241,7 @@ def _build_ours(ctx: _Context, v: Variant) -> Runner:
     set_train_mode(model)
 
     def step(batch: dict) -> float:
-        result = trainer.train_step([batch])
-        trainer.scheduler.step()
-        return result["loss"]
+        return trainer.train_step([batch])["loss"]
 
     m, shape = model.num_image_tokens, ctx.shape
     seq = m + shape.text_tokens

@@ -101,6 +101,42 @@ def autocast_dtype(name: str, device: torch.device) -> torch.dtype | None:
     return {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": None}[name]
 
 
+class Launched:
+    """A step the trainer launched; `result()` is its outcome, waiting for the GPU only if it must."""
+
+    def __init__(self, counts: dict, lr: float, outcome: tuple | None = None, why: str | None = None):
+        self.counts, self.lr, self.why = counts, lr, why
+        self.outcome = outcome  # (loss, grad norm, stop) once on the host
+        self._host, self._ready = None, None
+
+    @property
+    def deferred(self) -> bool:
+        """Whether the host launched the step without waiting for its outcome."""
+        return self.outcome is None
+
+    def read_later(self, stats: torch.Tensor) -> None:
+        """Copy (loss, grad norm, stop) to the host behind the step's own kernels, waited for in `result`."""
+        if stats.device.type != "cuda":
+            self._host = stats
+            return
+        self._host = torch.empty(stats.shape, dtype=stats.dtype, pin_memory=True)
+        self._host.copy_(stats, non_blocking=True)
+        self._ready = torch.cuda.Event()
+        self._ready.record()
+
+    def result(self) -> dict:
+        if self.outcome is None:
+            if self._ready is not None:
+                with record_function("train.wait"):
+                    self._ready.synchronize()  # this step's kernels, not those of steps launched since
+            self.outcome = tuple(self._host.tolist())
+        loss, grad_norm, stop = self.outcome
+        why = self.why or ("non-finite loss" if not math.isfinite(loss)
+                           else "non-finite gradient" if not math.isfinite(grad_norm) else None)
+        return {"loss": loss, "grad_norm": grad_norm, "skipped": why is not None, "why": why, "counts": self.counts,
+                "lr": self.lr, "stop": bool(stop > 0)}
+
+
 class Trainer:
     def __init__(self, cfg: TrainConfig, rt: Runtime):
         self.cfg, self.rt = cfg, rt
@@ -142,6 +178,9 @@ class Trainer:
         self.total_steps = cfg.run.max_steps or max(1, math.ceil(cfg.run.epochs * self.steps_per_epoch))
         self.optimizer = build_optimizer(model, cfg.optim, rt.device)
         self.scheduler = build_scheduler(self.optimizer, cfg.optim, self.total_steps)
+        # A fused AdamW skips a non-finite step on the device, so the host can read a step's outcome one
+        # step late (see launch_step). FSDP's sharded parameters take the plain path.
+        self.defer = bool(self.optimizer.defaults.get("fused")) and not (rt.distributed and cfg.run.distributed == "fsdp")
         self.step = 0
         self.stop = StopRequest()  # installed around run() by train()
         self.last_checkpoint: Path | None = None
@@ -153,6 +192,7 @@ class Trainer:
             self.step = int(meta["step"])
             self.loader.load_state_dict(meta["data"])
             rt.print(f"resumed from {resume} at step {self.step}")
+        self.launched = self.step  # steps launched (see launch_step); the host may be one ahead of self.step
         self.logger = build_logger(
             rt.is_main, self.out_dir, tensorboard=cfg.run.tensorboard, wandb=cfg.run.wandb,
             wandb_project=cfg.run.wandb_project, config=cfg.to_dict(), resumed=resume is not None,
@@ -234,21 +274,28 @@ class Trainer:
             return contextlib.nullcontext()
         return torch.autocast(self.rt.device.type, dtype=self.amp)
 
-    def train_step(self, batches: list[dict]) -> dict:
-        """Forward/backward over the micro-batches of one optimizer step, then (maybe) step.
+    def launch_step(self, batches: list[dict]) -> "Launched":
+        """Forward/backward over the micro-batches of one optimizer step, then the optimizer and the
+        schedule; returns before the GPU is done when it can (`Launched.deferred`).
 
-        The host waits for the GPU once per step (to decide whether the loss and gradients are finite
-        before stepping); the token counts come from the collator on the host.
+        A step whose loss or gradient is not finite is skipped. With a fused AdamW the skip is decided on
+        the device (the optimizer's `found_inf`, as torch's GradScaler uses it), so the host need not
+        wait for the GPU before it launches the next step: the loss, gradient norm and stop flag come
+        back through a pinned buffer, read one step later. Otherwise the host waits for them here, once a
+        step. Token counts come from the collator on the host.
         """
         rt, world = self.rt, self.rt.world_size
+        self.launched += 1
+        lr = self.scheduler.get_last_lr()[-1]
         counts = torch.tensor(step_counts(batches, self.model.config, self.llm_grad), dtype=torch.float64)
         if rt.distributed:
             counts = rt.all_reduce_sum(counts.to(rt.device)).cpu()
         counts = dict(zip(COUNTS, counts.tolist()))
         global_tokens = counts["labelled"]
         if global_tokens == 0:  # every sample of the step, on every rank, was bad (the loader counted them)
-            return {"loss": float("nan"), "skipped": True, "counts": counts, "why": "no labelled token",
-                    "stop": rt.any(self.stop.requested)}
+            self.scheduler.step()
+            return Launched(counts, lr, outcome=(float("nan"), None, rt.any(self.stop.requested)),
+                            why="no labelled token")
         # Each process divides its token-sum loss by (global tokens / world): after DDP averages the
         # gradients, every labelled token of the step weighs the same, whatever the split.
         denom = global_tokens / world
@@ -276,16 +323,25 @@ class Trainer:
             grad_norm = torch.nn.utils.clip_grad_norm_(params, clip)
             if hasattr(grad_norm, "full_tensor"):  # FSDP2: the norm of sharded gradients is a DTensor
                 grad_norm = grad_norm.full_tensor()
-        with record_function("train.sync"):
-            loss_value, grad_norm, stop = torch.stack([loss_sum, grad_norm.float(), stop]).tolist()  # the step's one sync
-        why = ("non-finite loss" if not math.isfinite(loss_value)
-               else "non-finite gradient" if not math.isfinite(grad_norm) else None)
+        stats = torch.stack([loss_sum, grad_norm.float(), stop])  # the same on every rank
+        launched = Launched(counts, lr)
         with record_function("train.optimizer"):
-            if why is None:
+            if self.defer:
+                self.optimizer.found_inf = (~torch.isfinite(stats[:2]).all()).float()  # 1: the step is skipped
                 self.optimizer.step()
+                launched.read_later(stats)
+            else:
+                with record_function("train.sync"):
+                    launched.outcome = tuple(stats.tolist())  # the host waits for the GPU here
+                if math.isfinite(launched.outcome[0]) and math.isfinite(launched.outcome[1]):
+                    self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
-        return {"loss": loss_value, "grad_norm": grad_norm, "skipped": why is not None, "counts": counts, "why": why,
-                "stop": stop > 0}
+            self.scheduler.step()
+        return launched
+
+    def train_step(self, batches: list[dict]) -> dict:
+        """One optimizer step, waited for: `Launched.result()`."""
+        return self.launch_step(batches).result()
 
     @torch.no_grad()
     def evaluate(self) -> float | None:
@@ -323,14 +379,22 @@ class Trainer:
             self._nonfinite_in_row, speed = 0, SpeedWindow(rt.device, rt.world_size)
             if speed.note:
                 rt.print(speed.note)
+            pending = None  # a launched step whose outcome the host has not read yet
             while self.step < self.total_steps:
                 # (The record_function labels name the loop's phases in a profile: `bench train --data --profile`.)
-                with record_function("train.next_batch"):
-                    micro = speed.next_batches(batches, cfg.optim.accumulation_steps)
-                result = self.train_step(micro)
+                pending = pending or self._launch(batches, speed)  # step self.step + 1
+                # While the GPU runs it, the host launches the step after, unless the host must see the model
+                # as this step leaves it (evaluation, a checkpoint, the end) or the step was not deferred.
+                ahead = None
+                if pending.deferred and not self._settles(self.step + 1):
+                    ahead = self._launch(batches, speed)
                 with record_function("train.report"):
-                    stop = self._after_step(result, speed, bar)
-                if stop:
+                    stop = self._after_step(pending.result(), speed, bar)
+                pending = ahead
+                if stop and pending is not None:  # launched before the stop was known: every rank ran it too
+                    self._after_step(pending.result(), speed, bar)
+                    pending = None
+                if stop and self.step < self.total_steps:
                     bar.close()
                     return self._stopped()
         bar.close()
@@ -345,11 +409,21 @@ class Trainer:
                         title=self.out_dir.name)
         return final
 
+    def _launch(self, batches, speed: SpeedWindow) -> Launched:
+        with record_function("train.next_batch"):
+            micro = speed.next_batches(batches, self.cfg.optim.accumulation_steps)
+        return self.launch_step(micro)
+
+    def _settles(self, step: int) -> bool:
+        """Whether the host needs the model as `step` leaves it: to evaluate, checkpoint or finish."""
+        run = self.cfg.run
+        return (step >= self.total_steps or bool(run.eval_interval and step % run.eval_interval == 0)
+                or bool(run.save_interval and step % run.save_interval == 0))
+
     def _after_step(self, result: dict, speed: SpeedWindow, bar) -> bool:
         """Count, report, evaluate and checkpoint after a step; whether the run must stop now (SIGTERM)."""
         cfg, rt = self.cfg, self.rt
-        lr = self.scheduler.get_last_lr()[-1]
-        self.scheduler.step()
+        lr = result["lr"]
         self.step += 1
         speed.add(result["counts"])
         if result["skipped"] and result["why"] == "no labelled token":
