@@ -219,17 +219,30 @@ def test_ignore_eos_and_min_tokens_in_the_request(chat):
 
 @pytest.mark.slow
 def test_compiled_decode_step_gives_the_same_tokens(tiny_vlm_dir, reference):
-    """`EngineConfig.compile`: the decode step and the prefill fused by torch.compile, both compiled by
-    `warm_up` before the first request (here on the CPU, without graphs)."""
+    """`EngineConfig.compile`: the decode step and the prefill fused by torch.compile, each compiled
+    once, by `warm_up`, before the first request (here on the CPU, without graphs): one request alone
+    and several together, prompts of any length, compile nothing more."""
+    from torch._dynamo.eval_frame import _debug_get_cache_entry_list
+
+    from crossvlm.engine.model_runner import ModelRunner
+
+    def compilations() -> list[int]:
+        return [len(_debug_get_cache_entry_list(f.__code__)) for f in (ModelRunner._decode_step, ModelRunner._decoder)]
+
+    torch._dynamo.reset()
     compiled = crossvlm.load(tiny_vlm_dir, device="cpu", engine=EngineConfig(slots=4, max_len=512, compile=True))
     try:
         assert compiled.engine.warm_up()
+        assert compilations() == [1, 1]
         assert not compiled.engine.runner.position.any(), "warming up leaves no position behind"
         prompts = [compiled.prompt(m, i) for m, i in CASES[:3]]
         budgets = [12, 7, 9]
         sampling = [SamplingParams(max_new_tokens=n, greedy=True, ignore_eos=True) for n in budgets]
         for request, prompt, n in zip(_run(compiled, prompts, sampling), prompts, budgets):
             assert request.tokens == _hf_tokens(reference, compiled, prompt, n)
+        alone, = _run(compiled, prompts[2:], sampling[:1])
+        assert alone.tokens == _hf_tokens(reference, compiled, prompts[2], budgets[0])
+        assert compilations() == [1, 1]
         assert compiled.engine.warm_up(), "warm already: nothing more to do"
     finally:
         compiled.close()

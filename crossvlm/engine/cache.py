@@ -45,12 +45,17 @@ class Plan:
 class SlotCache:
     """Keys and values of every layer, (slots, kv_heads, max_len, head_dim) each, and the free slots."""
 
-    def __init__(self, config, slots: int, max_len: int, dtype: torch.dtype, device: torch.device):
+    def __init__(self, config, slots: int, max_len: int, dtype: torch.dtype, device: torch.device,
+                 spare: bool = False):
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-        shape = (slots, config.num_key_value_heads, max_len, head_dim)
+        shape = (slots + spare, config.num_key_value_heads, max_len + spare, head_dim)
         self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_hidden_layers)]
         self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_hidden_layers)]
         self.slots, self.max_len = slots, max_len
+        self.scratch = slots if spare else None
+        """With `spare`, one slot and one position more than requests use: throw-away rows write in the
+        slot (ModelRunner.prefill), and no read covers a whole dimension, which torch.compile would
+        specialize (a compiled step for reads of every length up to `max_len`)."""
         self._free = list(range(slots))  # a heap: the lowest free slot first
         self.plan: Plan | None = None
 

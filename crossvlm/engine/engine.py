@@ -85,7 +85,7 @@ class Engine:
         slots = cfg.slots or self._default_slots(text, device, cfg.memory_fraction)
         self.config = cfg
         use_slot_attention(model.llm)
-        self.cache = SlotCache(text, slots, self.max_len, model.llm.dtype, device)
+        self.cache = SlotCache(text, slots, self.max_len, model.llm.dtype, device, spare=cfg.compile)
         self.sampler = Sampler(slots, text.vocab_size, sorted(eos_ids), device)
         graphs = device.type == "cuda" if cfg.graphs is None else cfg.graphs
         self.runner = ModelRunner(model, self.cache, self.sampler, graphs, cfg.compile)

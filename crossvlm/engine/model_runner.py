@@ -60,17 +60,26 @@ class ModelRunner:
         self.device = next(model.llm.parameters()).device
         self.dtype = model.llm.dtype
         self.position = torch.zeros(cache.slots, dtype=torch.int64, device=self.device)  # next write, per slot
-        self.batch_ladder = ladder(cache.slots, 1)
+        # torch.compile specializes a size of 1: compiled, one request decodes in the batch-2 step (the other
+        # row is a hole), and one prompt prefills beside a throw-away row, so a single compilation serves
+        # every batch size of each (each one takes a minute or more for the whole model).
+        self.compiled = compile
+        self.batch_ladder = ladder(cache.slots, 2 if compile and cache.slots > 1 else 1)
         self.kv_ladder = [min(n, cache.max_len) for n in range(kv_step, cache.max_len + kv_step, kv_step)]
         self.logits = torch.zeros(cache.slots, model.config.text_config.vocab_size, dtype=self.dtype,
                                   device=self.device)  # the decode step's output
-        self.use_graphs, self.compiled = graphs, compile
+        self.use_graphs = graphs
         self.graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
         self._pool = None  # the graphs' one memory pool (one step runs at a time)
-        # Sizes stay symbolic (dynamic=True), so the rungs and prompt lengths share a few compilations.
+        # Sizes stay symbolic (dynamic=True), so the rungs and prompt lengths share one compilation. The
+        # buffers allocated once are marked static: a symbolic size is tied to any other of the same value
+        # when first traced (kv_len to the cache's length, say), which would recompile at the next rung.
         self._step = torch.compile(self._decode_step, dynamic=True) if compile else self._decode_step
         self._prefill_decoder = torch.compile(self._decoder, dynamic=True) if compile else self._decoder
-        if compile:  # the image path layer by layer, as training compiles it: one graph serves every layer
+        if compile:
+            for buffer in [*cache.keys, *cache.values, self.position, self.logits, sampler.last_token]:
+                torch._dynamo.mark_static(buffer)
+            # The image path layer by layer, as training compiles it: one graph serves every layer.
             for module in [*vision_layers(model.vision), model.projector]:
                 module.compile(dynamic=True)
         if graphs:
@@ -102,6 +111,8 @@ class ModelRunner:
     @torch.inference_mode()
     def prefill(self, chunks: list[Chunk], greedy: bool, penalty: bool, min_tokens: bool) -> torch.Tensor | None:
         """Run the chunks; returns the sampled first tokens of the chunks that end a prompt (in order)."""
+        if self.compiled and len(chunks) == 1 and self.cache.scratch is not None:  # see __init__
+            chunks = [*chunks, Chunk(self.cache.scratch, 0, chunks[0].embeds[:1], last=False)]
         n, longest = len(chunks), max(len(c.embeds) for c in chunks)
         embeds = torch.zeros(n, longest, chunks[0].embeds.shape[-1], dtype=self.dtype, device=self.device)
         for i, c in enumerate(chunks):
@@ -172,7 +183,7 @@ class ModelRunner:
     @torch.inference_mode()
     def warm_up(self, say=None) -> None:
         """Compile (with `compile`) and record (with graphs) now what requests would otherwise wait for:
-        the prefill for one prompt and for several (torch.compile specializes a size of 1), and every
+        the image path for one image and for several (torch.compile specializes a size of 1), the prefill, and every
         rung pair of the decode step, largest first (the pool then fits the largest at once). This
         writes into the cache and advances positions: only before any request runs; the positions
         are reset after. `say(text)` hears of each phase as it starts."""
@@ -183,9 +194,8 @@ class ModelRunner:
             for n in (1, 2):  # one image and several
                 self.embed([[pad] * (n * self.model.num_image_tokens)], torch.zeros(n, 3, size, size))
             width = self.llm.get_input_embeddings().embedding_dim
-            for n in sorted({1, min(2, self.cache.slots)}):
-                prompt = torch.zeros(100, width, dtype=self.dtype, device=self.device)  # keys: 128, not 100
-                self.prefill([Chunk(i, 0, prompt, True) for i in range(n)], greedy=True, penalty=False, min_tokens=False)
+            prompt = torch.zeros(100, width, dtype=self.dtype, device=self.device)  # keys: 128, not 100
+            self.prefill([Chunk(0, 0, prompt, True)], greedy=True, penalty=False, min_tokens=False)  # 2 rows: see __init__
         if self.use_graphs or self.compiled:
             pairs = [(r, k) for r in reversed(self.batch_ladder) for k in reversed(self.kv_ladder) if (r, k) not in self.graphs]
             say(("compiling the decode step (minutes), then " if self.compiled else "")
