@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import crossvlm
-from crossvlm.engine import EngineConfig, Request, SamplingParams
+from crossvlm.engine import Delta, EngineConfig, Request, SamplingParams
 from crossvlm.engine.sampler import Sampler
 from crossvlm.model.modeling import CrossVLM
 from serving import shapes_image
@@ -198,6 +198,28 @@ def test_sampler_settings_per_row():
     assert second == [eos, 3, eos, eos]  # row 3 reached its min_tokens
     logits[1, 0] = float("nan")
     assert sampler.sample(logits, slots, greedy=True, penalty=False, min_tokens=False).tolist()[1] == -1
+
+
+def test_streamed_text_decodes_a_short_window_even_after_tokens_without_text(chat):
+    """Tokens that add no text (skipped special ones, a random model's) move the window on: each token
+    decodes a few tokens, not the whole answer again (that was quadratic in the answer's length)."""
+    tok = chat.tokenizer
+    windows = []
+
+    class Counting:
+        def decode(self, ids, **kw):
+            windows.append(len(ids))
+            return tok.decode(ids, **kw)
+
+    silent = tok.convert_tokens_to_ids("<|image_pad|>")  # a special token: decodes to no text
+    words = tok("it is a red square and a blue circle", add_special_tokens=False)["input_ids"]
+    tokens = [silent] * 200 + words + [silent] * 50 + words
+    deltas = []
+    request = Request([1], None, SamplingParams(max_new_tokens=1000), deltas.append, max_new_tokens=1000, stream=True)
+    for token in tokens:
+        request.add_token(token, Counting(), chat.eos_ids)
+    assert max(windows) <= 3
+    assert "".join(d.text for d in deltas if isinstance(d, Delta)) == tok.decode(tokens, skip_special_tokens=True)
 
 
 def test_ignore_eos_and_min_tokens_in_the_request(chat):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import json
 import http.server
 import os
 import subprocess
@@ -210,6 +211,27 @@ def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(chat, url):
                       json={"messages": _ask("count the shapes"), "max_tokens": 12, "temperature": 0})
         assert r.status_code == 200
         assert r.json()["choices"][0]["message"]["content"] == _greedy(chat, "count the shapes")
+
+
+def test_a_body_over_the_limit_gets_413_before_it_is_read(chat):
+    from fastapi.testclient import TestClient
+
+    with TestClient(create_app(chat, ServerSettings(max_request_bytes=1000))) as http:
+        r = http.post("/v1/chat/completions", json={"messages": _ask("x" * 2000)})
+        assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large"
+        r = http.post("/v1/chat/completions", json={"messages": _ask("hi"), "max_tokens": 2})
+        assert r.status_code == 200
+
+
+def test_an_event_of_the_stream_is_one_line_whatever_the_text():
+    """JSON leaves U+2028, U+2029 and U+0085 raw, and line readers (httpx's aiter_lines) split on them."""
+    from crossvlm.serve.app import _sse
+
+    text = "a\u2028b\u2029c\x85d\u00e9\n"
+    event = _sse({"choices": [{"delta": {"content": text}}]})
+    assert event.endswith("\n\n") and len(event[:-2].splitlines()) == 1
+    assert json.loads(event[len("data: "):])["choices"][0]["delta"]["content"] == text
+    assert "\u00e9" in event  # other characters stay as they are
 
 
 def test_remote_and_local_images_when_enabled(chat, client, image_host, image_dir):

@@ -190,10 +190,13 @@ class Request:
 
     def _detokenize(self, tokenizer) -> None:
         """Append the text of the newest tokens, decoding a window of a few tokens, not the whole answer
-        (a token may end inside a UTF-8 character: then nothing is added until the character is whole)."""
+        (a token may end inside a UTF-8 character: then nothing is added until the character is whole).
+        The window moves on after a token that adds no text too (a skipped special token, say): it would
+        otherwise grow with every such token, each decoding it whole again."""
         before = tokenizer.decode(self.tokens[self._prefix:self._read], skip_special_tokens=True)
         now = tokenizer.decode(self.tokens[self._prefix:], skip_special_tokens=True)
-        if len(now) > len(before) and not now.endswith("\ufffd"):
+        stuck = len(self.tokens) - self._read > 8  # bytes that 8 more tokens did not make a character never will
+        if len(now) >= len(before) and (stuck or not now.endswith("\ufffd")):
             self.raw += now[len(before):]
             self._prefix, self._read = self._read, len(self.tokens)
 
