@@ -190,11 +190,36 @@ def test_dataset_returns_samples_or_located_bad_records(tmp_path, tok, processor
     ds = build_dataset(config(path), tok, processor, M)
     items = [ds[i] for i in range(len(ds))]
     good = items[:10]
-    assert all(s.pixel_values.shape == (1, 3, 64, 64) and s.pixel_values.dtype == torch.float32 for s in good)
+    assert all(s.pixel_values.shape == (1, 3, 64, 64) and s.pixel_values.dtype == torch.uint8 for s in good)
     kinds = [(b.kind, b.location) for b in items[10:]]
     assert kinds == [("bad_image", f"{path} row 10"), ("image_count_mismatch", f"{path} row 11"),
                      ("no_assistant_turn", f"{path} row 12"), ("unknown_role", f"{path} row 13"),
                      ("too_long", f"{path} row 14")]
+
+
+def test_images_travel_as_uint8_crops_that_normalize_to_the_processors_pixels(tmp_path, tok, processor):
+    """Workers hand over the processor's crop as uint8 (a quarter of float32's bytes); `normalize` (in
+    training, on the GPU) gives exactly the floats the processor itself makes of the image."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from crossvlm.data.images import ImageTransform, load_image
+
+    transform = ImageTransform(processor)
+    assert transform.uint8
+    rng = np.random.default_rng(3)
+    images = []
+    for size, fmt in (((480, 640), "JPEG"), ((50, 300), "PNG"), ((97, 97), "JPEG")):
+        buf = io.BytesIO()
+        Image.fromarray((rng.random((*size, 3)) * 255).astype("uint8")).save(buf, fmt)
+        images.append(load_image(buf.getvalue(), 10**8, transform.draft_size))
+    crops = transform(images)
+    assert crops.dtype == torch.uint8 and crops.shape == (3, 3, 64, 64)
+    expected = torch.as_tensor(processor(images=images, return_tensors="pt")["pixel_values"], dtype=torch.float32)
+    assert torch.equal(transform.normalize(crops), expected)
+    assert transform.normalize(expected) is expected  # float pixels pass through
 
 
 def test_bad_records_counted_across_workers_and_stop_the_run(tmp_path, tok, processor):
@@ -347,7 +372,7 @@ def test_packed_batches_from_the_loader_give_the_vlm_the_same_loss(tmp_path, tin
 
     def loss_sum(b):
         with torch.no_grad():
-            return vlm(input_ids=b["input_ids"], pixel_values=b.get("pixel_values"), labels=b["labels"],
+            return vlm(input_ids=b["input_ids"], pixel_values=ds.transform.normalize(b["pixel_values"]), labels=b["labels"],
                        attention_mask=b["attention_mask"], position_ids=b.get("position_ids"), use_cache=False,
                        num_items_in_batch=1).loss
 

@@ -43,12 +43,13 @@ class FixedLengthSamples(torch.utils.data.Dataset):
     """`length` samples of one shape; sample i is the same in every run (seeded by i)."""
 
     def __init__(self, jpegs: list[bytes], image_processor, vision_ids: VisionTokenIds, num_image_tokens: int,
-                 shape: SampleShape, text_vocab: int, length: int, seed: int = 0):
+                 shape: SampleShape, text_vocab: int, length: int, seed: int = 0, float_pixels: bool = False):
         if shape.text_tokens < 3 or not 0 < shape.labelled <= shape.text_tokens - 2:
             raise ValueError(f"{shape} leaves no room for the vision start/end tokens and the labels")
         self.jpegs, self.vision_ids, self.num_image_tokens = jpegs, vision_ids, num_image_tokens
         self.transform = ImageTransform(image_processor)
         self.shape, self.text_vocab, self.length, self.seed = shape, text_vocab, length, seed
+        self.float_pixels = float_pixels  # the processor's float32 pixels (the naive baseline's), not uint8 crops
 
     def __len__(self) -> int:
         return self.length
@@ -62,7 +63,10 @@ class FixedLengthSamples(torch.utils.data.Dataset):
         labels = torch.full_like(input_ids, IGNORE_INDEX)
         labels[-self.shape.labelled:] = input_ids[-self.shape.labelled:]
         image = load_image(self.jpegs[i % len(self.jpegs)], MAX_IMAGE_PIXELS, self.transform.draft_size)
-        return {"input_ids": input_ids, "labels": labels, "pixel_values": self.transform([image])[0]}  # (3, H, W)
+        pixels = self.transform([image])
+        if self.float_pixels:
+            pixels = self.transform.normalize(pixels)
+        return {"input_ids": input_ids, "labels": labels, "pixel_values": pixels[0]}  # (3, H, W)
 
 
 def collate(samples: list[dict]) -> dict:

@@ -322,7 +322,8 @@ def _measure(ctx: _Context, v: Variant, runner: Runner) -> dict:
     total = warm + cfg.steps + (cfg.profile_steps if cfg.profile else 0)
     dataset = FixedLengthSamples(ctx.jpegs, ctx.image_processor, _vision_ids(ctx), runner.num_image_tokens,
                                  ctx.shape, _text_vocab(ctx), length=total * v.batch_size,
-                                 seed=cfg.seed + 7919 * rt.rank)  # each process its own samples
+                                 seed=cfg.seed + 7919 * rt.rank,  # each process its own samples
+                                 float_pixels=v.design == "naive")
     batches = iter(batch_loader(dataset, v.batch_size, ctx.workers, PREFETCH_FACTOR))
     waits, computes, losses = [], [], []
     for i in range(warm + cfg.steps):

@@ -10,8 +10,10 @@ A batch is a dict:
   The model keeps every token to its own sample (crossvlm.model.packing); with `document_ids`
   dropped, transformers' masking utilities still derive a block-diagonal causal mask from the
   restarting positions (the forward must then run without a KV cache: `use_cache=False`);
-- pixel_values (N, 3, H, W) float32: the batch's images in the order their spans appear in the
-  row-major flattened input_ids (absent when the batch has no image);
+- pixel_values (N, 3, H, W): the batch's images in the order their spans appear in the row-major
+  flattened input_ids (absent when the batch has no image), as the image processor's uint8 crops
+  (`ImageTransform.normalize` makes them its float32 pixels, on the GPU in training) or, for a
+  processor that cannot hand them over so, its float32 pixels;
 - lengths: every sample's token count (the FLOP count of the step reads them);
 - num_tokens: labelled tokens; num_samples: good samples; num_truncated; bad_records: list[BadRecord].
 """
@@ -32,7 +34,7 @@ class Sample:
 
     input_ids: torch.Tensor  # (T,) long
     labels: torch.Tensor  # (T,) long
-    pixel_values: torch.Tensor | None  # (n_images, 3, H, W) float32
+    pixel_values: torch.Tensor | None  # (n_images, 3, H, W) uint8 crops (see ImageTransform)
     location: str = ""
     truncated: bool = False
 

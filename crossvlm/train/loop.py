@@ -18,6 +18,7 @@ import torch
 from torch.profiler import record_function
 from tqdm import tqdm
 
+from crossvlm.data.images import ImageTransform
 from crossvlm.data.loader import build_dataset, build_loader
 from crossvlm.errors import CheckpointError, TrainingError
 from crossvlm.train.checkpoint import find_resume, load_checkpoint, save_checkpoint
@@ -169,6 +170,7 @@ class Trainer:
         self.llm_grad = llm_grad_of(cfg.trainable.llm)
         tok, improc = self.processor.tokenizer, self.processor.image_processor
         self.dataset = build_dataset(cfg.data, tok, improc, model.num_image_tokens)
+        self.pixels = ImageTransform(improc)  # the loader's uint8 crops to the processor's floats, on the device
         self.loader = build_loader(self.dataset, cfg.data, cfg.run.batch_size, seed=cfg.run.seed,
                                    rank=rt.rank, world_size=rt.world_size)
         self.eval_dataset = (build_dataset(cfg.eval_data, tok, improc, model.num_image_tokens)
@@ -266,8 +268,10 @@ class Trainer:
         self.model.check_image_tokens(batch["input_ids"], 0 if pixels is None else len(pixels))  # on the host copy
         # use_cache=False: no KV cache in training, and packed rows need it off for transformers to
         # derive the per-sample attention mask from the restarting position ids.
-        return {"use_cache": False, **{k: batch[k].to(self.rt.device, non_blocking=True) for k in MODEL_INPUTS
-                                       if batch.get(k) is not None}}
+        inputs = {k: batch[k].to(self.rt.device, non_blocking=True) for k in MODEL_INPUTS if batch.get(k) is not None}
+        if "pixel_values" in inputs:
+            inputs["pixel_values"] = self.pixels.normalize(inputs["pixel_values"])
+        return {"use_cache": False, **inputs}
 
     def _autocast(self):
         if self.amp is None:
