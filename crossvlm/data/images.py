@@ -96,8 +96,9 @@ class ImageTransform:
         if not self.uint8:
             return torch.as_tensor(self.processor(images=images, return_tensors="pt")["pixel_values"],
                                    dtype=torch.float32)
-        out = self.processor(images=images, do_rescale=False, do_normalize=False, return_tensors="pt")["pixel_values"]
-        return torch.as_tensor(out).round().to(torch.uint8)
+        out = torch.as_tensor(self.processor(images=images, do_rescale=False, do_normalize=False,
+                                             return_tensors="pt")["pixel_values"])
+        return out if out.dtype == torch.uint8 else out.round().to(torch.uint8)  # whole values (checked)
 
     def normalize(self, pixels):
         """The processor's float32 pixels of `__call__`'s output, on the device `pixels` are on."""
