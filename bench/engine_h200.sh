@@ -10,8 +10,8 @@ MODELS=${MODELS:-/tmp/crossvlm-$PRESET}
 SERVE_ARGS=${SERVE_ARGS:---baseline-requests 16}  # a quick try elsewhere: PRESET=tiny SERVE_ARGS="--requests 4 ..."
 EXAMPLES=${EXAMPLES:-1000}
 # One GPU call holds 10 minutes: PARTS="preprocess generate test eval" took 518 s on an H200. `serve` needs
-# calls of its own: with --compile the server's warm-up alone took over 5 minutes at 256 slots, and the
-# offline part compiles its own engine, so one call each, e.g.
+# calls of its own: with --compile the server took 236 s to be ready at 64 slots, and the offline part
+# compiles its own engine (Inductor's on-disk cache may make that second start shorter), so one call each, e.g.
 #   PARTS=serve SERVE_ARGS="--compile --no-offline --concurrency 1 8 64 --baseline-requests 8"
 #   PARTS=serve SERVE_ARGS="--compile --no-server --baseline-requests 0"
 PARTS=${PARTS:-test preprocess generate serve eval}
