@@ -114,6 +114,8 @@ class ModelRunner:
         if self.compiled and len(chunks) == 1 and self.cache.scratch is not None:  # see __init__
             chunks = [*chunks, Chunk(self.cache.scratch, 0, chunks[0].embeds[:1], last=False)]
         n, longest = len(chunks), max(len(c.embeds) for c in chunks)
+        if self.compiled:
+            longest = max(longest, 2)  # a one-token chunk (a long prompt's last) must not specialize either
         embeds = torch.zeros(n, longest, chunks[0].embeds.shape[-1], dtype=self.dtype, device=self.device)
         for i, c in enumerate(chunks):
             embeds[i, :len(c.embeds)] = c.embeds
