@@ -19,11 +19,12 @@ def test_bench_serve_drives_the_server_and_counts_every_token(tiny_models, tmp_p
     report = json.loads(out.read_text())
     wanted = report["config"]
     # Every asked-for token arrives (ignore_eos), at every concurrency, and offline.
-    assert set(report["server"]) == {"long@1", "long@3", "short@3"}
+    assert set(report["server"]) == {"long@1", "long@3", "short@1", "short@3"}
     for name, run in report["server"].items():
         assert run["failed"] == 0 and run["output_tokens_per_s"] > 0
         assert run["ttft_ms"]["p50"] > 0 and run["itl_ms"]["p50"] > 0
     assert report["server"]["short@3"]["output_tokens"] == 6 * wanted["short_tokens"]
+    assert report["server"]["short@1"]["output_tokens"] == 6 * wanted["short_tokens"]  # all 6: fewer than 32
     assert report["offline"]["short"]["output_tokens"] == 6 * wanted["short_tokens"]
     assert report["server"]["long@1"]["output_tokens"] == report["server"]["long@3"]["output_tokens"] \
         == report["offline"]["long"]["output_tokens"]
@@ -46,6 +47,6 @@ def test_bench_serve_runs_one_part_alone(tiny_models, tmp_path):
     out = tmp_path / "server.json"
     assert main(common + ["--no-offline", "--out", str(out)]) == 0
     report = json.loads(out.read_text())
-    assert report["offline"] == {} and set(report["server"]) == {"long@2", "short@2"}
+    assert report["offline"] == {} and set(report["server"]) == {"long@2", "short@1", "short@2"}
     with pytest.raises(SystemExit):  # not both
         main(common + ["--no-offline", "--no-server"])
