@@ -372,13 +372,14 @@ def _mixed_llava(tmp_path: Path, shapes_parquet: Path, n: int = 8) -> Path:
     return path
 
 
-def test_two_processes_give_the_same_losses_as_one(tiny_models, shapes, tmp_path):
+@pytest.mark.parametrize("fused", ["false", "true"], ids=["host-waits", "outcome-read-a-step-late"])
+def test_two_processes_give_the_same_losses_as_one(tiny_models, shapes, tmp_path, fused):
     """torchrun with 2 CPU processes (gloo), batch 1 each, equals one process with batch 2 — with
     one rank's batch holding no image at every step."""
     data = _mixed_llava(tmp_path, shapes["sft_train"])
     common = ["train", str(config_path("debug.yaml")), "--model.llm", str(tiny_models / "llm"),
               "--model.vision", str(tiny_models / "vision"), "--data.sources", f"[{data}]",
-              "--data.shuffle", "false", "--run.max_steps", "4", "--run.save_interval", "2"]
+              "--data.shuffle", "false", "--run.max_steps", "4", "--run.save_interval", "2", "--optim.fused", fused]
     one = _run_cli(common + ["--run.batch_size", "2", "--run.out_dir", str(tmp_path / "one")])
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
