@@ -109,7 +109,7 @@ class ImageTransform:
         if self.lut.device != pixels.device:
             self.lut = self.lut.to(pixels.device)
         channels = torch.arange(3, device=pixels.device)[None, :, None, None]
-        return self.lut[channels, pixels.int()]
+        return self.lut[channels, pixels.long()]
 
 
 def target_side(processor) -> int | None:
