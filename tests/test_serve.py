@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import base64
-import json
 import http.server
+import json
 import os
 import subprocess
 import sys

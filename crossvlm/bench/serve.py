@@ -233,7 +233,8 @@ def _serve_part(cfg: ServeBenchConfig, report: dict, model_dir: Path, slots: int
             # One client first: the time to the first token of a lone request with an image (the target),
             # then many at once, where it includes the wait for a turn.
             many = max([c for c in cfg.concurrency if c <= 64] or [min(cfg.concurrency)])
-            for c, works in [(1, short[:32])] * (many > 1) + [(many, short)]:
+            runs = [(many, short)] if many == 1 else [(1, short[:32]), (many, short)]
+            for c, works in runs:
                 say(f"[serve] short answers, concurrency {c}: {len(works)} requests ...")
                 result = report["server"][f"short@{c}"] = {"concurrency": c,
                                                            **drive(pool, cfg.client_processes, server.url, works, c)}

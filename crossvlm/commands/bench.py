@@ -133,7 +133,7 @@ def register(sub) -> None:
     p.add_argument("--baseline-requests", type=int, default=32, help="requests stock generate() answers (0: none)")
     p.add_argument("--slots", type=int, help="the engine's slots (default: the largest concurrency)")
     p.add_argument("--client-processes", type=int, default=4, help="processes the streaming clients run in")
-    p.add_argument("--compile", action="store_true", help="the engine's decode step and prefill fused by torch.compile")
+    p.add_argument("--compile", action="store_true", help="the engine's decode step, prefill and image path fused by torch.compile")
     part = p.add_mutually_exclusive_group()
     part.add_argument("--no-offline", dest="offline", action="store_false", help="through the server only")
     part.add_argument("--no-server", dest="server", action="store_false", help="the offline engine only")

@@ -418,11 +418,17 @@ class Trainer:
             micro = speed.next_batches(batches, self.cfg.optim.accumulation_steps)
         return self.launch_step(micro)
 
+    def _evaluates_after(self, step: int) -> bool:
+        every = self.cfg.run.eval_interval
+        return bool(every) and step % every == 0 and step < self.total_steps
+
+    def _checkpoints_after(self, step: int) -> bool:
+        every = self.cfg.run.save_interval
+        return bool(every) and step % every == 0 and step < self.total_steps
+
     def _settles(self, step: int) -> bool:
         """Whether the host needs the model as `step` leaves it: to evaluate, checkpoint or finish."""
-        run = self.cfg.run
-        return (step >= self.total_steps or bool(run.eval_interval and step % run.eval_interval == 0)
-                or bool(run.save_interval and step % run.save_interval == 0))
+        return step >= self.total_steps or self._evaluates_after(step) or self._checkpoints_after(step)
 
     def _after_step(self, result: dict, speed: SpeedWindow, bar) -> bool:
         """Count, report, evaluate and checkpoint after a step; whether the run must stop now (SIGTERM)."""
@@ -456,11 +462,11 @@ class Trainer:
                             samples_s=f"{rates['samples_per_s']:.1f}", tok_s=f"{rates['tokens_per_s']:.0f}",
                             pad=f"{100 * rates['padding_share']:.0f}%", **mfu)
             speed.reset()
-        if cfg.run.eval_interval and self.step % cfg.run.eval_interval == 0 and self.step < self.total_steps:
+        if self._evaluates_after(self.step):
             self._log_eval()
-        if cfg.run.save_interval and self.step % cfg.run.save_interval == 0 and self.step < self.total_steps:
+        if self._checkpoints_after(self.step):
             self.save_checkpoint()
-        # Every rank stops after the same step, whichever of them got the signal (see train_step).
+        # Every rank stops after the same step, whichever of them got the signal (see launch_step).
         return self.step < self.total_steps and bool(result["stop"])
 
     def _log_eval(self) -> None:
