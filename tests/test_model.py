@@ -11,6 +11,7 @@ from transformers import AutoTokenizer, CLIPConfig, CLIPModel, Qwen3ForCausalLM
 
 from crossvlm.errors import ImageTokenMismatch, ModelLoadError
 from crossvlm.model import CrossVLM, load_vision
+from crossvlm.model.modeling import image_positions_of, label_positions_of
 from crossvlm.model.processor import CrossVLMProcessor, to_rgb
 from crossvlm.model.projector import CrossAttentionProjector, sincos_2d
 from crossvlm.model.vision import dropped_prefixes, vision_layers
@@ -325,6 +326,36 @@ def test_loss_uses_only_labelled_positions(vlm, processor):
     ref = torch.nn.functional.cross_entropy(logits[0, :-1], labels[0, 1:], ignore_index=-100)
     assert loss.logits is None  # no [batch, seq, vocab] tensor in training
     assert abs(loss.loss.item() - ref.item()) < 1e-5
+
+
+def test_positions_from_the_host_give_the_masks_loss_and_gradients(tiny_vlm_dir, processor):
+    """`image_positions` / `label_positions` (what the trainer passes, so a GPU step has no host
+    sync): the same loss and gradients as the boolean masks, two images in one row and labels
+    at a row's first token and at the end of the other row."""
+    model = CrossVLM.from_pretrained(tiny_vlm_dir).train()
+    one, _ = _image_prompt(processor, seed=7)
+    two = torch.cat([one, one[:, 3:]], dim=1)  # a row with two image spans
+    text = torch.randint(0, 600, (1, two.shape[1] - one.shape[1]), generator=torch.Generator().manual_seed(7))
+    ids = torch.cat([two, torch.cat([one, text], dim=1)])  # (2, T), 3 images
+    labels = torch.full_like(ids, -100)
+    labels[0, :3] = ids[0, :3]  # a row's first token is nobody's target
+    labels[1, -5:] = ids[1, -5:]
+    pix = torch.randn(3, 3, 64, 64, generator=torch.Generator().manual_seed(7))
+
+    def loss_and_grads(**positions):
+        model.zero_grad()
+        loss = model(input_ids=ids, pixel_values=pix, labels=labels, **positions).loss
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    masked, masked_grads = loss_and_grads()
+    indexed, indexed_grads = loss_and_grads(
+        image_positions=image_positions_of(ids, model.config.image_token_id), label_positions=label_positions_of(labels))
+    assert len(label_positions_of(labels)) == 2 + 5
+    torch.testing.assert_close(indexed, masked)
+    assert masked_grads.keys() == indexed_grads.keys() and any("projector" in n for n in masked_grads)
+    for name, grad in masked_grads.items():
+        torch.testing.assert_close(indexed_grads[name], grad, msg=name)
 
 
 def test_vision_tower_frozen_and_outside_autograd(vlm, processor):

@@ -12,6 +12,7 @@ import inspect
 from itertools import chain
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -25,6 +26,25 @@ from crossvlm.model.projector import CrossAttentionProjector, MLPProjector
 from crossvlm.model.vision import cut_tower, dropped_prefixes, kind_of, tower_kind
 
 IGNORE_INDEX = -100
+
+
+def _host_indices(indices: np.ndarray, pin: bool) -> torch.Tensor:
+    out = torch.from_numpy(indices.astype(np.int64))
+    return out.pin_memory() if pin else out  # pinned: copied to the GPU without blocking
+
+
+def image_positions_of(input_ids: torch.Tensor, image_token_id: int, pin: bool = False) -> torch.Tensor:
+    """Flat indices (into B·T) of a host batch's <|image_pad|> tokens, in order: `CrossVLM.embed`'s
+    `image_positions`."""
+    return _host_indices(np.flatnonzero(input_ids.numpy() == image_token_id), pin)
+
+
+def label_positions_of(labels: torch.Tensor, pin: bool = False) -> torch.Tensor:
+    """Flat indices (into B·T) of a host batch's positions whose next token is labelled, in order:
+    `CrossVLM.loss_from_hidden`'s `label_positions` (a row's last position predicts nothing)."""
+    labelled = labels.numpy() != IGNORE_INDEX
+    labelled[:, 0] = False  # position t predicts token t + 1: a row's first token is nobody's target
+    return _host_indices(np.flatnonzero(labelled) - 1, pin)
 
 # transformers renamed the decoder's cache argument (`past_key_values` -> `cache`) within 5.x.
 _CACHE_KWARG = "cache" if "cache" in inspect.signature(Qwen3Model.forward).parameters else "past_key_values"
@@ -251,7 +271,9 @@ class CrossVLM(PreTrainedModel):
         model) run it there, so the forward on a GPU needs no host sync for it.
         """
         m = self.num_image_tokens
-        per_sample = (input_ids == self.config.image_token_id).sum(1).tolist()
+        # numpy, not torch: on the host torch's intra-op threads compete with a loader's workers, which
+        # made this count take 20-30 ms a step in training (docs/PERFORMANCE.md, run 5)
+        per_sample = np.count_nonzero(input_ids.numpy() == self.config.image_token_id, axis=1).tolist()
         bad = [(i, n) for i, n in enumerate(per_sample) if n % m]
         if bad:
             desc = ", ".join(f"sample {i} has {n}" for i, n in bad)
@@ -266,19 +288,26 @@ class CrossVLM(PreTrainedModel):
                 f"the batch has {sum(spans)} image spans ({desc or 'none'}) but {num_images} images were given"
             )
 
-    def embed(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None) -> torch.Tensor:
-        """Token embeddings with visual tokens scattered into the <|image_pad|> positions: (B, T, D)."""
+    def embed(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None,
+              image_positions: torch.Tensor | None = None) -> torch.Tensor:
+        """Token embeddings with visual tokens scattered into the <|image_pad|> positions: (B, T, D).
+
+        `image_positions` (the flat indices of those positions, `image_positions_of`), when the caller
+        has them from the host, keep a GPU forward and backward free of host syncs: a boolean mask's
+        scatter finds its positions with `nonzero`, which waits for the GPU twice a step."""
         embeds = self.llm.get_input_embeddings()(input_ids)  # (B, T, D)
-        is_pad = input_ids == self.config.image_token_id  # (B, T)
         num_images = 0 if pixel_values is None else pixel_values.shape[0]
         if input_ids.device.type == "cpu":
             self.check_image_tokens(input_ids, num_images)
-        else:  # checked on the host copy by the trainer and the chat model; here without a host sync
-            torch._assert_async(is_pad.sum() == num_images * self.num_image_tokens,
+        elif image_positions is None:  # checked on the host copy by the chat model; here without a host sync
+            torch._assert_async((input_ids == self.config.image_token_id).sum() == num_images * self.num_image_tokens,
                                 "the number of <|image_pad|> tokens does not match the images given")
         if num_images:
-            visual = self.encode_images(pixel_values)  # (N, M, D)
-            embeds = embeds.masked_scatter(is_pad.unsqueeze(-1), visual.to(embeds.dtype))
+            visual = self.encode_images(pixel_values).to(embeds.dtype)  # (N, M, D)
+            if image_positions is not None:
+                return embeds.flatten(0, 1).index_copy(0, image_positions, visual.flatten(0, 1)).view_as(embeds)
+            is_pad = input_ids == self.config.image_token_id  # (B, T)
+            embeds = embeds.masked_scatter(is_pad.unsqueeze(-1), visual)
         elif self.training and any(p.requires_grad for p in chain(self.vision.parameters(),
                                                                   self.projector.parameters())):
             # A batch without images still runs a blank image through the trainable image path (with
@@ -302,6 +331,8 @@ class CrossVLM(PreTrainedModel):
         logits_to_keep: int = 0,
         num_items_in_batch: int | torch.Tensor | None = None,
         document_ids: torch.LongTensor | None = None,
+        image_positions: torch.LongTensor | None = None,
+        label_positions: torch.LongTensor | None = None,
         **kwargs,
     ) -> CausalLMOutputWithPast:
         """Causal-LM forward. With `labels`, returns the loss over labelled positions and no logits.
@@ -310,12 +341,14 @@ class CrossVLM(PreTrainedModel):
         turns the loss into a sum divided by it, so gradient accumulation and data parallelism
         weight every token equally. `document_ids` (B, T) marks packed rows (crossvlm.model.packing):
         each token then attends only within its own document, through the LLM's attention implementation.
+        `image_positions` and `label_positions` (`image_positions_of`, `label_positions_of`), made on
+        the host, spare the GPU step its host syncs (the trainer passes them).
         """
         cache = kwargs.pop("cache", None) if past_key_values is None else past_key_values
         if inputs_embeds is None:
             if cache is not None and cache.get_seq_length() > 0:
                 pixel_values = None  # images are merged at prefill only
-            inputs_embeds = self.embed(input_ids, pixel_values)
+            inputs_embeds = self.embed(input_ids, pixel_values, image_positions)
         if cache is not None:
             kwargs[_CACHE_KWARG] = cache
         if document_ids is not None:
@@ -328,20 +361,27 @@ class CrossVLM(PreTrainedModel):
         )
         hidden = out.last_hidden_state  # (B, T, D)
         if labels is not None:
-            loss = self.loss_from_hidden(hidden, labels, num_items_in_batch)
+            loss = self.loss_from_hidden(hidden, labels, num_items_in_batch, label_positions)
             return CausalLMOutputWithPast(loss=loss, past_key_values=_cache_of(out))
         keep = slice(-logits_to_keep, None) if logits_to_keep else slice(None)
         logits = self.llm.lm_head(hidden[:, keep])  # (B, T', V)
         return CausalLMOutputWithPast(logits=logits, past_key_values=_cache_of(out))
 
     def loss_from_hidden(self, hidden: torch.Tensor, labels: torch.Tensor,
-                         num_items_in_batch: int | torch.Tensor | None = None) -> torch.Tensor:
-        """Next-token cross-entropy computed only at labelled positions."""
-        targets = labels[:, 1:]  # (B, T-1): position t predicts token t+1
-        selected = targets != IGNORE_INDEX
-        h = hidden[:, :-1][selected]  # (n, D): only the n labelled positions
-        loss_sum = self._ce_sum(self.llm.lm_head, h, targets[selected])
-        denom = num_items_in_batch if num_items_in_batch is not None else selected.sum().clamp(min=1)
+                         num_items_in_batch: int | torch.Tensor | None = None,
+                         label_positions: torch.Tensor | None = None) -> torch.Tensor:
+        """Next-token cross-entropy computed only at labelled positions (`label_positions`: the flat
+        indices of the positions whose next token is labelled, `label_positions_of`; found here
+        with a boolean mask, a host sync on a GPU, when not given)."""
+        if label_positions is None:
+            targets = labels[:, 1:]  # (B, T-1): position t predicts token t+1
+            selected = targets != IGNORE_INDEX
+            h, targets = hidden[:, :-1][selected], targets[selected]  # (n, D): only the n labelled positions
+        else:
+            h = hidden.flatten(0, 1).index_select(0, label_positions)  # (n, D)
+            targets = labels.flatten().index_select(0, label_positions + 1)
+        loss_sum = self._ce_sum(self.llm.lm_head, h, targets)
+        denom = num_items_in_batch if num_items_in_batch is not None else max(len(targets), 1)
         return loss_sum / denom
 
     # -- generation -------------------------------------------------------------------------------

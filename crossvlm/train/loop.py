@@ -26,12 +26,14 @@ from crossvlm.train.config import TrainConfig
 from crossvlm.train.loggers import build_logger, read_metrics
 from crossvlm.train.optim import build_optimizer, build_scheduler
 from crossvlm.train.runtime import Runtime, StopRequest, init_runtime, seed_everything, shutdown
+from crossvlm.model.modeling import image_positions_of, label_positions_of
 from crossvlm.model.packing import VARLEN, choose_kernel, register_varlen
 from crossvlm.model.vision import vision_layers
 from crossvlm.train.throughput import COUNTS, SpeedWindow, llm_grad_of, step_counts
 from crossvlm.train.setup import apply_trainable, build_model, count_parameters, merge_adapters, set_train_mode
 
-MODEL_INPUTS = ("input_ids", "attention_mask", "position_ids", "document_ids", "labels", "pixel_values")
+MODEL_INPUTS = ("input_ids", "attention_mask", "position_ids", "document_ids", "labels", "pixel_values",
+                "image_positions", "label_positions")
 
 
 def train(cfg: TrainConfig) -> Path:
@@ -268,6 +270,16 @@ class Trainer:
         self.model.check_image_tokens(batch["input_ids"], 0 if pixels is None else len(pixels))  # on the host copy
         # use_cache=False: no KV cache in training, and packed rows need it off for transformers to
         # derive the per-sample attention mask from the restarting position ids.
+        batch = dict(batch)
+        # Where the images and the labelled tokens are, found here on the host copy: the step on the
+        # GPU then needs no boolean-mask indexing, whose `nonzero` waits for the GPU (three times a
+        # step: the loss's forward and backward, the image scatter's backward), so the host could
+        # never run ahead of it.
+        pin = self.rt.device.type == "cuda"  # (the loader pins the rest of the batch)
+        if pixels is not None:
+            batch["image_positions"] = image_positions_of(batch["input_ids"], self.model.config.image_token_id, pin)
+        if batch.get("labels") is not None:
+            batch["label_positions"] = label_positions_of(batch["labels"], pin)
         inputs = {k: batch[k].to(self.rt.device, non_blocking=True) for k in MODEL_INPUTS if batch.get(k) is not None}
         if "pixel_values" in inputs:
             inputs["pixel_values"] = self.pixels.normalize(inputs["pixel_values"])
