@@ -125,7 +125,7 @@ def test_long_prompts_prefilled_in_chunks_beside_running_answers(tiny_vlm_dir, r
         with torch.no_grad():
             cache = reference(ids, prompts[2].pixel_values, use_cache=True).past_key_values
         for layer, keys in enumerate(chunked.engine.cache.keys):
-            torch.testing.assert_close(keys[0, :, :ids.shape[1]], cache.layers[layer].keys[0], atol=1e-4, rtol=1e-4)
+            torch.testing.assert_close(keys[0, :ids.shape[1]].transpose(0, 1), cache.layers[layer].keys[0], atol=1e-4, rtol=1e-4)
     finally:
         chunked.close()
 
@@ -270,6 +270,65 @@ def test_compiled_decode_step_gives_the_same_tokens(tiny_vlm_dir, reference):
         assert compiled.engine.warm_up(), "warm already: nothing more to do"
     finally:
         compiled.close()
+
+
+def _flash_forward_on_the_host(query, key, value, cu_q, cu_k, max_q, max_k, dropout, causal, debug, *,
+                               scale=None, seqused_k=None):
+    """FlashAttention's variable-length forward written out in torch, as its documentation states it:
+    sequence b's queries are rows cu_q[b] … cu_q[b+1]-1, its keys seqused_k[b] rows from cu_k[b], a
+    query head attends with key/value head h // (Hq / Hkv), causal masks aligned at the sequences' ends."""
+    out = torch.zeros_like(query)
+    hq, hkv = query.shape[1], key.shape[1]
+    for b in range(len(cu_q) - 1):
+        q = query[cu_q[b]:cu_q[b + 1]].transpose(0, 1)  # (Hq, n, D)
+        k, v = (x[cu_k[b]:cu_k[b] + seqused_k[b]].transpose(0, 1).repeat_interleave(hq // hkv, 0) for x in (key, value))
+        n, used = q.shape[1], k.shape[1]
+        mask = torch.arange(used)[None, :] <= torch.arange(n)[:, None] + used - n
+        out[cu_q[b]:cu_q[b + 1]] = torch.nn.functional.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, scale=scale).transpose(0, 1)
+    return out, None, None, None, None
+
+
+def test_flash_attention_path_gives_generates_tokens(tiny_vlm_dir, reference, monkeypatch):
+    """`EngineConfig(attention="flash")`, with the kernel written out in torch (this machine has no
+    GPU): the packed prefill, the slot offsets and each request's own read length give generate()'s
+    tokens, requests joining late and past a length the SDPA path's first rung would cover."""
+    from crossvlm.engine import cache
+
+    monkeypatch.setattr(cache, "_flash_forward", _flash_forward_on_the_host)
+    flash = crossvlm.load(tiny_vlm_dir, device="cpu", engine=EngineConfig(slots=3, max_len=512, attention="flash"))
+    try:
+        assert flash.engine.runner.flash and flash.engine.runner.kv_ladder == [512]
+        prompts = [flash.prompt(m, i) for m, i in CASES]
+        budgets = [280, 17, 30, 9, 21]
+        sampling = [SamplingParams(max_new_tokens=n, greedy=True, ignore_eos=True) for n in budgets]
+        for request, prompt, n in zip(_run(flash, prompts, sampling), prompts, budgets):
+            assert request.tokens == _hf_tokens(reference, flash, prompt, n)
+    finally:
+        flash.close()
+
+
+@pytest.mark.gpu
+def test_flash_varlen_equals_the_reference_on_cuda():
+    """The real kernel against `reference_varlen` on a bf16 cache: a packed prefill of sequences in
+    slots out of order (one a one-token chunk at the end of a long prefix), and a decode step."""
+    from crossvlm.engine.cache import Plan, flash_varlen, reference_varlen
+
+    cuda = torch.device("cuda")
+    g = torch.Generator(device=cuda).manual_seed(0)
+    keys, values = (torch.randn(5, 300, 2, 64, generator=g, device=cuda, dtype=torch.bfloat16) for _ in "kv")
+    lengths, slots, used = [7, 1, 30], [3, 0, 4], [7, 250, 41]
+    seq = torch.repeat_interleave(torch.arange(3), torch.tensor(lengths)).to(cuda)
+    cu_q = torch.tensor([0, 7, 8, 38], device=cuda, dtype=torch.int32)
+    prefill = Plan(torch.tensor(slots, device=cuda), torch.zeros(38, device=cuda), cu_q,
+                   torch.tensor(used, device=cuda, dtype=torch.int32), max_q=30, kv_len=256,
+                   token_slots=torch.tensor(slots, device=cuda)[seq], token_seq=seq, flash=True)
+    decode = Plan(torch.arange(5, device=cuda), torch.zeros(5, device=cuda), torch.arange(6, device=cuda, dtype=torch.int32),
+                  torch.tensor([1, 299, 17, 64, 129], device=cuda, dtype=torch.int32), max_q=1, kv_len=300, flash=True)
+    for plan, n in ((prefill, 38), (decode, 5)):
+        query = torch.randn(n, 4, 64, generator=g, device=cuda, dtype=torch.bfloat16)
+        torch.testing.assert_close(flash_varlen(query, keys, values, plan, None).float(),
+                                   reference_varlen(query, keys, values, plan, None).float(), atol=2e-2, rtol=2e-2)
 
 
 @pytest.mark.gpu

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 from torch.profiler import record_function
 
-from crossvlm.engine.cache import SlotCache, use_slot_attention
+from crossvlm.engine.cache import SlotCache, flash_available, use_slot_attention
 from crossvlm.engine.model_runner import Chunk, ModelRunner
 from crossvlm.engine.request import Request
 from crossvlm.engine.sampler import Sampler
@@ -57,6 +57,11 @@ class EngineConfig:
     (docs/PERFORMANCE.md, "Generation engine")."""
     memory_fraction: float = 0.6
     """Share of the free device memory the KV cache may take when `slots` is not given."""
+    attention: str = "auto"
+    """`flash`: FlashAttention's variable-length kernel (the build inside torch), each request reading
+    its own length of its slot; `sdpa`: `scaled_dot_product_attention` over a length rung that holds the
+    longest running request, masked; `auto`: flash where it runs (a CUDA GPU of the Ampere generation
+    or later, bf16/fp16), else sdpa."""
 
     def max_len_for(self, text_config) -> int:
         """The slot length for an LLM of this config: `max_len`, or its context up to 4,096."""
@@ -88,7 +93,11 @@ class Engine:
         self.cache = SlotCache(text, slots, self.max_len, model.llm.dtype, device, spare=cfg.compile)
         self.sampler = Sampler(slots, text.vocab_size, sorted(eos_ids), device)
         graphs = device.type == "cuda" if cfg.graphs is None else cfg.graphs
-        self.runner = ModelRunner(model, self.cache, self.sampler, graphs, cfg.compile)
+        if cfg.attention not in ("auto", "flash", "sdpa"):
+            raise ValueError(f"EngineConfig.attention must be auto, flash or sdpa, not {cfg.attention!r}")
+        heads = (text.num_attention_heads, text.num_key_value_heads, self.cache.keys[0].shape[-1])
+        flash = cfg.attention == "flash" or (cfg.attention == "auto" and flash_available(device, model.llm.dtype, *heads))
+        self.runner = ModelRunner(model, self.cache, self.sampler, graphs, cfg.compile, flash=flash)
         self.scheduler = Scheduler(self.cache, cfg.prefill_tokens)
         self.device = device
         self._lock = threading.Condition()
@@ -185,8 +194,8 @@ class Engine:
                 for request in incoming:
                     self.scheduler.add(request)
                 for request in cancelled:
-                    self.scheduler.release(request)
                     request.finish("cancelled")
+                    self._release(request)
                 launched = self._launch() if self.scheduler.busy else []
                 with record_function("engine.collect"):  # (the profiler's labels: `bench generate --profile`)
                     for launch in pending:
@@ -306,7 +315,14 @@ class Engine:
             request.add_token(token, self.tokenizer, self.eos_ids)
             self.stats["tokens"] += 1
             if request.done:
-                self.scheduler.release(request)
+                self._release(request)
+
+    def _release(self, request: Request) -> None:
+        """Free a finished, cancelled or failed request's slot (or take it out of the waiting line)."""
+        slot = request.slot
+        self.scheduler.release(request)
+        if slot is not None:
+            self.runner.park([slot])  # a hole from now on: it must not read its old length in decode steps
 
     def _fail_all(self, err: BaseException) -> None:
         for request in [*self.scheduler.waiting, *self.scheduler.running]:
@@ -317,7 +333,7 @@ class Engine:
         if request.slot is not None:
             self.cache.clear(request.slot)  # queued after any step still writing into it
         if request.slot is not None or request in self.scheduler.waiting:
-            self.scheduler.release(request)
+            self._release(request)
         try:
             request.fail(err if isinstance(err, GenerationError) else GenerationError(f"{type(err).__name__}: {err}"))
         except Exception:  # noqa: BLE001 — the caller's callback failed too; the request is over either way

@@ -1,19 +1,21 @@
 """The model steps: prompt embedding (images encoded once), prefill, decode; CUDA graphs on a GPU.
 
 The LLM is the stock `Qwen3ForCausalLM`; its decoder (`llm.model`) is called with our cache
-(`SlotCache`, which the attention layers write into and read from), explicit positions and a
-ready-made boolean mask for every layer type, so transformers builds no mask and keeps no cache of
-its own. Each forward gets the cache's `Plan` first.
+(`SlotCache`, which the attention layers write into), explicit positions and a `Plan` that says what
+each sequence reads (`slot_attention` gets it through the model's keyword arguments), so
+transformers builds no mask and keeps no cache of its own.
 
 - `embed`: token embeddings with the visual tokens merged (`CrossVLM.embed`), for the whole prompt
   of several requests at once: the vision tower and projector run once per request, here.
-- `prefill`: chunks of prompt embeddings of several requests, right-padded into one batch; the
+- `prefill`: chunks of prompt embeddings of several requests packed into one row, no padding; the
   last chunk of a prompt samples its first token.
 - `decode`: one token for each of the first `rows` slots. On a GPU the step (embedding, decoder,
-  LM head) is recorded as a CUDA graph for each (rows, kv_len) pair of two ladders, so a step is one
-  graph replay; attention reads only the first `kv_len` positions of a slot, the smallest rung that
-  holds the longest running request. A pair is recorded the first time a step needs it (a server
-  records them all before its first request: `warm_up`). Sampling follows, eagerly (a few kernels).
+  LM head) is recorded as a CUDA graph per batch rung, so a step is one graph replay. With
+  FlashAttention (`flash`) each row reads its own length of its slot; otherwise attention reads the
+  first `kv_len` positions of every slot, the smallest rung of a second ladder that holds the
+  longest running request, and a graph is recorded per (rows, kv_len) pair. A graph is recorded the
+  first time a step needs it (a server records them all before its first request: `warm_up`).
+  Sampling follows, eagerly (a few kernels).
 
 With `compile`, the decode step and the prefill's decoder run through `torch.compile` (Inductor), and
 the image path (vision layers, projector) layer by layer: their many small kernels (RMSNorm pieces,
@@ -55,17 +57,20 @@ def ladder(top: int, first: int) -> list[int]:
 
 class ModelRunner:
     def __init__(self, model, cache: SlotCache, sampler: Sampler, graphs: bool, compile: bool = False,
-                 kv_step: int = 256):
+                 kv_step: int = 256, flash: bool = False):
         self.model, self.llm, self.cache, self.sampler = model, model.llm, cache, sampler
         self.device = next(model.llm.parameters()).device
         self.dtype = model.llm.dtype
         self.position = torch.zeros(cache.slots, dtype=torch.int64, device=self.device)  # next write, per slot
         # torch.compile specializes a size of 1: compiled, one request decodes in the batch-2 step (the other
-        # row is a hole), and one prompt prefills beside a throw-away row, so a single compilation serves
+        # row is a hole), and one prompt prefills beside a throw-away one, so a single compilation serves
         # every batch size of each (each one takes a minute or more for the whole model).
         self.compiled = compile
+        self.flash = flash
+        """Attention through FlashAttention's variable-length kernel: each sequence reads its own
+        length of its slot, so the decode step needs no length rungs."""
         self.batch_ladder = ladder(cache.slots, 2 if compile and cache.slots > 1 else 1)
-        self.kv_ladder = [min(n, cache.max_len) for n in range(kv_step, cache.max_len + kv_step, kv_step)]
+        self.kv_ladder = [cache.length] if flash else [min(n, cache.max_len) for n in range(kv_step, cache.max_len + kv_step, kv_step)]
         self.logits = torch.zeros(cache.slots, model.config.text_config.vocab_size, dtype=self.dtype,
                                   device=self.device)  # the decode step's output
         self.use_graphs = graphs
@@ -87,11 +92,12 @@ class ModelRunner:
             self._decode_step(1, self.kv_ladder[0])  # first call eagerly: transformers sets up its hooks here
             self.position.zero_()
 
-    def _decoder(self, embeds: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """Hidden states (B, T, D) of embeddings (B, T, D) at positions (B, T), mask bool (B, 1, T, K)."""
-        masks = {"full_attention": mask, "sliding_attention": mask}
+    def _decoder(self, embeds: torch.Tensor, positions: torch.Tensor, plan: Plan) -> torch.Tensor:
+        """Hidden states (B, T, D) of embeddings (B, T, D) at positions (B, T), attending as `plan` says."""
+        self.cache.plan = plan
+        masks = {"full_attention": None, "sliding_attention": None}  # slot_attention reads the plan instead
         out = self.llm.model(inputs_embeds=embeds, position_ids=positions, attention_mask=masks, use_cache=False,
-                             **{_CACHE_KWARG: self.cache})
+                             slot_plan=plan, **{_CACHE_KWARG: self.cache})
         return out.last_hidden_state
 
     # -- prompts ---------------------------------------------------------------------------------
@@ -110,36 +116,36 @@ class ModelRunner:
 
     @torch.inference_mode()
     def prefill(self, chunks: list[Chunk], greedy: bool, penalty: bool, min_tokens: bool) -> torch.Tensor | None:
-        """Run the chunks; returns the sampled first tokens of the chunks that end a prompt (in order)."""
+        """Run the chunks, packed into one row; returns the sampled first tokens of the chunks that end
+        a prompt (in order)."""
         if self.compiled and len(chunks) == 1 and self.cache.scratch is not None:  # see __init__
             chunks = [*chunks, Chunk(self.cache.scratch, 0, chunks[0].embeds[:1], last=False)]
-        n, longest = len(chunks), max(len(c.embeds) for c in chunks)
-        if self.compiled:
-            longest = max(longest, 2)  # a one-token chunk (a long prompt's last) must not specialize either
-        embeds = torch.zeros(n, longest, chunks[0].embeds.shape[-1], dtype=self.dtype, device=self.device)
-        for i, c in enumerate(chunks):
-            embeds[i, :len(c.embeds)] = c.embeds
-        starts = to_device([c.start for c in chunks], self.device)  # (n,)
-        positions = starts[:, None] + torch.arange(longest, device=self.device)  # (n, T)
-        # Keys read: up to the longest row's end, rounded up to 64 (aligned for the fused attention kernels).
-        kv_len = min(-(-max(c.start + len(c.embeds) for c in chunks) // 64) * 64, self.cache.max_len)
-        # Query t of row i sees keys 0 … start_i + t; padding queries write beyond the row's prompt (harmless).
-        mask = torch.arange(kv_len, device=self.device)[None, None, :] <= positions[:, :, None]  # (n, T, K)
-        slots = to_device([c.slot for c in chunks], self.device)
-        self.cache.plan = Plan(positions.clamp(max=self.cache.max_len - 1), kv_len, slots=slots)
-        hidden = self._prefill_decoder(embeds, positions, mask[:, None])  # (n, T, D)
+        sizes = [len(c.embeds) for c in chunks]
+        ends = torch.tensor(sizes).cumsum(0)  # (n,) on the host
+        host = torch.tensor([[c.slot, c.start, c.start + size] for c, size in zip(chunks, sizes)])  # slot, start, used
+        slots, starts, used = to_device(host, self.device).unbind(1)
+        cu_q = to_device(torch.cat([torch.zeros(1, dtype=torch.int64), ends]), self.device)
+        total = int(ends[-1])
+        seq = torch.repeat_interleave(torch.arange(len(chunks), device=self.device), cu_q.diff(), output_size=total)
+        positions = starts[seq] + torch.arange(total, device=self.device) - cu_q[seq]  # (S,)
+        # Compiled, a bound of 1 would specialize (a prompt's one-token last chunk beside the scratch row).
+        plan = Plan(slots, positions, cu_q.int(), used.int(), max_q=max(*sizes, 2 if self.compiled else 1),
+                    # the reference kernel's reads: up to the longest sequence's end, rounded up to 64
+                    kv_len=self.cache.length if self.flash else min(-(-int(host[:, 2].max()) // 64) * 64, self.cache.length),
+                    token_slots=slots[seq], token_seq=seq, flash=self.flash)
+        embeds = torch.cat([c.embeds for c in chunks])[None]  # (1, S, D)
+        hidden = self._prefill_decoder(embeds, positions[None], plan)[0]  # (S, D)
         last = [i for i, c in enumerate(chunks) if c.last]
         if not last:
             return None
-        ends = to_device([len(chunks[i].embeds) - 1 for i in last], self.device)
         rows = to_device(last, self.device)
-        logits = self.llm.lm_head(hidden[rows, ends])  # (m, V)
+        logits = self.llm.lm_head(hidden[cu_q[rows + 1] - 1])  # (m, V)
         done_slots = slots[rows]
-        self.position[done_slots] = starts[rows] + ends + 1
+        self.position[done_slots] = used[rows]
         return self.sampler.sample(logits, done_slots, greedy=greedy, penalty=penalty, min_tokens=min_tokens)
 
     def park(self, slots: list[int]) -> None:
-        """Point newly taken slots' decode writes at their last position, which no request fills (the
+        """Point newly taken (or freed) slots' decode writes at their last position, which no request fills (the
         budget stops a request one token short of it): until its prompt is prefilled a slot is a hole
         in decode steps over the first slots, and must not write over prompt keys already in place."""
         self.position[to_device(slots, self.device)] = self.cache.max_len - 1
@@ -147,11 +153,14 @@ class ModelRunner:
     # -- decode ----------------------------------------------------------------------------------
     def _decode_step(self, rows: int, kv_len: int) -> None:
         """One token for each of the first `rows` slots; logits into `self.logits[:rows]`."""
-        position = self.position[:rows].clamp(max=self.cache.max_len - 1)  # (rows,); a free slot's may run on
-        mask = torch.arange(kv_len, device=self.device)[None, :] <= position[:, None]  # (rows, K)
-        self.cache.plan = Plan(position, kv_len, rows=rows)
+        top = self.cache.max_len - 1
+        position = self.position[:rows].clamp(max=top)  # (rows,); a free slot's may run on
+        # A slot parked at the top (`park`) is a hole: it reads one position, not the whole slot.
+        used = torch.where(position == top, 1, position + 1).int()
+        cu_q = torch.arange(rows + 1, device=self.device, dtype=torch.int32)
+        plan = Plan(torch.arange(rows, device=self.device), position, cu_q, used, max_q=1, kv_len=kv_len, flash=self.flash)
         embeds = self.llm.get_input_embeddings()(self.sampler.last_token[:rows, None])  # (rows, 1, D)
-        hidden = self._decoder(embeds, position[:, None], mask[:, None, None])
+        hidden = self._decoder(embeds, position[:, None], plan)
         self.logits[:rows] = self.llm.lm_head(hidden[:, 0])
         self.position[:rows] += 1
 
