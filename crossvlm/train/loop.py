@@ -330,7 +330,9 @@ class Trainer:
             loss_sum += loss.detach().float()
         # A SIGTERM on any rank rides on the loss's all-reduce, so every rank stops after this same step
         # without a collective of its own.
-        stop = torch.tensor(float(self.stop.requested), device=rt.device)
+        # Filled on the device: `torch.tensor(x, device=...)` copies from pageable memory and waits for the
+        # GPU to finish the backward (~100 ms a step of the host's lead lost; docs/PERFORMANCE.md, run 6).
+        stop = torch.full((), float(self.stop.requested), device=rt.device)
         reduced = rt.all_reduce_sum(torch.stack([loss_sum, stop]))
         loss_sum, stop = reduced[0] / world, reduced[1]
         params = [p for g in self.optimizer.param_groups for p in g["params"]]
