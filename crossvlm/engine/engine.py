@@ -48,7 +48,7 @@ class EngineConfig:
     max_len: int | None = None
     """Positions per slot: the longest prompt + answer. Default: the model's context, at most 4,096."""
     prefill_tokens: int = 8192
-    """Most (padded) prompt tokens prefilled in one step; longer prompts are prefilled in chunks."""
+    """Most prompt tokens prefilled in one step (packed into one row); longer prompts are prefilled in chunks."""
     graphs: bool | None = None
     """Replay the decode step as CUDA graphs (default: on a GPU)."""
     compile: bool = False

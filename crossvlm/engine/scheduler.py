@@ -2,7 +2,7 @@
 
 Requests wait in arrival order. Each step, waiting requests take free slots (lowest first) while
 there are any; then the prompts not yet in the cache get prefill chunks up to `prefill_tokens`
-padded tokens in all (a prompt longer than what is left is cut into chunks and goes on next step);
+tokens in all (a prompt longer than what is left is cut into chunks and goes on next step);
 then every request whose prompt is fully in the cache decodes one token. A request joins the
 running batch the step its prefill ends and leaves it the step it finishes: nobody waits for
 anyone else's longest answer.
@@ -54,17 +54,16 @@ class Scheduler:
             request.slot = self.cache.allocate()
             self.running.append(request)
             admitted.append(request)
-        prefill, widest = [], 0
+        prefill, total = [], 0
         pending = [r for r in self.running if r.prefilled < r.prompt_tokens]
-        # The oldest first (so none starves), then shortest first: padding to the longest wastes least.
+        # The oldest first (so none starves), then shortest first: the most first tokens per step.
         pending = pending[:1] + sorted(pending[1:], key=lambda r: r.prompt_tokens)
         for request in pending:
             take = min(request.prompt_tokens - request.prefilled, self.prefill_tokens)
-            width = max(widest, take)
-            if prefill and (len(prefill) + 1) * width > self.prefill_tokens:
+            if prefill and total + take > self.prefill_tokens:
                 break  # the rest next step
             prefill.append((request, request.prefilled, request.prefilled + take))
-            widest = width
+            total += take
         return Schedule(admitted, prefill)
 
     def decoding(self) -> list[Request]:
