@@ -59,6 +59,8 @@ class ServeBenchConfig:
     client_processes: int = 4
     compile: bool = False
     """Start the engines with `compile` (the decode step, the prefill and the image path fused by torch.compile)."""
+    attention: str = "auto"
+    """The engines' attention (`EngineConfig.attention`)."""
     server: bool = True
     """Measure through the HTTP server."""
     offline: bool = True
@@ -143,10 +145,10 @@ def summarise(records: list[dict], seconds: float) -> dict:
 class Server:
     """`crossvlm serve` in a subprocess on a free loopback port."""
 
-    def __init__(self, model_dir: Path, slots: int, max_len: int, waiting: int, compile: bool):
+    def __init__(self, model_dir: Path, slots: int, max_len: int, waiting: int, compile: bool, attention: str = "auto"):
         command = [sys.executable, "-m", "crossvlm.cli", "serve", "--model", str(model_dir), "--host", "127.0.0.1",
                    "--port", "0", "--slots", str(slots), "--max-len", str(max_len), "--max-waiting", str(waiting),
-                   "--max-image-pixels", "100000000", "--log-level", "warning"] + (["--compile"] if compile else [])
+                   "--max-image-pixels", "100000000", "--log-level", "warning", "--attention", attention] + (["--compile"] if compile else [])
         self.process = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
         line = self.process.stdout.readline()
         if " on http://" not in line:
@@ -218,7 +220,8 @@ def _serve_part(cfg: ServeBenchConfig, report: dict, model_dir: Path, slots: int
     """`crossvlm serve` in a subprocess, driven at each concurrency, then with the short answers."""
     say("[serve] starting crossvlm serve ...")
     start = time.perf_counter()
-    server = Server(model_dir, slots, cfg.max_len, waiting=max(len(long), len(short)), compile=cfg.compile)
+    server = Server(model_dir, slots, cfg.max_len, waiting=max(len(long), len(short)), compile=cfg.compile,
+                    attention=cfg.attention)
     pool = multiprocessing.get_context("spawn").Pool(cfg.client_processes)  # clients apart from the server
     try:
         drive(pool, cfg.client_processes, server.url, long[:1], 1)  # the first request warms the server and the client processes
@@ -284,7 +287,7 @@ def run_serve_bench(cfg: ServeBenchConfig) -> dict:
             _serve_part(cfg, report, model_dir, slots, long, short)
         if cfg.offline:
             chat = ChatModel.load(model_dir, device=device.type, engine=EngineConfig(slots=slots, max_len=cfg.max_len,
-                                                                                   compile=cfg.compile))
+                                                                                   compile=cfg.compile, attention=cfg.attention))
             chat.engine.warm_up()  # every graph recorded (and compiled) before the clock starts, as the server does
             offline(chat, long[:1])
             for name, works in (("long", long), ("short", short)):

@@ -134,6 +134,8 @@ def register(sub) -> None:
     p.add_argument("--slots", type=int, help="the engine's slots (default: the largest concurrency)")
     p.add_argument("--client-processes", type=int, default=4, help="processes the streaming clients run in")
     p.add_argument("--compile", action="store_true", help="the engine's decode step, prefill and image path fused by torch.compile")
+    p.add_argument("--attention", choices=("auto", "flash", "sdpa"), default="auto",
+                   help="the engine's attention (crossvlm serve --attention)")
     part = p.add_mutually_exclusive_group()
     part.add_argument("--no-offline", dest="offline", action="store_false", help="through the server only")
     part.add_argument("--no-server", dest="server", action="store_false", help="the offline engine only")
@@ -224,7 +226,7 @@ def _serve(args: argparse.Namespace) -> int:
                            concurrency=tuple(args.concurrency), prompt_tokens=args.prompt_tokens,
                            output_tokens=args.output_tokens, short_requests=args.short_requests,
                            short_tokens=args.short_tokens, baseline_requests=args.baseline_requests, slots=args.slots,
-                           client_processes=args.client_processes, compile=args.compile, server=args.server,
+                           client_processes=args.client_processes, compile=args.compile, attention=args.attention, server=args.server,
                            offline=args.offline)
     report = run_serve_bench(cfg)
     code = _finish(report, args.out)

@@ -54,6 +54,9 @@ def add_engine_args(g) -> None:
                    "(default: the model's context, at most 4096)")
     g.add_argument("--compile", action="store_true", help="fuse the decode step, the prefill and the image path with torch.compile "
                    "(2.5x the decode speed at batch 1 on a GPU, minutes more at start-up; see docs/PERFORMANCE.md)")
+    g.add_argument("--attention", choices=("auto", "flash", "sdpa"), default="auto",
+                   help="the engine's attention: flash (FlashAttention's variable-length kernel, each request reading "
+                   "its own length), sdpa (scaled_dot_product_attention over a length rung, masked), auto: flash where it runs")
 
 
 def engine_config(args: argparse.Namespace):
@@ -64,7 +67,8 @@ def engine_config(args: argparse.Namespace):
         value = getattr(args, name)
         if value is not None and value < 1:
             raise ConfigError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
-    return EngineConfig(slots=args.slots, max_len=args.max_len, compile=args.compile)
+    return EngineConfig(slots=args.slots, max_len=args.max_len, compile=args.compile,
+                        attention=getattr(args, "attention", "auto"))
 
 
 def _bind(host: str, port: int) -> socket.socket:

@@ -149,8 +149,10 @@ def reference_varlen(query: torch.Tensor, keys: torch.Tensor, values: torch.Tens
     does not take. query (S, Hq, D) packed; returns (S, Hq, D)."""
     hq, d = query.shape[1:]
     hkv = keys.shape[2]
-    k = keys[plan.slots, :plan.kv_len].transpose(1, 2)  # (B, Hkv, K, D)
-    v = values[plan.slots, :plan.kv_len].transpose(1, 2)
+    # Decode reads the first B slots (a view); a prefill's slots are gathered (a copy).
+    pick = slice(0, len(plan.slots)) if plan.decoding else plan.slots
+    k = keys[pick, :plan.kv_len].transpose(1, 2)  # (B, Hkv, K, D)
+    v = values[pick, :plan.kv_len].transpose(1, 2)
     seen = torch.arange(plan.kv_len, device=query.device)
     if plan.decoding:
         # One query per sequence: the query heads of a group become the query rows of their key/value
