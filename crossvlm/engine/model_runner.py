@@ -122,8 +122,10 @@ class ModelRunner:
             chunks = [*chunks, Chunk(self.cache.scratch, 0, chunks[0].embeds[:1], last=False)]
         sizes = [len(c.embeds) for c in chunks]
         ends = torch.tensor(sizes).cumsum(0)  # (n,) on the host
-        host = torch.tensor([[c.slot, c.start, c.start + size] for c, size in zip(chunks, sizes)])  # slot, start, used
-        slots, starts, used = to_device(host, self.device).unbind(1)
+        # (3, n): each row contiguous. Columns of an (n, 3) tensor would have a stride of 3, which torch.compile
+        # ties to n when n + 1 == 3 (the warm-up's two rows) and then compiles again for every other n.
+        host = torch.tensor([[c.slot for c in chunks], [c.start for c in chunks], [c.start + n for c, n in zip(chunks, sizes)]])
+        slots, starts, used = to_device(host, self.device).unbind(0)
         cu_q = to_device(torch.cat([torch.zeros(1, dtype=torch.int64), ends]), self.device)
         total = int(ends[-1])
         seq = torch.repeat_interleave(torch.arange(len(chunks), device=self.device), cu_q.diff(), output_size=total)
@@ -131,7 +133,7 @@ class ModelRunner:
         # Compiled, a bound of 1 would specialize (a prompt's one-token last chunk beside the scratch row).
         plan = Plan(slots, positions, cu_q.int(), used.int(), max_q=max(*sizes, 2 if self.compiled else 1),
                     # the reference kernel's reads: up to the longest sequence's end, rounded up to 64
-                    kv_len=self.cache.length if self.flash else min(-(-int(host[:, 2].max()) // 64) * 64, self.cache.length),
+                    kv_len=self.cache.length if self.flash else min(-(-int(host[2].max()) // 64) * 64, self.cache.length),
                     token_slots=slots[seq], token_seq=seq, flash=self.flash)
         embeds = torch.cat([c.embeds for c in chunks])[None]  # (1, S, D)
         hidden = self._prefill_decoder(embeds, positions[None], plan)[0]  # (S, D)
