@@ -61,7 +61,9 @@ class ModelRunner:
         self.model, self.llm, self.cache, self.sampler = model, model.llm, cache, sampler
         self.device = next(model.llm.parameters()).device
         self.dtype = model.llm.dtype
-        self.position = torch.zeros(cache.slots, dtype=torch.int64, device=self.device)  # next write, per slot
+        # Next write, per slot. Every slot starts parked (`park`): the rows a decode step rounds up to
+        # its batch rung that no request has used yet are holes reading one position each.
+        self.position = torch.full((cache.slots,), cache.max_len - 1, dtype=torch.int64, device=self.device)
         # torch.compile specializes a size of 1: compiled, one request decodes in the batch-2 step (the other
         # row is a hole), and one prompt prefills beside a throw-away one, so a single compilation serves
         # every batch size of each (each one takes a minute or more for the whole model).
@@ -90,7 +92,7 @@ class ModelRunner:
         if graphs:
             torch.cuda.synchronize(self.device)
             self._decode_step(1, self.kv_ladder[0])  # first call eagerly: transformers sets up its hooks here
-            self.position.zero_()
+            self.park_all()
 
     def _decoder(self, embeds: torch.Tensor, positions: torch.Tensor, plan: Plan) -> torch.Tensor:
         """Hidden states (B, T, D) of embeddings (B, T, D) at positions (B, T), attending as `plan` says."""
@@ -152,6 +154,9 @@ class ModelRunner:
         in decode steps over the first slots, and must not write over prompt keys already in place."""
         self.position[to_device(slots, self.device)] = self.cache.max_len - 1
 
+    def park_all(self) -> None:
+        self.position.fill_(self.cache.max_len - 1)
+
     # -- decode ----------------------------------------------------------------------------------
     def _decode_step(self, rows: int, kv_len: int) -> None:
         """One token for each of the first `rows` slots; logits into `self.logits[:rows]`."""
@@ -199,7 +204,7 @@ class ModelRunner:
         the image path for one image and for several (torch.compile specializes a size of 1), the prefill, and every
         rung pair of the decode step, largest first (the pool then fits the largest at once). This
         writes into the cache and advances positions: only before any request runs; the positions
-        are reset after. `say(text)` hears of each phase as it starts."""
+        are parked again after. `say(text)` hears of each phase as it starts."""
         say = say or (lambda text: None)
         if self.compiled:
             say("compiling the image path and the prefill (a minute or more)")
@@ -219,4 +224,4 @@ class ModelRunner:
                     self._record(rows, kv_len)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
-        self.position.zero_()
+        self.park_all()
