@@ -316,6 +316,24 @@ def test_flash_attention_path_gives_generates_tokens(tiny_vlm_dir, reference, mo
         flash.close()
 
 
+def test_flash_asked_where_it_cannot_run_is_a_clear_error(tiny_vlm_dir, monkeypatch):
+    from crossvlm.engine import cache
+    from crossvlm.errors import ConfigError
+
+    def no_kernel(*args, **kwargs):
+        raise NotImplementedError("Could not run 'aten::_flash_attention_forward' with arguments from the 'CPU' backend")
+
+    monkeypatch.setattr(cache, "_flash_forward", no_kernel)  # (recent torch runs it on a CPU too)
+    for attention, message in (("flash", "FlashAttention does not run on cpu"), ("fast", "auto, flash or sdpa")):
+        with pytest.raises(ConfigError, match=message):
+            crossvlm.load(tiny_vlm_dir, device="cpu", engine=EngineConfig(slots=2, max_len=64, attention=attention)).engine
+    auto = crossvlm.load(tiny_vlm_dir, device="cpu", engine=EngineConfig(slots=2, max_len=64))
+    try:
+        assert not auto.engine.runner.flash, "auto falls back to SDPA on a CPU"
+    finally:
+        auto.close()
+
+
 @pytest.mark.gpu
 def test_flash_varlen_equals_the_reference_on_cuda():
     """The real kernel against `reference_varlen` on a bf16 cache: a packed prefill of sequences in

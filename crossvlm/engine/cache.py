@@ -193,7 +193,7 @@ def slot_attention(module, query: torch.Tensor, key: torch.Tensor, value: torch.
         attend = flash_varlen if plan.flash else reference_varlen
         out = attend(query.transpose(1, 2).reshape(b * t, hq, d), key, value, plan, scaling)
         return out.view(b, t, hq, d), None
-    groups = hq // key.shape[1] if (hq := query.shape[1]) else 1
+    groups = query.shape[1] // key.shape[1]
     if groups > 1:
         key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
     causal = attention_mask is None and query.shape[2] > 1
@@ -205,10 +205,8 @@ def slot_attention(module, query: torch.Tensor, key: torch.Tensor, value: torch.
 
 
 def flash_available(device: torch.device, dtype: torch.dtype, heads: int, kv_heads: int, head_dim: int) -> bool:
-    """Whether `flash_varlen` runs here and agrees with `reference_varlen` (CUDA, bf16/fp16, a GPU
-    FlashAttention supports), tried once on a small cache."""
-    if device.type != "cuda" or dtype not in (torch.bfloat16, torch.float16):
-        return False
+    """Whether `flash_varlen` runs here and agrees with `reference_varlen`, tried once on a small cache
+    (the kernel takes CUDA GPUs of the Ampere generation or later, in bf16 or fp16)."""
     g = torch.Generator(device=device).manual_seed(0)
     keys, values = (torch.randn(3, 96, kv_heads, head_dim, generator=g, device=device, dtype=dtype) for _ in "kv")
     query = torch.randn(7, heads, head_dim, generator=g, device=device, dtype=dtype)
@@ -219,7 +217,7 @@ def flash_available(device: torch.device, dtype: torch.dtype, heads: int, kv_hea
                 token_seq=torch.tensor([0] * 5 + [1] * 2, device=device))
     try:
         fast = flash_varlen(query, keys, values, plan, None)
-    except RuntimeError:
+    except RuntimeError:  # no kernel for this device or dtype (NotImplementedError is one too)
         return False
     return torch.allclose(fast.float(), reference_varlen(query, keys, values, plan, None).float(), atol=2e-2, rtol=2e-2)
 

@@ -27,7 +27,7 @@ from crossvlm.engine.model_runner import Chunk, ModelRunner
 from crossvlm.engine.request import Request
 from crossvlm.engine.sampler import Sampler
 from crossvlm.engine.scheduler import Scheduler
-from crossvlm.errors import CrossVLMError
+from crossvlm.errors import ConfigError, CrossVLMError
 
 
 class GenerationError(CrossVLMError, RuntimeError):
@@ -94,9 +94,14 @@ class Engine:
         self.sampler = Sampler(slots, text.vocab_size, sorted(eos_ids), device)
         graphs = device.type == "cuda" if cfg.graphs is None else cfg.graphs
         if cfg.attention not in ("auto", "flash", "sdpa"):
-            raise ValueError(f"EngineConfig.attention must be auto, flash or sdpa, not {cfg.attention!r}")
+            raise ConfigError(f"the engine's attention must be auto, flash or sdpa, not {cfg.attention!r}")
         heads = (text.num_attention_heads, text.num_key_value_heads, self.cache.keys[0].shape[-1])
-        flash = cfg.attention == "flash" or (cfg.attention == "auto" and flash_available(device, model.llm.dtype, *heads))
+        # auto: GPUs only (torch may also run the kernel on a CPU, where SDPA is the measured path)
+        asked = cfg.attention == "flash" or (cfg.attention == "auto" and device.type == "cuda")
+        flash = asked and flash_available(device, model.llm.dtype, *heads)
+        if cfg.attention == "flash" and not flash:
+            raise ConfigError(f"attention flash: FlashAttention does not run on {device} in {model.llm.dtype} "
+                              "(it needs a CUDA GPU of the Ampere generation or later, bf16 or fp16); use auto or sdpa")
         self.runner = ModelRunner(model, self.cache, self.sampler, graphs, cfg.compile, flash=flash)
         self.scheduler = Scheduler(self.cache, cfg.prefill_tokens)
         self.device = device
