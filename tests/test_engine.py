@@ -200,6 +200,28 @@ def test_sampler_settings_per_row():
     assert sampler.sample(logits, slots, greedy=True, penalty=False, min_tokens=False).tolist()[1] == -1
 
 
+def test_a_seeded_draw_does_not_depend_on_the_candidates_its_batch_needs():
+    """Rows beside a request decide whether a step sorts the vocabulary, takes the top few, or
+    neither (`Engine._kinds`); a seeded row draws the same tokens in each case."""
+    vocab = 300
+    sampler = Sampler(slots=2, vocab=vocab, eos_ids=[0], device=torch.device("cpu"))
+    sampler.admit([0, 1], [SamplingParams(temperature=0.9, top_k=20, top_p=0.8, seed=5),
+                           SamplingParams(temperature=1.3, top_k=0, top_p=1.0, seed=6)])
+    logits = torch.randn(2, vocab, generator=torch.Generator().manual_seed(0))
+    slots, draws = torch.arange(2), {}
+    for step in range(40):
+        sampler.generated[:] = step
+        for candidates in (None, 20, 64):
+            draws.setdefault(("top-k row", candidates), []).append(sampler._draw(logits, slots, candidates)[0].item())
+        for candidates in (None, 0):
+            draws.setdefault(("plain row", candidates), []).append(sampler._draw(logits, slots, candidates)[1].item())
+    assert draws[("top-k row", None)] == draws[("top-k row", 20)] == draws[("top-k row", 64)]
+    assert draws[("plain row", None)] == draws[("plain row", 0)]
+    assert len(set(draws[("plain row", 0)])) > 5, "the plain row samples the whole vocabulary"
+    top20 = set(logits[0].topk(20).indices.tolist())
+    assert set(draws[("top-k row", 20)]) <= top20 and len(set(draws[("top-k row", 20)])) > 1
+
+
 def test_streamed_text_decodes_a_short_window_even_after_tokens_without_text(chat):
     """Tokens that add no text (skipped special ones, a random model's) move the window on: each token
     decodes a few tokens, not the whole answer again (that was quadratic in the answer's length)."""

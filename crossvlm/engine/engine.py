@@ -231,8 +231,15 @@ class Engine:
 
     def _kinds(self, requests: list[Request]) -> dict:
         params = [r.sampling for r in requests]
-        return dict(greedy=all(p.is_greedy for p in params), penalty=any(p.repetition_penalty != 1 for p in params),
-                    min_tokens=any(p.min_tokens for p in params))
+        sampled = [p for p in params if not p.is_greedy]
+        if not any(p.top_k > 0 or p.top_p < 1 for p in sampled):
+            candidates = 0  # nothing to sort
+        elif all(p.top_k > 0 for p in sampled):
+            candidates = max(p.top_k for p in sampled)  # the likeliest few, not a sort of the vocabulary
+        else:
+            candidates = None
+        return dict(greedy=not sampled, penalty=any(p.repetition_penalty != 1 for p in params),
+                    min_tokens=any(p.min_tokens for p in params), candidates=candidates)
 
     def _admit(self, requests: list[Request]) -> None:
         """Embed the new prompts (their images encoded here, once) and write their sampling settings."""

@@ -117,7 +117,8 @@ class ModelRunner:
         return [embeds[i, :len(p)] for i, p in enumerate(prompts)]
 
     @torch.inference_mode()
-    def prefill(self, chunks: list[Chunk], greedy: bool, penalty: bool, min_tokens: bool) -> torch.Tensor | None:
+    def prefill(self, chunks: list[Chunk], greedy: bool, penalty: bool, min_tokens: bool,
+                candidates: int | None = None) -> torch.Tensor | None:
         """Run the chunks, packed into one row; returns the sampled first tokens of the chunks that end
         a prompt (in order)."""
         if self.compiled and len(chunks) == 1 and self.cache.scratch is not None:  # see __init__
@@ -146,7 +147,8 @@ class ModelRunner:
         logits = self.llm.lm_head(hidden[cu_q[rows + 1] - 1])  # (m, V)
         done_slots = slots[rows]
         self.position[done_slots] = used[rows]
-        return self.sampler.sample(logits, done_slots, greedy=greedy, penalty=penalty, min_tokens=min_tokens)
+        return self.sampler.sample(logits, done_slots, greedy=greedy, penalty=penalty, min_tokens=min_tokens,
+                                   candidates=candidates)
 
     def park(self, slots: list[int]) -> None:
         """Point newly taken (or freed) slots' decode writes at their last position, which no request fills (the
@@ -176,7 +178,8 @@ class ModelRunner:
         return (next(b for b in self.batch_ladder if b >= rows), next(k for k in self.kv_ladder if k >= kv_needed))
 
     @torch.inference_mode()
-    def decode(self, rows: int, kv_needed: int, greedy: bool, penalty: bool, min_tokens: bool) -> torch.Tensor:
+    def decode(self, rows: int, kv_needed: int, greedy: bool, penalty: bool, min_tokens: bool,
+               candidates: int | None = None) -> torch.Tensor:
         """Sampled tokens (rows',) of the first rows' ≥ `rows` slots (rows' a rung of the ladder)."""
         rows, kv_len = self.bucket(rows, kv_needed)
         graph = self.graphs.get((rows, kv_len))
@@ -187,7 +190,8 @@ class ModelRunner:
             if self.use_graphs:
                 self._record(rows, kv_len)
         slots = torch.arange(rows, device=self.device)
-        return self.sampler.sample(self.logits[:rows], slots, greedy=greedy, penalty=penalty, min_tokens=min_tokens)
+        return self.sampler.sample(self.logits[:rows], slots, greedy=greedy, penalty=penalty, min_tokens=min_tokens,
+                                   candidates=candidates)
 
     def _record(self, rows: int, kv_len: int) -> None:
         """Record the step of this rung pair. Recording runs nothing, so the cache and positions stay
