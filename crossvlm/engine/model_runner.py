@@ -31,7 +31,7 @@ import torch
 
 from crossvlm.engine.cache import Plan, SlotCache
 from crossvlm.engine.sampler import Sampler, to_device
-from crossvlm.model.modeling import _CACHE_KWARG
+from crossvlm.model.modeling import _CACHE_KWARG, image_positions_of
 from crossvlm.model.vision import vision_layers
 
 
@@ -112,8 +112,11 @@ class ModelRunner:
         for i, p in enumerate(prompts):
             ids[i, :len(p)] = torch.tensor(p)
         self.model.check_image_tokens(ids, 0 if pixel_values is None else pixel_values.shape[0])  # on the host
-        pixels = None if pixel_values is None else to_device(pixel_values, self.device)
-        embeds = self.model.embed(to_device(ids, self.device), pixels)  # (n, T, D)
+        pixels = positions = None
+        if pixel_values is not None:  # where the visual tokens go, found on the host: no mask ops on the device
+            pixels = to_device(pixel_values, self.device)
+            positions = to_device(image_positions_of(ids, self.model.config.image_token_id), self.device)
+        embeds = self.model.embed(to_device(ids, self.device), pixels, positions)  # (n, T, D)
         return [embeds[i, :len(p)] for i, p in enumerate(prompts)]
 
     @torch.inference_mode()
