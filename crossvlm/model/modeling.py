@@ -28,6 +28,16 @@ from crossvlm.model.vision import cut_tower, dropped_prefixes, kind_of, tower_ki
 IGNORE_INDEX = -100
 
 
+def labelled(hidden: torch.Tensor, labels: torch.Tensor, label_positions: torch.Tensor | None = None):
+    """The hidden states (n, D) of the n positions whose next token is labelled, and those tokens (n,):
+    by `label_positions` (`label_positions_of`) when given, else by a boolean mask (a host sync on a GPU)."""
+    if label_positions is None:
+        targets = labels[:, 1:]  # (B, T-1): position t predicts token t+1
+        selected = targets != IGNORE_INDEX
+        return hidden[:, :-1][selected], targets[selected]
+    return hidden.flatten(0, 1).index_select(0, label_positions), labels.flatten().index_select(0, label_positions + 1)
+
+
 def _host_indices(indices: np.ndarray, pin: bool) -> torch.Tensor:
     out = torch.from_numpy(indices.astype(np.int64))
     return out.pin_memory() if pin else out  # pinned: copied to the GPU without blocking
@@ -373,13 +383,7 @@ class CrossVLM(PreTrainedModel):
         """Next-token cross-entropy computed only at labelled positions (`label_positions`: the flat
         indices of the positions whose next token is labelled, `label_positions_of`; found here
         with a boolean mask, a host sync on a GPU, when not given)."""
-        if label_positions is None:
-            targets = labels[:, 1:]  # (B, T-1): position t predicts token t+1
-            selected = targets != IGNORE_INDEX
-            h, targets = hidden[:, :-1][selected], targets[selected]  # (n, D): only the n labelled positions
-        else:
-            h = hidden.flatten(0, 1).index_select(0, label_positions)  # (n, D)
-            targets = labels.flatten().index_select(0, label_positions + 1)
+        h, targets = labelled(hidden, labels, label_positions)
         loss_sum = self._ce_sum(self.llm.lm_head, h, targets)
         denom = num_items_in_batch if num_items_in_batch is not None else max(len(targets), 1)
         return loss_sum / denom
