@@ -52,9 +52,10 @@ def image_positions_of(input_ids: torch.Tensor, image_token_id: int, pin: bool =
 def label_positions_of(labels: torch.Tensor, pin: bool = False) -> torch.Tensor:
     """Flat indices (into B·T) of a host batch's positions whose next token is labelled, in order:
     `CrossVLM.loss_from_hidden`'s `label_positions` (a row's last position predicts nothing)."""
-    labelled = labels.numpy() != IGNORE_INDEX
-    labelled[:, 0] = False  # position t predicts token t + 1: a row's first token is nobody's target
-    return _host_indices(np.flatnonzero(labelled) - 1, pin)
+    targets = labels.numpy() != IGNORE_INDEX
+    targets[:, 0] = False  # position t predicts token t + 1: a row's first token is nobody's target
+    return _host_indices(np.flatnonzero(targets) - 1, pin)
+
 
 # transformers renamed the decoder's cache argument (`past_key_values` -> `cache`) within 5.x.
 _CACHE_KWARG = "cache" if "cache" in inspect.signature(Qwen3Model.forward).parameters else "past_key_values"
@@ -304,12 +305,13 @@ class CrossVLM(PreTrainedModel):
 
         `image_positions` (the flat indices of those positions, `image_positions_of`), when the caller
         has them from the host, keep a GPU forward and backward free of host syncs: a boolean mask's
-        scatter finds its positions with `nonzero`, which waits for the GPU twice a step."""
+        scatter finds its positions with `nonzero`, which waits for the GPU twice a step. A caller that
+        passes them has checked the host ids (`check_image_tokens`), as the trainer and the engine do."""
         embeds = self.llm.get_input_embeddings()(input_ids)  # (B, T, D)
         num_images = 0 if pixel_values is None else pixel_values.shape[0]
-        if input_ids.device.type == "cpu":
+        if image_positions is None and input_ids.device.type == "cpu":  # (a caller with positions checked)
             self.check_image_tokens(input_ids, num_images)
-        elif image_positions is None:  # checked on the host copy by the chat model; here without a host sync
+        elif image_positions is None:  # here without a host sync
             torch._assert_async((input_ids == self.config.image_token_id).sum() == num_images * self.num_image_tokens,
                                 "the number of <|image_pad|> tokens does not match the images given")
         if num_images:
