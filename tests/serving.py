@@ -5,7 +5,6 @@ from __future__ import annotations
 import base64
 import io
 import random
-import socket
 import threading
 import time
 from contextlib import contextmanager
@@ -40,7 +39,9 @@ def live_server(app):
     """Run `app` under a real uvicorn server on a free loopback port; yields its base URL."""
     import uvicorn
 
-    sock = socket.create_server(("127.0.0.1", 0))
+    from crossvlm.commands.serve import bind
+
+    sock = bind("127.0.0.1", 0)
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()

@@ -30,7 +30,17 @@ def test_bench_serve_drives_the_server_and_counts_every_token(tiny_models, tmp_p
         == report["offline"]["long"]["output_tokens"]
     assert 5 * 4 <= report["offline"]["long"]["output_tokens"] <= 5 * 12
     assert report["baseline"]["requests"] == 2 and report["offline"]["long"]["vs_generate"] > 0
-    assert "| server, long, concurrency 3 | 5 |" in capsys.readouterr().out
+    # The time split by the engine's timers: each run's steps, and a first token's time inside the engine
+    # covers its wait for a slot (the server's runs also time the preparation of images and text)
+    for run in [*report["server"].values(), report["offline"]["long"], report["offline"]["short"]]:
+        b = run["breakdown"]
+        assert b["steps"] > 0 and 0 < b["tokens_per_step"] and 0 < b["host_share"] <= 1
+        assert 0 <= b["first_token_ms"]["queue"] < b["first_token_ms"]["engine"]
+    assert all(r["breakdown"]["first_token_ms"]["prepare"] > 0 for r in report["server"].values())
+    # one stream: a step yields at most its decode token and, in a prefill's step, the first token
+    assert report["server"]["long@1"]["breakdown"]["tokens_per_step"] <= 2
+    printed = capsys.readouterr().out
+    assert "| server, long, concurrency 3 | 5 |" in printed and "first token: prepare" in printed
 
 
 def test_bench_serve_runs_one_part_alone(tiny_models, tmp_path):

@@ -158,10 +158,19 @@ def test_concurrent_requests_each_get_their_own_answer(chat, url, client):
     with ThreadPoolExecutor(len(questions)) as pool:
         answers = list(pool.map(ask, range(len(questions))))
     assert answers == expected
-    after = httpx.get(url + "/health").json()["engine"]
+    health = httpx.get(url + "/health").json()
+    after = health["engine"]
     tokens, steps = after["tokens"] - before["tokens"], after["steps"] - before["steps"]
     assert tokens >= sum(len(a) > 0 for a in answers)
     assert steps < tokens, "concurrent requests shared the engine's steps"
+    # The timers behind `bench serve`'s breakdown: every request counted once, each phase timed
+    assert after["first_tokens"] - before["first_tokens"] == len(questions)
+    assert health["server"]["prepared"] >= len(questions) and health["server"]["prepare_s"] > 0
+    waited = after["queue_s"] - before["queue_s"]
+    to_first = after["first_token_s"] - before["first_token_s"]
+    assert 0 <= waited < to_first, "a request's wait for a slot is part of its time to the first token"
+    for timer in ("admit_s", "prefill_s", "decode_s", "collect_s"):
+        assert after[timer] > before[timer], timer
 
 
 def _bad_requests(chat) -> list[tuple[str, object, int, str]]:
@@ -221,6 +230,19 @@ def test_a_body_over_the_limit_gets_413_before_it_is_read(chat):
         assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large"
         r = http.post("/v1/chat/completions", json={"messages": _ask("hi"), "max_tokens": 2})
         assert r.status_code == 200
+
+
+def test_the_server_sends_each_event_at_once_nagle_off():
+    """Nagle's algorithm held a stream's first event back until the client's delayed ACK (40 ms on
+    every time to first token): the listening socket turns it off, and connections inherit that."""
+    import socket
+
+    from crossvlm.commands.serve import bind
+
+    with bind("127.0.0.1", 0) as server, socket.create_connection(server.getsockname()[:2]):
+        accepted, _ = server.accept()
+        with accepted:
+            assert accepted.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0
 
 
 def test_an_event_of_the_stream_is_one_line_whatever_the_text():

@@ -114,6 +114,19 @@ def serve_table(report: dict) -> str:
         lines.append(f"| {name} | {r['requests']} | {r['output_tokens_per_s']:.0f} | "
                      f"{_num(r.get('vs_generate'), '.1f', suffix='×')} | {_num(ttft.get('p50'))} / {_num(ttft.get('p95'))} | "
                      f"{_num(itl.get('p50'), '.2f')} / {_num(itl.get('p95'), '.2f')} | {r.get('failed', 0)} |")
+    lines += ["", "Where the time went (the engine's timers, `/health`): per step, the host's time by phase against "
+              "its wait for the GPU; a first token's mean time in the server's preparation, waiting for a slot, "
+              "and from submission to the host in all (the wait included)", "",
+              "| run | steps | step ms | tokens / step | admit · prefill · decode · collect ms | GPU wait ms | host busy "
+              "| first token: prepare · queue · engine ms |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for name, r in runs:
+        b = r.get("breakdown")
+        if b:
+            ms, first = b["ms_per_step"], b["first_token_ms"]
+            lines.append(f"| {name} | {b['steps']} | {b['step_ms']:.2f} | {b['tokens_per_step']:.1f} | "
+                         + " · ".join(f"{ms[k]:.2f}" for k in ("admit", "prefill", "decode", "collect"))
+                         + f" | {ms['wait']:.2f} | {100 * b['host_share']:.0f}% | {_num(first.get('prepare'))} · "
+                         f"{first['queue']:.1f} · {first['engine']:.1f} |")
     return "\n".join(lines)
 
 

@@ -156,6 +156,11 @@ class Server:
             raise RuntimeError(f"crossvlm serve did not start (exit {self.process.wait()}): {line!r}")
         self.url = line.split(" on ")[1].split()[0]
 
+    def health(self) -> dict:
+        import httpx
+
+        return httpx.get(self.url + "/health", timeout=30).json()
+
     def close(self) -> None:
         self.process.terminate()
         try:
@@ -164,17 +169,47 @@ class Server:
             self.process.kill()
 
 
-def drive(pool, processes: int, url: str, works: list[Work], concurrency: int) -> dict:
+def drive(pool, processes: int, server: Server, works: list[Work], concurrency: int) -> dict:
     """Send the works with `concurrency` streams open at once, spread over the pool's client processes."""
     from crossvlm.bench.clients import run_clients
 
     payloads = [w.payload() for w in works]
     shares = max(1, min(processes, concurrency, len(payloads)))
-    jobs = [(url, payloads[i::shares], max(1, concurrency // shares + (i < concurrency % shares)))
+    jobs = [(server.url, payloads[i::shares], max(1, concurrency // shares + (i < concurrency % shares)))
             for i in range(shares)]
+    before = server.health()
     start = time.perf_counter()
     records = [r for part in pool.map(run_clients, jobs) for r in part]
-    return summarise(records, time.perf_counter() - start)
+    seconds = time.perf_counter() - start
+    return {**summarise(records, seconds), "breakdown": breakdown(before, server.health(), seconds)}
+
+
+def breakdown(before: dict, after: dict, seconds: float) -> dict:
+    """Where the time went between two `/health` readings (or two `Engine.stats`): the engine's host
+    time per step by phase against its wait for the device, and the time to a first token split into
+    the server's preparation, the wait for a slot and the rest (admission, prefill, hand-over)."""
+    from crossvlm.engine.engine import TIMERS
+
+    engine = {k: after["engine"][k] - before["engine"][k] for k in ("steps", "tokens", "first_tokens", *TIMERS)}
+    steps, firsts = max(1, engine["steps"]), max(1, engine["first_tokens"])
+    host = ("admit_s", "prefill_s", "decode_s", "collect_s")
+    out = {"steps": engine["steps"], "tokens_per_step": engine["tokens"] / steps,
+           "step_ms": 1000 * seconds / steps,
+           "ms_per_step": {k[:-2]: 1000 * engine[k] / steps for k in (*host, "wait_s")},
+           "host_share": sum(engine[k] for k in host) / max(1e-9, seconds),
+           "first_token_ms": {"queue": 1000 * engine["queue_s"] / firsts, "engine": 1000 * engine["first_token_s"] / firsts}}
+    if "server" in after:
+        server = {k: after["server"][k] - before["server"][k] for k in after["server"]}
+        out["first_token_ms"]["prepare"] = 1000 * server["prepare_s"] / max(1, server["prepared"])
+    return out
+
+
+def breakdown_line(b: dict) -> str:
+    """One line of a `breakdown`."""
+    phases = ", ".join(f"{k} {v:.2f}" for k, v in b["ms_per_step"].items())
+    first = ", ".join(f"{k} {v:.1f}" for k, v in b["first_token_ms"].items())
+    return (f"engine: {b['steps']} steps of {b['step_ms']:.2f} ms, {b['tokens_per_step']:.1f} tokens each; "
+            f"ms per step: {phases}; host busy {100 * b['host_share']:.0f}%; first token ms: {first}")
 
 
 def offline(chat, works: list[Work]) -> dict:
@@ -184,12 +219,14 @@ def offline(chat, works: list[Work]) -> dict:
 
     prompts = [chat.prompt([{"role": "user", "content": IMAGE_MARK + w.text}], [w.image]) for w in works]
     sampling = [SamplingParams(max_new_tokens=w.max_tokens, greedy=True, ignore_eos=True) for w in works]
+    before = {"engine": dict(chat.engine.stats)}
     start = time.perf_counter()
     done = chat.generate_prompts(prompts, sampling)
     seconds = time.perf_counter() - start
     tokens = sum(c.completion_tokens for c in done)
     return {"requests": len(works), "seconds": seconds, "output_tokens": tokens, "output_tokens_per_s": tokens / seconds,
-            "prompt_tokens_mean": sum(len(p.input_ids) for p in prompts) / len(prompts)}
+            "prompt_tokens_mean": sum(len(p.input_ids) for p in prompts) / len(prompts),
+            "breakdown": breakdown(before, {"engine": dict(chat.engine.stats)}, seconds)}
 
 
 @torch.inference_mode()
@@ -224,14 +261,15 @@ def _serve_part(cfg: ServeBenchConfig, report: dict, model_dir: Path, slots: int
                     attention=cfg.attention)
     pool = multiprocessing.get_context("spawn").Pool(cfg.client_processes)  # clients apart from the server
     try:
-        drive(pool, cfg.client_processes, server.url, long[:1], 1)  # the first request warms the server and the client processes
+        drive(pool, cfg.client_processes, server, long[:1], 1)  # the first request warms the server and the client processes
         report["server_start_s"] = time.perf_counter() - start
         for c in cfg.concurrency:
             n = min(len(long), max(8, 4 * c))
             say(f"[serve] long workload, concurrency {c}: {n} requests ...")
-            result = report["server"][f"long@{c}"] = {"concurrency": c, **drive(pool, cfg.client_processes, server.url, long[:n], c)}
+            result = report["server"][f"long@{c}"] = {"concurrency": c, **drive(pool, cfg.client_processes, server, long[:n], c)}
             say(f"  {result['output_tokens_per_s']:.0f} tok/s, TTFT p50 {result['ttft_ms']['p50']:.1f} ms, "
                 f"ITL p50 {result['itl_ms']['p50'] or 0:.2f} ms, failed {result['failed']}")
+            say("  " + breakdown_line(result["breakdown"]))
         if short:
             # One client first: the time to the first token of a lone request with an image (the target),
             # then many at once, where it includes the wait for a turn.
@@ -240,8 +278,9 @@ def _serve_part(cfg: ServeBenchConfig, report: dict, model_dir: Path, slots: int
             for c, works in runs:
                 say(f"[serve] short answers, concurrency {c}: {len(works)} requests ...")
                 result = report["server"][f"short@{c}"] = {"concurrency": c,
-                                                           **drive(pool, cfg.client_processes, server.url, works, c)}
+                                                           **drive(pool, cfg.client_processes, server, works, c)}
                 say(f"  {result['output_tokens_per_s']:.0f} tok/s, TTFT p50 {result['ttft_ms']['p50']:.1f} ms")
+                say("  " + breakdown_line(result["breakdown"]))
     finally:
         pool.terminate()
         server.close()
@@ -295,6 +334,7 @@ def run_serve_bench(cfg: ServeBenchConfig) -> dict:
                     say(f"[serve] offline {name}: {len(works)} requests through ChatModel.generate_prompts ...")
                     result = report["offline"][name] = offline(chat, works)
                     say(f"  {result['output_tokens_per_s']:.0f} tok/s in {result['seconds']:.1f} s")
+                    say("  " + breakdown_line(result["breakdown"]))
             report["offline"]["engine_stats"] = dict(chat.engine.stats)
             report["peak_memory_gib"] = peak_memory_gib(device)
             chat.close()

@@ -71,7 +71,13 @@ def engine_config(args: argparse.Namespace):
                         attention=getattr(args, "attention", "auto"))
 
 
-def _bind(host: str, port: int) -> socket.socket:
+def bind(host: str, port: int) -> socket.socket:
+    """The server's listening socket, with Nagle's algorithm off for every connection it accepts.
+
+    asyncio turns Nagle off only on sockets whose protocol number is IPPROTO_TCP, and a socket made by
+    `socket.create_server` (or by uvicorn itself) has 0 there. With Nagle on, a stream's first event,
+    written right after the response's headers, waited for the client's delayed ACK: 40 ms added to
+    every time to first token (measured on loopback). Accepted sockets inherit the option (Linux, macOS)."""
     from crossvlm.errors import CrossVLMError
 
     try:
@@ -79,9 +85,11 @@ def _bind(host: str, port: int) -> socket.socket:
     except ValueError:  # a host name
         family = socket.AF_INET
     try:
-        return socket.create_server((host, port), family=family)
+        sock = socket.create_server((host, port), family=family)
     except OSError as err:
         raise CrossVLMError(f"cannot listen on {host}:{port}: {err}") from err
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    return sock
 
 
 def run(args: argparse.Namespace) -> int:
@@ -113,7 +121,7 @@ def run(args: argparse.Namespace) -> int:
                            local_root=args.allow_local_images),
         max_waiting=args.max_waiting, default_max_tokens=args.max_tokens, thinking=args.thinking,
     )
-    sock = _bind(args.host, args.port)  # before the warm-up: a port in use fails at once, not minutes later
+    sock = bind(args.host, args.port)  # before the warm-up: a port in use fails at once, not minutes later
     start, engine = time.perf_counter(), chat.engine  # the KV cache is allocated here
 
     def note(text: str) -> None:

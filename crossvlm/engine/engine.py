@@ -17,6 +17,8 @@ requests of that step. The worker itself goes on serving.
 from __future__ import annotations
 
 import threading
+import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -68,6 +70,20 @@ class EngineConfig:
         return min(self.max_len or 4096, text_config.max_position_embeddings)
 
 
+TIMERS = {
+    "admit_s": "host time embedding new prompts (the image path) and writing their sampling settings",
+    "prefill_s": "host time launching prefills",
+    "decode_s": "host time launching decode steps and their sampling",
+    "collect_s": "host time handing tokens to requests (detokenizing, stop strings, streaming callbacks)",
+    "wait_s": "time the engine's thread waited for the device to finish a step",
+    "queue_s": "summed over requests: from submission to a slot",
+    "first_token_s": "summed over requests: from submission to the first token on the host",
+}
+"""The engine's timers (`Engine.stats`, seconds). Per step, the host's share (admit + prefill + decode +
+collect) against `wait_s` says whether the host or the device sets the pace; `first_token_s` /
+`first_tokens` is the mean time to a first token inside the engine."""
+
+
 @dataclass
 class _Launch:
     """Tokens being computed for these requests (in row order), copied back without blocking."""
@@ -111,7 +127,9 @@ class Engine:
         self._thread: threading.Thread | None = None
         self._stop = False
         self._warm = False
-        self.stats = {"steps": 0, "prefills": 0, "tokens": 0, "largest_batch": 0, "failed": 0}
+        self.stats = {"steps": 0, "prefills": 0, "tokens": 0, "largest_batch": 0, "failed": 0, "first_tokens": 0,
+                      **{k: 0.0 for k in TIMERS}}
+        """Counts and seconds since the start (`TIMERS` says what each timer holds); `/health` shows them."""
 
     def _default_slots(self, text, device: torch.device, fraction: float) -> int:
         if device.type != "cuda":
@@ -143,6 +161,7 @@ class Engine:
     def submit(self, request: Request, max_waiting: int | None = None) -> Request:
         """Queue a request; raise `QueueFull` if `max_waiting` requests already wait for a slot (beyond
         those the free slots will take at the next step)."""
+        request.submitted = time.perf_counter()
         if request.prompt_tokens >= self.max_len:
             raise CrossVLMError(f"the prompt takes {request.prompt_tokens} tokens; the engine's limit is "
                                 f"{self.max_len - 1}")
@@ -202,7 +221,7 @@ class Engine:
                     request.finish("cancelled")
                     self._release(request)
                 launched = self._launch() if self.scheduler.busy else []
-                with record_function("engine.collect"):  # (the profiler's labels: `bench generate --profile`)
+                with record_function("engine.collect"), self._timer("collect_s"):  # (labels: `bench generate --profile`)
                     for launch in pending:
                         self._collect(launch)
                 pending = launched
@@ -216,18 +235,29 @@ class Engine:
         schedule = self.scheduler.schedule()
         launches = []
         if schedule.admitted:
-            with record_function("engine.admit"):
+            now = time.perf_counter()
+            for request in schedule.admitted:
+                self.stats["queue_s"] += now - request.submitted
+            with record_function("engine.admit"), self._timer("admit_s"):
                 self._admit(schedule.admitted)
         if schedule.prefill:
-            with record_function("engine.prefill"):
+            with record_function("engine.prefill"), self._timer("prefill_s"):
                 launches += self._prefill(schedule.prefill)
         # A request whose last token is already being computed needs no more steps.
         decode = [r for r in self.scheduler.decoding() if not r.done and r.launched < r.max_new_tokens]
         if decode:
-            with record_function("engine.decode"):
+            with record_function("engine.decode"), self._timer("decode_s"):
                 launches += self._decode(decode)
         self.stats["steps"] += 1
         return launches
+
+    @contextmanager
+    def _timer(self, name: str):
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.stats[name] += time.perf_counter() - start
 
     def _kinds(self, requests: list[Request]) -> dict:
         params = [r.sampling for r in requests]
@@ -316,10 +346,18 @@ class Engine:
     def _collect(self, launch: _Launch) -> None:
         """Hand the tokens of a finished launch to their requests; free the slots of those that end."""
         if launch.ready is not None:
+            start = time.perf_counter()
             launch.ready.synchronize()
+            waited = time.perf_counter() - start
+            self.stats["wait_s"] += waited
+            self.stats["collect_s"] -= waited  # (collect_s counts the host's own work)
+        now = time.perf_counter()
         for request, token in zip(launch.requests, launch.tokens.tolist()):
             if request is None or request.done:
                 continue
+            if not request.generated:
+                self.stats["first_tokens"] += 1
+                self.stats["first_token_s"] += now - request.submitted
             if token < 0:
                 self._fail(request, GenerationError(
                     "the model's logits are not finite for this request (a numerical fault in its generation)"))

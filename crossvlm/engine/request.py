@@ -148,6 +148,8 @@ class Request:
     """Tokens asked of the device so far (one step ahead of `generated` while a step runs)."""
     finish_reason: str | None = None
     cancelled: bool = False
+    submitted: float = 0.0
+    """`time.perf_counter()` when the engine took the request (its timers count from here)."""
     # -- text ------------------------------------------------------------------------------------
     raw: str = ""
     _prefix: int = 0  # incremental detokenization: tokens[_prefix:_read] were decoded last time
