@@ -244,6 +244,38 @@ def test_streamed_text_decodes_a_short_window_even_after_tokens_without_text(cha
     assert "".join(d.text for d in deltas if isinstance(d, Delta)) == tok.decode(tokens, skip_special_tokens=True)
 
 
+def test_streamed_text_of_any_tokens_equals_the_whole_decode(chat):
+    """The fast tokenizer's incremental decoder and the window fallback both stream exactly the text a
+    decode of the whole answer gives: characters of several bytes cut across tokens, special tokens,
+    and random tokens whose bytes never make characters (the incremental decoder would hold them for
+    ever: such a request goes on in windows)."""
+    import random
+
+    tok = chat.tokenizer
+    special = tok.convert_tokens_to_ids("<|image_pad|>")
+    words = tok("the café on the corner: 日本語 🙂 naïve", add_special_tokens=False)["input_ids"]
+    assert len(words) > len(tok.tokenize("the cafe on the corner: naive"))  # multi-byte characters took several tokens
+    text = (words + [special]) * 20
+    noise = [random.Random(3).randrange(len(tok)) for _ in range(2000)]
+
+    class Slow:  # a tokenizer without a Rust backend
+        decode = staticmethod(tok.decode)
+
+    for tokens, incremental in ((text, True), (noise, False)):
+        expected = tok.decode(tokens, skip_special_tokens=True).strip()
+        for tokenizer in (tok, Slow()):
+            deltas = []
+            request = Request([1], None, SamplingParams(max_new_tokens=5000), deltas.append, max_new_tokens=5000,
+                              stream=True)
+            for token in tokens:
+                request.add_token(token, tokenizer, set())
+            assert (request._stream is not False) == (incremental and tokenizer is tok)
+            streamed = "".join(d.text for d in deltas if isinstance(d, Delta))
+            assert expected.startswith(streamed) and len(expected) - len(streamed) <= 8  # unfinished characters held
+            request.finish("length", tokenizer)  # the rest, from a decode of the whole answer
+            assert "".join(d.text for d in deltas if isinstance(d, Delta)) == deltas[-1].text == expected
+
+
 def test_ignore_eos_and_min_tokens_in_the_request(chat):
     tok = chat.tokenizer
     eos = next(iter(chat.eos_ids))

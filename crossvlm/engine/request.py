@@ -12,6 +12,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Callable
 
+from tokenizers.decoders import DecodeStream
+
 from crossvlm.errors import CrossVLMError
 
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
@@ -152,7 +154,9 @@ class Request:
     """`time.perf_counter()` when the engine took the request (its timers count from here)."""
     # -- text ------------------------------------------------------------------------------------
     raw: str = ""
-    _prefix: int = 0  # incremental detokenization: tokens[_prefix:_read] were decoded last time
+    _stream: object = None  # a fast tokenizer's incremental decoder (False: windows below instead)
+    _held: int = 0  # tokens since the incremental decoder last gave text
+    _prefix: int = 0  # incremental detokenization in windows: tokens[_prefix:_read] were decoded last time
     _read: int = 0
     _sent: Delta = field(default_factory=Delta)  # reasoning and text already handed out
 
@@ -191,10 +195,31 @@ class Request:
             self._send(final=False)
 
     def _detokenize(self, tokenizer) -> None:
-        """Append the text of the newest tokens, decoding a window of a few tokens, not the whole answer
-        (a token may end inside a UTF-8 character: then nothing is added until the character is whole).
-        The window moves on after a token that adds no text too (a skipped special token, say): it would
-        otherwise grow with every such token, each decoding it whole again."""
+        """Append the text of the newest token (a token may end inside a UTF-8 character: then nothing
+        is added until the character is whole). A fast tokenizer does it in its own incremental decoder
+        (`tokenizers`' `DecodeStream`, in Rust: a few µs a token); others decode a window of a few tokens,
+        not the whole answer. The window moves on after a token that adds no text too (a skipped special
+        token, say): it would otherwise grow with every such token, each decoding it whole again."""
+        if self._stream is None:
+            backend = getattr(tokenizer, "backend_tokenizer", None)
+            plain = backend is not None and not getattr(tokenizer, "clean_up_tokenization_spaces", False)
+            self._stream = DecodeStream(skip_special_tokens=True) if plain else False
+        if self._stream is not False:
+            try:
+                piece = self._stream.step(tokenizer.backend_tokenizer, self.tokens[-1])
+            except Exception:  # noqa: BLE001 — a decoder that rewrites earlier text
+                piece = None
+                self._held = 8
+            self._held = 0 if piece is not None else self._held + 1
+            if self._held <= 8:
+                self.raw += piece or ""
+                return
+            # Bytes that 8 more tokens did not make a character never will, but the incremental decoder
+            # would hold them (and decode a growing tail) for ever: windows from here on.
+            self._stream = False
+            self.raw = tokenizer.decode(self.tokens, skip_special_tokens=True)
+            self._prefix = self._read = len(self.tokens)
+            return
         before = tokenizer.decode(self.tokens[self._prefix:self._read], skip_special_tokens=True)
         now = tokenizer.decode(self.tokens[self._prefix:], skip_special_tokens=True)
         stuck = len(self.tokens) - self._read > 8  # bytes that 8 more tokens did not make a character never will
