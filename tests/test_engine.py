@@ -360,7 +360,7 @@ def test_flash_attention_path_gives_generates_tokens(tiny_vlm_dir, reference, mo
     monkeypatch.setattr(cache, "_flash_forward", _flash_forward_on_the_host)
     flash = crossvlm.load(tiny_vlm_dir, device="cpu", engine=EngineConfig(slots=3, max_len=512, attention="flash"))
     try:
-        assert flash.engine.runner.flash and flash.engine.runner.kv_ladder == [512]
+        assert flash.engine.runner.flash and flash.engine.runner.kv_ladder == [flash.engine.cache.length]  # one rung
         prompts = [flash.prompt(m, i) for m, i in CASES]
         budgets = [280, 17, 30, 9, 21]
         sampling = [SamplingParams(max_new_tokens=n, greedy=True, ignore_eos=True) for n in budgets]
@@ -368,6 +368,32 @@ def test_flash_attention_path_gives_generates_tokens(tiny_vlm_dir, reference, mo
             assert request.tokens == _hf_tokens(reference, flash, prompt, n)
     finally:
         flash.close()
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "flash"])
+def test_a_lone_prompt_padded_to_its_bucket_gives_generates_tokens(tiny_vlm_dir, reference, monkeypatch, attention):
+    """On a GPU a prompt prefilled alone is padded to a length bucket, which a CUDA graph replays: the
+    padding (a throw-away chunk in the cache's scratch slot) changes none of its tokens. Here the
+    padded prefill runs without a graph, with both attention paths (flash's kernel written out in torch)."""
+    from crossvlm.engine import cache
+
+    monkeypatch.setattr(cache, "_flash_forward", _flash_forward_on_the_host)
+    chat = crossvlm.load(tiny_vlm_dir, device="cpu", engine=EngineConfig(slots=2, max_len=512, attention=attention))
+    try:
+        runner = chat.engine.runner
+        assert runner.prefill_buckets == [] and not runner.use_graphs  # (a CPU: no graphs)
+        runner.prefill_buckets = [16, 32, 64, 128, 256]  # what a GPU's runner has (from 128 up), smaller
+        lengths = []
+        decoder = runner._prefill_decoder
+        monkeypatch.setattr(runner, "_prefill_decoder", lambda embeds, *a: lengths.append(embeds.shape[1]) or decoder(embeds, *a))
+        for messages, images in CASES:
+            prompt = chat.prompt(messages, images)
+            request, = _run(chat, [prompt], [SamplingParams(max_new_tokens=12, greedy=True, ignore_eos=True)])
+            assert request.tokens == _hf_tokens(reference, chat, prompt, 12)
+            bucket = lengths[-1]
+            assert bucket in runner.prefill_buckets and len(prompt.input_ids) < bucket, "prefilled padded to its bucket"
+    finally:
+        chat.close()
 
 
 def test_flash_asked_where_it_cannot_run_is_a_clear_error(tiny_vlm_dir, monkeypatch):
@@ -417,19 +443,25 @@ def test_flash_varlen_equals_the_reference_on_cuda():
 def test_greedy_equals_generate_on_cuda_with_graphs(tiny_vlm_dir, compile, warm_up):
     """The decode step replayed as CUDA graphs gives generate()'s tokens, whether each batch and length
     rung is recorded when first needed (while other requests are mid-answer) or all before the first
-    request (`warm_up`, what the server does)."""
+    request (`warm_up`, what the server does); so do a lone prompt's prefill and its image path, replayed
+    as graphs of their length bucket and image rung."""
     chat = crossvlm.load(tiny_vlm_dir, device="cuda", dtype=torch.float32,
                          engine=EngineConfig(slots=4, max_len=512, compile=compile))
     reference = CrossVLM.from_pretrained(str(tiny_vlm_dir), dtype=torch.float32).cuda().eval()
     try:
+        runner = chat.engine.runner
         if warm_up:
             chat.engine.warm_up()
-            assert len(chat.engine.runner.graphs) == len(chat.engine.runner.batch_ladder) * len(chat.engine.runner.kv_ladder)
+            assert len(runner.graphs) == len(runner.batch_ladder) * len(runner.kv_ladder)
+            assert len(runner.prefill_graphs) == len(runner.prefill_buckets) and len(runner.image_graphs) == len(runner.image_rungs)
         prompts = [chat.prompt(m, i) for m, i in CASES]
         budgets = [300, 17, 30, 9, 21]  # the first runs past the first length rung (256)
         sampling = [SamplingParams(max_new_tokens=n, greedy=True, ignore_eos=True) for n in budgets]
         requests = _run(chat, prompts, sampling)
-        assert chat.engine.runner.graphs, "the decode step was captured"
+        for k in (2, 1):  # each alone: its prefill (two images, one) replayed from its bucket's graph
+            requests += _run(chat, [prompts[k]], [sampling[k]])
+        prompts, budgets = prompts + [prompts[2], prompts[1]], budgets + [budgets[2], budgets[1]]
+        assert runner.graphs and runner.prefill_graphs and {1, 2} <= set(runner.image_graphs), "all three were captured"
         for request, prompt, n in zip(requests, prompts, budgets):
             ids = torch.tensor([prompt.input_ids], device="cuda")
             pixels = chat.processor.preprocess_images(prompt.images).cuda() if prompt.images else None

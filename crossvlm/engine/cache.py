@@ -71,19 +71,18 @@ class SlotCache:
     variable-length kernel reads in place (a sequence's keys start at `slot · length` in the flattened
     cache and it reads `used` of them)."""
 
-    def __init__(self, config, slots: int, max_len: int, dtype: torch.dtype, device: torch.device,
-                 spare: bool = False):
+    def __init__(self, config, slots: int, max_len: int, dtype: torch.dtype, device: torch.device):
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-        shape = (slots + spare, max_len + spare, config.num_key_value_heads, head_dim)
+        shape = (slots + 1, max_len + 1, config.num_key_value_heads, head_dim)  # one spare of each: `scratch`
         self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_hidden_layers)]
         self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_hidden_layers)]
         self.slots, self.max_len = slots, max_len
-        self.length = max_len + spare
+        self.length = max_len + 1
         """Positions per slot as allocated."""
-        self.scratch = slots if spare else None
-        """With `spare`, one slot and one position more than requests use: throw-away rows write in the
-        slot (ModelRunner.prefill), and no read covers a whole dimension, which torch.compile would
-        specialize (a compiled step for reads of every length up to `max_len`)."""
+        self.scratch = slots
+        """One slot and one position more than requests use: throw-away rows write in the slot (the
+        padding of a prefill, `ModelRunner.prefill`), and no read covers a whole dimension, which
+        torch.compile would specialize (a compiled step for reads of every length up to `max_len`)."""
         self._free = list(range(slots))  # a heap: the lowest free slot first
         self.plan: Plan | None = None
 

@@ -106,7 +106,7 @@ class Engine:
         slots = cfg.slots or self._default_slots(text, device, cfg.memory_fraction)
         self.config = cfg
         use_slot_attention(model.llm)
-        self.cache = SlotCache(text, slots, self.max_len, model.llm.dtype, device, spare=cfg.compile)
+        self.cache = SlotCache(text, slots, self.max_len, model.llm.dtype, device)
         self.sampler = Sampler(slots, text.vocab_size, sorted(eos_ids), device)
         graphs = device.type == "cuda" if cfg.graphs is None else cfg.graphs
         if cfg.attention not in ("auto", "flash", "sdpa"):

@@ -16,6 +16,11 @@ transformers builds no mask and keeps no cache of its own.
   longest running request, and a graph is recorded per (rows, kv_len) pair. A graph is recorded the
   first time a step needs it (a server records them all before its first request: `warm_up`).
   Sampling follows, eagerly (a few kernels).
+- The first token of a request that arrives alone: on a GPU its prefill (one prompt, padded to a
+  length bucket by a throw-away chunk in the cache's scratch slot) and its image path (vision tower
+  and projector, images padded to a rung of 1, 2, 4, … 16) are replayed as CUDA graphs too, one per
+  bucket and rung. Launching them op by op took 11 ms (image path) and 16 ms (prefill) of host time
+  with `--compile` for 6 ms of GPU work (docs/PERFORMANCE.md, "Generation engine").
 
 With `compile`, the decode step and the prefill's decoder run through `torch.compile` (Inductor), and
 the image path (vision layers, projector) layer by layer: their many small kernels (RMSNorm pieces,
@@ -25,7 +30,7 @@ kernels, not the GPU, sets the pace.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -44,6 +49,12 @@ class Chunk:
     embeds: torch.Tensor  # (T, D)
     last: bool
     """Whether the prompt ends here (then its first token is sampled)."""
+
+
+PREFILL_GRAPH_TOKENS = 2048
+"""Prefills of one prompt shorter than this replay a CUDA graph of their length bucket (128, 256, … this)."""
+IMAGE_GRAPH_IMAGES = 16
+"""Admissions of up to this many images replay a CUDA graph of the image path (1, 2, 4, … this images)."""
 
 
 def ladder(top: int, first: int) -> list[int]:
@@ -78,6 +89,12 @@ class ModelRunner:
         self.use_graphs = graphs
         self.graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
         self._pool = None  # the graphs' one memory pool (one step runs at a time)
+        # A lone prompt's prefill and the image path, replayed too (see the module's docstring); a graph's
+        # output lives in the pool: it is read before the next replay
+        self.prefill_buckets = ladder(min(PREFILL_GRAPH_TOKENS, cache.max_len), 128) if graphs else []
+        self.image_rungs = ladder(IMAGE_GRAPH_IMAGES, 1) if graphs else []
+        self.prefill_graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor, dict]] = {}  # graph, output, inputs
+        self.image_graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor]] = {}  # graph, output, input
         # Sizes stay symbolic (dynamic=True), so the rungs and prompt lengths share one compilation. The
         # buffers allocated once are marked static: a symbolic size is tied to any other of the same value
         # when first traced (kv_len to the cache's length, say), which would recompile at the next rung.
@@ -112,19 +129,42 @@ class ModelRunner:
         for i, p in enumerate(prompts):
             ids[i, :len(p)] = torch.tensor(p)
         self.model.check_image_tokens(ids, 0 if pixel_values is None else pixel_values.shape[0])  # on the host
-        pixels = positions = None
+        pixels = positions = features = None
         if pixel_values is not None:  # where the visual tokens go, found on the host: no mask ops on the device
             pixels = to_device(pixel_values, self.device)
             positions = to_device(image_positions_of(ids, self.model.config.image_token_id), self.device)
-        embeds = self.model.embed(to_device(ids, self.device), pixels, positions)  # (n, T, D)
+            features = self._encode(pixels)
+        embeds = self.model.embed(to_device(ids, self.device), pixels, positions, features)  # (n, T, D)
         return [embeds[i, :len(p)] for i, p in enumerate(prompts)]
+
+    def _encode(self, pixels: torch.Tensor) -> torch.Tensor:
+        """The images' visual tokens (N, M, D): a CUDA graph of the image path for the smallest rung that
+        holds N images (the rest of its input is padding, computed and dropped), recorded on first use."""
+        n = pixels.shape[0]
+        rung = next((r for r in self.image_rungs if r >= n), None)
+        if rung is None:
+            return self.model.encode_images(pixels)
+        if rung not in self.image_graphs:
+            static = pixels.new_zeros(rung, *pixels.shape[1:])
+            static[:n] = pixels
+            features = self.model.encode_images(static)  # for real (and the warm-up a recording needs)
+            self.image_graphs[rung] = (*self._capture(lambda: self.model.encode_images(static)), static)
+            return features[:n]
+        graph, features, static = self.image_graphs[rung]
+        static[:n] = pixels
+        graph.replay()
+        return features[:n]
 
     @torch.inference_mode()
     def prefill(self, chunks: list[Chunk], greedy: bool, penalty: bool, min_tokens: bool,
                 candidates: int | None = None) -> torch.Tensor | None:
         """Run the chunks, packed into one row; returns the sampled first tokens of the chunks that end
         a prompt (in order)."""
-        if self.compiled and len(chunks) == 1 and self.cache.scratch is not None:  # see __init__
+        bucket = next((b for b in self.prefill_buckets if b > len(chunks[0].embeds)), None) if len(chunks) == 1 else None
+        if bucket:  # one prompt, padded to its bucket with a throw-away chunk in the scratch slot
+            pad = chunks[0].embeds.new_zeros(bucket - len(chunks[0].embeds), chunks[0].embeds.shape[1])
+            chunks = [*chunks, Chunk(self.cache.scratch, 0, pad, last=False)]
+        elif self.compiled and len(chunks) == 1:  # see __init__
             chunks = [*chunks, Chunk(self.cache.scratch, 0, chunks[0].embeds[:1], last=False)]
         sizes = [len(c.embeds) for c in chunks]
         ends = torch.tensor(sizes).cumsum(0)  # (n,) on the host
@@ -137,12 +177,15 @@ class ModelRunner:
         seq = torch.repeat_interleave(torch.arange(len(chunks), device=self.device), cu_q.diff(), output_size=total)
         positions = starts[seq] + torch.arange(total, device=self.device) - cu_q[seq]  # (S,)
         # Compiled, a bound of 1 would specialize (a prompt's one-token last chunk beside the scratch row).
-        plan = Plan(slots, positions, cu_q.int(), used.int(), max_q=max(*sizes, 2 if self.compiled else 1),
-                    # the reference kernel's reads: up to the longest sequence's end, rounded up to 64
-                    kv_len=self.cache.length if self.flash else min(-(-int(host[2].max()) // 64) * 64, self.cache.length),
+        plan = Plan(slots, positions, cu_q.int(), used.int(), max_q=bucket or max(*sizes, 2 if self.compiled else 1),
+                    # the reference kernel's reads: up to the longest sequence's end, rounded up to 64 (a graph's: all)
+                    kv_len=self.cache.length if self.flash or bucket else min(-(-int(host[2].max()) // 64) * 64, self.cache.length),
                     token_slots=slots[seq], token_seq=seq, flash=self.flash)
         embeds = torch.cat([c.embeds for c in chunks])[None]  # (1, S, D)
-        hidden = self._prefill_decoder(embeds, positions[None], plan)[0]  # (S, D)
+        if bucket and self.use_graphs:
+            hidden = self._prefill_graph(bucket, embeds, plan)
+        else:
+            hidden = self._prefill_decoder(embeds, positions[None], plan)[0]  # (S, D)
         last = [i for i, c in enumerate(chunks) if c.last]
         if not last:
             return None
@@ -152,6 +195,25 @@ class ModelRunner:
         self.position[done_slots] = used[rows]
         return self.sampler.sample(logits, done_slots, greedy=greedy, penalty=penalty, min_tokens=min_tokens,
                                    candidates=candidates)
+
+    _PLAN_INPUTS = ("slots", "positions", "cu_q", "used", "token_slots", "token_seq")
+
+    def _prefill_graph(self, bucket: int, embeds: torch.Tensor, plan: Plan) -> torch.Tensor:
+        """Hidden states (S, D) of a padded prefill of `bucket` tokens: its bucket's CUDA graph replayed
+        on the new inputs, or, the first time, the prefill run for real and then recorded."""
+        inputs = {"embeds": embeds, **{name: getattr(plan, name) for name in self._PLAN_INPUTS}}
+        if bucket in self.prefill_graphs:
+            graph, hidden, static = self.prefill_graphs[bucket]
+            for name, value in inputs.items():
+                static[name].copy_(value)
+            graph.replay()
+            return hidden
+        static = {name: value.clone() for name, value in inputs.items()}
+        fixed = replace(plan, **{name: static[name] for name in self._PLAN_INPUTS})
+        run = lambda: self._prefill_decoder(static["embeds"], static["positions"][None], fixed)[0]  # noqa: E731
+        hidden = run()
+        self.prefill_graphs[bucket] = (*self._capture(run), static)
+        return hidden
 
     def park(self, slots: list[int]) -> None:
         """Point newly taken (or freed) slots' decode writes at their last position, which no request fills (the
@@ -197,13 +259,18 @@ class ModelRunner:
                                    candidates=candidates)
 
     def _record(self, rows: int, kv_len: int) -> None:
-        """Record the step of this rung pair. Recording runs nothing, so the cache and positions stay
-        as the real step just left them. Only the engine's thread touches the GPU while it records."""
+        """Record the step of this rung pair (after it ran for real)."""
+        self.graphs[(rows, kv_len)] = self._capture(lambda: self._step(rows, kv_len))[0]
+
+    def _capture(self, run):
+        """`run()` recorded as a CUDA graph in the runner's one pool: (graph, its output). Recording runs
+        nothing, so the cache and positions stay as the real run before it left them. Only the engine's
+        thread touches the GPU while it records."""
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
-            self._step(rows, kv_len)
+            out = run()
         self._pool = graph.pool()
-        self.graphs[(rows, kv_len)] = graph
+        return graph, out
 
     @torch.inference_mode()
     def warm_up(self, say=None) -> None:
@@ -221,6 +288,15 @@ class ModelRunner:
             width = self.llm.get_input_embeddings().embedding_dim
             prompt = torch.zeros(100, width, dtype=self.dtype, device=self.device)  # keys: 128, not 100
             self.prefill([Chunk(0, 0, prompt, True)], greedy=True, penalty=False, min_tokens=False)  # 2 rows: see __init__
+        if self.use_graphs:
+            say(f"recording {len(self.image_rungs)} graphs of the image path and {len(self.prefill_buckets)} of one prompt's prefill")
+            size = self.model.config.vision_config.image_size
+            for rung in self.image_rungs:
+                self._encode(torch.zeros(rung, 3, size, size, device=self.device))
+            width = self.llm.get_input_embeddings().embedding_dim
+            for bucket in self.prefill_buckets:
+                prompt = torch.zeros(bucket - 1, width, dtype=self.dtype, device=self.device)
+                self.prefill([Chunk(0, 0, prompt, True)], greedy=True, penalty=False, min_tokens=False)
         if self.use_graphs or self.compiled:
             pairs = [(r, k) for r in reversed(self.batch_ladder) for k in reversed(self.kv_ladder) if (r, k) not in self.graphs]
             say(("compiling the decode step (minutes), then " if self.compiled else "")

@@ -300,13 +300,15 @@ class CrossVLM(PreTrainedModel):
             )
 
     def embed(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None,
-              image_positions: torch.Tensor | None = None) -> torch.Tensor:
+              image_positions: torch.Tensor | None = None, image_features: torch.Tensor | None = None) -> torch.Tensor:
         """Token embeddings with visual tokens scattered into the <|image_pad|> positions: (B, T, D).
 
         `image_positions` (the flat indices of those positions, `image_positions_of`), when the caller
         has them from the host, keep a GPU forward and backward free of host syncs: a boolean mask's
         scatter finds its positions with `nonzero`, which waits for the GPU twice a step. A caller that
-        passes them has checked the host ids (`check_image_tokens`), as the trainer and the engine do."""
+        passes them has checked the host ids (`check_image_tokens`), as the trainer and the engine do.
+        `image_features`: the images' visual tokens (N, M, D) when the caller has encoded them already
+        (the engine replays the image path as a CUDA graph)."""
         embeds = self.llm.get_input_embeddings()(input_ids)  # (B, T, D)
         num_images = 0 if pixel_values is None else pixel_values.shape[0]
         if image_positions is None and input_ids.device.type == "cpu":  # (a caller with positions checked)
@@ -315,7 +317,7 @@ class CrossVLM(PreTrainedModel):
             torch._assert_async((input_ids == self.config.image_token_id).sum() == num_images * self.num_image_tokens,
                                 "the number of <|image_pad|> tokens does not match the images given")
         if num_images:
-            visual = self.encode_images(pixel_values).to(embeds.dtype)  # (N, M, D)
+            visual = (self.encode_images(pixel_values) if image_features is None else image_features).to(embeds.dtype)  # (N, M, D)
             if image_positions is not None:
                 return embeds.flatten(0, 1).index_copy(0, image_positions, visual.flatten(0, 1)).view_as(embeds)
             is_pad = input_ids == self.config.image_token_id  # (B, T)
