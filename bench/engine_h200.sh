@@ -53,7 +53,7 @@ has serve && $PY -m crossvlm.cli bench serve --preset $PRESET --models "$MODELS"
     | tee "$OUT/serve.log"
 if has decode; then  # the decode step alone: ms a step and its kernels at each batch (bench/decode_step.py)
     [ -d "$MODELS/llm" ] || $PY -m crossvlm.cli make-model --preset $PRESET --out "$MODELS" > /dev/null
-    $PY bench/decode_step.py "$MODELS" ${DECODE_ROWS:-1,64,256} ${DECODE_CONTEXT:-1100} 2>&1 | tee "$OUT/decode_step.txt"
+    PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" $PY bench/decode_step.py "$MODELS" ${DECODE_ROWS:-1,64,256} ${DECODE_CONTEXT:-1100} 2>&1 | tee "$OUT/decode_step.txt"
 fi
 has eval || exit 0
 # crossvlm eval, default settings, $EXAMPLES (1,000) short answers of 16 tokens; `--limit 1` times loading and start-up alone.

@@ -469,3 +469,42 @@ def test_greedy_equals_generate_on_cuda_with_graphs(tiny_vlm_dir, compile, warm_
             assert request.tokens == out[0, ids.shape[1]:].tolist()
     finally:
         chat.close()
+
+
+@pytest.mark.gpu
+def test_prefill_and_image_graphs_with_flash_equal_the_plain_path_on_cuda(tiny_vlm_dir):
+    """bf16 with FlashAttention, as a server runs: a lone prompt's prefill replayed from its bucket's
+    graph gives the logits of the same prefill unpadded and without a graph (within bf16's rounding;
+    the padded row's matrix products may take other kernels), and the image path's graph the plain
+    path's visual tokens; a replay gives what the run before its recording gave."""
+    from crossvlm.engine.model_runner import Chunk
+
+    chat = crossvlm.load(tiny_vlm_dir, device="cuda", dtype=torch.bfloat16, engine=EngineConfig(slots=2, max_len=512))
+    try:
+        runner = chat.engine.runner
+        assert runner.flash and runner.prefill_buckets and runner.image_rungs
+        seen = []
+        sample = runner.sampler.sample
+        runner.sampler.sample = lambda logits, *a, **k: seen.append(logits.float().clone()) or sample(logits, *a, **k)
+        kinds = dict(greedy=True, penalty=False, min_tokens=False)
+        for messages, images in CASES:
+            prompt = chat.prompt(messages, images)
+            runs, rungs = [], runner.image_rungs
+            for plain in (False, False, True):  # recorded (or replayed), replayed, plain
+                runner.image_rungs = [] if plain else rungs
+                runs.append(runner.embed([prompt.input_ids], prompt.pixel_values)[0].float())
+            runner.image_rungs = rungs
+            torch.testing.assert_close(runs[0], runs[1], atol=1e-2, rtol=1e-2)
+            torch.testing.assert_close(runs[1], runs[2], atol=3e-2, rtol=3e-2)
+            embeds = runner.embed([prompt.input_ids], prompt.pixel_values)[0]
+            buckets = runner.prefill_buckets
+            for plain in (False, False, True):  # recorded (or replayed), replayed, plain
+                runner.prefill_buckets = [] if plain else buckets
+                runner.prefill([Chunk(0, 0, embeds, True)], **kinds)
+            runner.prefill_buckets = buckets
+            torch.testing.assert_close(seen[-3], seen[-2], atol=1e-2, rtol=1e-2)
+            torch.testing.assert_close(seen[-2], seen[-1], atol=5e-2, rtol=5e-2)
+        assert runner.prefill_graphs and {1, 2} <= set(runner.image_graphs)
+    finally:
+        chat.close()
+
