@@ -52,7 +52,7 @@ class EngineConfig:
     prefill_tokens: int = 8192
     """Most prompt tokens prefilled in one step (packed into one row); longer prompts are prefilled in chunks."""
     graphs: bool | None = None
-    """Replay the decode step as CUDA graphs (default: on a GPU)."""
+    """Replay the decode step, a lone prompt's prefill and the image path as CUDA graphs (default: on a GPU)."""
     compile: bool = False
     """Fuse the decode step, the prefill and the image path with `torch.compile` (Inductor), the decode step before its
     graphs are recorded: minutes more at start-up, 2.5x the decode speed at batch 1 on an H200
