@@ -207,10 +207,9 @@ class Request:
         if self._stream is not False:
             try:
                 piece = self._stream.step(tokenizer.backend_tokenizer, self.tokens[-1])
-            except Exception:  # noqa: BLE001 — a decoder that rewrites earlier text
-                piece = None
-                self._held = 8
-            self._held = 0 if piece is not None else self._held + 1
+                self._held = 0 if piece is not None else self._held + 1
+            except Exception:  # noqa: BLE001 — a decoder that rewrites earlier text: windows from here on
+                piece, self._held = None, 9
             if self._held <= 8:
                 self.raw += piece or ""
                 return
