@@ -177,17 +177,20 @@ def drive(pool, processes: int, server: Server, works: list[Work], concurrency: 
     shares = max(1, min(processes, concurrency, len(payloads)))
     jobs = [(server.url, payloads[i::shares], max(1, concurrency // shares + (i < concurrency % shares)))
             for i in range(shares)]
-    before = server.health()
+    before, read = server.health(), time.perf_counter()
     start = time.perf_counter()
     records = [r for part in pool.map(run_clients, jobs) for r in part]
     seconds = time.perf_counter() - start
-    return {**summarise(records, seconds), "breakdown": breakdown(before, server.health(), seconds)}
+    after = server.health()  # (the breakdown's wall time: between the two readings)
+    return {**summarise(records, seconds), "breakdown": breakdown(before, after, time.perf_counter() - read)}
 
 
 def breakdown(before: dict, after: dict, seconds: float) -> dict:
-    """Where the time went between two `/health` readings (or two `Engine.stats`): the engine's host
-    time per step by phase against its wait for the device, and the time to a first token split into
-    the server's preparation, the wait for a slot and the rest (admission, prefill, hand-over)."""
+    """Where the time went between two `/health` readings (or two `Engine.stats`) `seconds` apart: the
+    engine's host time per step by phase against its wait for the device, and the time to a first token
+    split into the server's preparation, the wait for a slot and the rest (admission, prefill, hand-over).
+    A timer counts a phase when it ends, so a step under way at the first reading counts whole: on a
+    CPU, where the host's time is the computation, the host's share can pass 1 by that step."""
     from crossvlm.engine.engine import TIMERS
 
     engine = {k: after["engine"][k] - before["engine"][k] for k in ("steps", "tokens", "first_tokens", *TIMERS)}
