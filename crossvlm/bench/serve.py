@@ -177,12 +177,12 @@ def drive(pool, processes: int, server: Server, works: list[Work], concurrency: 
     shares = max(1, min(processes, concurrency, len(payloads)))
     jobs = [(server.url, payloads[i::shares], max(1, concurrency // shares + (i < concurrency % shares)))
             for i in range(shares)]
-    before, read = server.health(), time.perf_counter()
+    before = server.health()
     start = time.perf_counter()
     records = [r for part in pool.map(run_clients, jobs) for r in part]
     seconds = time.perf_counter() - start
     after = server.health()  # (the breakdown's wall time: between the two readings)
-    return {**summarise(records, seconds), "breakdown": breakdown(before, after, time.perf_counter() - read)}
+    return {**summarise(records, seconds), "breakdown": breakdown(before, after, time.perf_counter() - start)}
 
 
 def breakdown(before: dict, after: dict, seconds: float) -> dict:
