@@ -14,11 +14,11 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from crossvlm.bench import flops
-from crossvlm.bench.flops import (LLMShape, VisionShape, Workload, attention_flops, cross_attn_projector_flops,
-                                  linear_flops, step_flops)
 from crossvlm.bench.train import TrainBenchConfig, load_naive, plan, run_train_bench
 from crossvlm.errors import ConfigError
+from crossvlm.model import flops
+from crossvlm.model.flops import (LLMShape, VisionShape, Workload, attention_flops, cross_attn_projector_flops,
+                                  linear_flops, step_flops)
 
 
 

@@ -32,7 +32,7 @@ from crossvlm.bench.catalog import LEVERS
 from crossvlm.bench.catalog import TRAIN_VARIANTS as BASE_VARIANTS
 from crossvlm.bench.common import (default_workers, ensure_models, env_info, free_memory, median, peak_memory_gib,
                                    profiled, say, synchronize)
-from crossvlm.bench.flops import (PEAK_BF16_FLOPS, LLMShape, VisionShape, Workload, projector_forward_flops,
+from crossvlm.model.flops import (PEAK_BF16_FLOPS, LLMShape, VisionShape, Workload, projector_forward_flops,
                                   required_step_flops, step_flops)
 from crossvlm.bench.levers import apply_model_levers
 from crossvlm.errors import ConfigError
