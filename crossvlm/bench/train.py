@@ -313,7 +313,7 @@ def _measure(ctx: _Context, v: Variant, runner: Runner) -> dict:
                                  ctx.shape, _text_vocab(ctx), length=total * v.batch_size,
                                  seed=cfg.seed + 7919 * rt.rank,  # each process its own samples
                                  float_pixels=v.design == "naive")
-    batches = iter(batch_loader(dataset, v.batch_size, ctx.workers, PREFETCH_FACTOR))
+    batches = iter(batch_loader(dataset, v.batch_size, ctx.workers, ctx.tokenizer.pad_token_id, PREFETCH_FACTOR))
     waits, computes, losses = [], [], []
     for i in range(warm + cfg.steps):
         t0 = time.perf_counter()
