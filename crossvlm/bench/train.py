@@ -454,18 +454,19 @@ def add_ratios(records: list[dict]) -> None:
 
 
 def _reference_config(llm_dir: Path, vision_dir: Path, model_section):
-    """The design's CrossVLMConfig (the stage config's projector) without building a model."""
-    from transformers import CLIPVisionConfig, Qwen3Config
+    """The design's CrossVLMConfig without building a model: the stage's model section as
+    `crossvlm train` applies it (`model_options`), with the cross-attention projector."""
+    from transformers import PretrainedConfig, Qwen3Config
 
     from crossvlm.model.configuration import CrossVLMConfig
+    from crossvlm.model.vision import tower_kind
+    from crossvlm.train.setup import model_options
 
-    return CrossVLMConfig(
-        text_config=Qwen3Config.from_pretrained(str(llm_dir)),
-        vision_config=CLIPVisionConfig.from_pretrained(str(vision_dir)),
-        projector_type="cross_attn", num_queries=model_section.num_queries,
-        projector_layers=model_section.projector_layers, projector_heads=model_section.projector_heads,
-        vision_feature_layer=model_section.vision_feature_layer,
-    )
+    tower, _ = PretrainedConfig.get_config_dict(str(vision_dir))
+    _, vision_config_class = tower_kind(tower.get("model_type"), str(vision_dir)).classes()
+    return CrossVLMConfig(text_config=Qwen3Config.from_pretrained(str(llm_dir)),
+                          vision_config=vision_config_class.from_pretrained(str(vision_dir)),
+                          **{**model_options(model_section), "projector_type": "cross_attn"})
 
 
 def run_train_bench(cfg: TrainBenchConfig, rt=None) -> dict:
