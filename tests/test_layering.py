@@ -3,7 +3,7 @@
 Every module of crossvlm/ is parsed (nothing is imported) and every import in it is read, those inside
 functions and under `if TYPE_CHECKING` included: a lazy import is still a dependency. A module may
 import from its own layer or a lower one, never a higher one, and no chain of imports may come back
-to where it started, between modules or between the packages of one layer.
+to where it started, between modules or between packages.
 """
 
 from __future__ import annotations
