@@ -25,7 +25,7 @@ import torch
 from torch import nn
 from transformers import CLIPVisionModel, Qwen3ForCausalLM
 
-from crossvlm.bench.flops import attention_flops, linear_flops
+from crossvlm.model.flops import attention_flops, linear_flops
 
 
 class NaiveProjector(nn.Module):

@@ -14,11 +14,11 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from crossvlm.bench import flops
-from crossvlm.bench.flops import (LLMShape, VisionShape, Workload, attention_flops, cross_attn_projector_flops,
-                                  linear_flops, step_flops)
 from crossvlm.bench.train import TrainBenchConfig, load_naive, plan, run_train_bench
 from crossvlm.errors import ConfigError
+from crossvlm.model import flops
+from crossvlm.model.flops import (LLMShape, VisionShape, Workload, attention_flops, cross_attn_projector_flops,
+                                  linear_flops, step_flops)
 
 
 
@@ -356,3 +356,21 @@ def test_gpu_idle_charges_each_gap_to_the_innermost_host_phase():
                                                              "train.forward": 0.05})
     assert "train.report" in describe(report) and "65.5%" in describe(report)
     assert gpu_idle([span("train.step", "user_annotation", 0, 10), span("aten::mm", "cpu_op", 1, 5)]) is None
+
+
+def test_the_reference_config_is_the_one_crossvlm_train_builds(tiny_models):
+    """The required FLOPs (and MFU) of `bench train` count the model the stage's model section builds,
+    every projector setting included, without building it."""
+    from crossvlm.bench.train import _reference_config
+    from crossvlm.train.config import model_from_dict
+    from crossvlm.train.setup import build_model
+
+    section = model_from_dict({"llm": str(tiny_models / "llm"), "vision": str(tiny_models / "vision"),
+                               "init_from": None, "num_queries": 16, "projector_heads": 2,
+                               "projector_layers": 1, "vision_feature_layer": -1})
+    built, _ = build_model(section)
+    reference = _reference_config(tiny_models / "llm", tiny_models / "vision", section)
+    assert reference.num_image_tokens == built.num_image_tokens == 16
+    for grad in ("through", "trained"):
+        assert (flops.required_step_flops(reference, 100, 40, grad, 2)
+                == flops.required_step_flops(built.config, 100, 40, grad, 2))

@@ -139,7 +139,7 @@ def test_kernel_choice(tiny_models):
 
 
 def test_batch_flops_of_equal_lengths_is_the_benchmark_step(vlm):
-    from crossvlm.bench.flops import LLMShape, VisionShape, Workload, batch_flops, projector_forward_flops, step_flops
+    from crossvlm.model.flops import LLMShape, VisionShape, Workload, batch_flops, projector_forward_flops, step_flops
 
     cfg = vlm.config
     got = batch_flops(cfg, [100] * 4, 4 * 30, 4, "trained")
@@ -154,7 +154,7 @@ def test_batch_flops_of_equal_lengths_is_the_benchmark_step(vlm):
 
 
 def test_step_counts_and_rates(vlm, monkeypatch):
-    from crossvlm.bench.flops import batch_flops
+    from crossvlm.model.flops import batch_flops
     from crossvlm.train import throughput
 
     samples = [make_sample(vlm, n, i, s) for s, (n, i) in enumerate(zip((20, 50, 10), (True, False, True)))]

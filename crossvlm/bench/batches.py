@@ -1,10 +1,11 @@
-"""Fixed-length training batches for the benchmarks, decoded from real JPEG bytes in DataLoader workers.
+"""Fixed-length training samples for the benchmarks, decoded from real JPEG bytes in DataLoader workers.
 
 Every sample is `<|vision_start|> <|image_pad|>×M <|vision_end|>` followed by random text ids, so all
 variants see the same text length and no padding; the labels cover the last `labelled` positions.
 Its image is camera-sized JPEG bytes decoded and processed by the vision model's own image
-processor, with the same functions the real loader uses (`load_image`, `ImageTransform`), so the
-time the step waits in `next()` is a real loader's.
+processor, with the same functions the real loader uses (`load_image`, `ImageTransform`), and the
+samples become batches through the real loader's `Collator` (crossvlm.data.collate): the step gets
+the batch format `crossvlm train` gives it, and the time it waits in `next()` is a real loader's.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from crossvlm.data.collate import Collator, Sample
 from crossvlm.data.images import ImageTransform, load_image
 from crossvlm.model.modeling import IGNORE_INDEX
 from crossvlm.model.tokens import VisionTokenIds
@@ -54,7 +56,7 @@ class FixedLengthSamples(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return self.length
 
-    def __getitem__(self, i: int) -> dict:
+    def __getitem__(self, i: int) -> Sample:
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + i)
         ids = self.vision_ids
         text = torch.randint(0, self.text_vocab, (self.shape.text_tokens - 2,), generator=g)
@@ -66,27 +68,15 @@ class FixedLengthSamples(torch.utils.data.Dataset):
         pixels = self.transform([image])
         if self.float_pixels:
             pixels = self.transform.normalize(pixels)
-        return {"input_ids": input_ids, "labels": labels, "pixel_values": pixels[0]}  # (3, H, W)
+        return Sample(input_ids, labels, pixels, location=f"fixed-length sample {i}")  # pixels (1, 3, H, W)
 
 
-def collate(samples: list[dict]) -> dict:
-    """Stack into the batch dict the training loop takes (no padding, so the mask is all ones)."""
-    input_ids = torch.stack([s["input_ids"] for s in samples])  # (B, T)
-    labels = torch.stack([s["labels"] for s in samples])  # (B, T)
-    return {
-        "input_ids": input_ids,
-        "labels": labels,
-        "attention_mask": torch.ones_like(input_ids),
-        "pixel_values": torch.stack([s["pixel_values"] for s in samples]),  # (B, 3, H, W)
-        "num_tokens": int((labels != IGNORE_INDEX).sum()),
-        "num_samples": len(samples),
-    }
-
-
-def batch_loader(dataset: FixedLengthSamples, batch_size: int, num_workers: int, prefetch_factor: int = 2):
-    """A DataLoader as the training loop builds one (pinned memory on CUDA, no persistent workers)."""
+def batch_loader(dataset: FixedLengthSamples, batch_size: int, num_workers: int, pad_token_id: int,
+                 prefetch_factor: int = 2):
+    """A DataLoader as the training loop builds one (the loader's Collator, right padding: none is
+    needed, every sample has one length; pinned memory on CUDA, no persistent workers)."""
     return torch.utils.data.DataLoader(
-        dataset, batch_size=batch_size, shuffle=False, drop_last=True, collate_fn=collate,
+        dataset, batch_size=batch_size, shuffle=False, drop_last=True, collate_fn=Collator(pad_token_id),
         num_workers=num_workers, pin_memory=torch.cuda.is_available(),
         prefetch_factor=prefetch_factor if num_workers else None, persistent_workers=False,
     )

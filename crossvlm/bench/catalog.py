@@ -17,6 +17,17 @@ LEVERS = {
 }
 """Extra `ours` variants of `bench train`, one lever each: "+" adds, "-" takes away."""
 
+DATA_VARIANTS = {
+    "packed": ("auto", "auto"),
+    "flex": (True, "flex_attention"),
+    "varlen": (True, "varlen"),
+    "sdpa": (True, "sdpa"),
+    "padded": (False, "auto"),
+    "fixed": None,
+}
+"""(data.packing, model.attention) of each `bench train --data` variant (crossvlm.bench.realdata);
+`fixed` is the fixed-length reference."""
+
 GENERATE_VARIANTS = {
     "dynamic": {},
     "static": {"cache_implementation": "static", "disable_compile": True},

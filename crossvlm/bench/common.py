@@ -109,6 +109,16 @@ def profiled(fn, device: torch.device, stem: Path, title: str, enabled: bool = T
     return write_profile(prof, device, stem, title, sort)
 
 
+def compiled_graphs() -> int | None:
+    """Graphs torch.compile has made in this process so far (dynamo's count); None where it keeps none."""
+    try:
+        from torch._dynamo.utils import counters
+
+        return int(counters["stats"]["unique_graphs"])
+    except (ImportError, KeyError, TypeError):
+        return None
+
+
 def median(values: list[float]) -> float | None:
     return statistics.median(values) if values else None
 

@@ -27,19 +27,11 @@ import statistics
 import time
 import traceback
 from pathlib import Path
+from typing import Callable
 
-from crossvlm.bench.batches import SampleShape
-from crossvlm.bench.common import free_memory, peak_memory_gib, say
+from crossvlm.bench.catalog import DATA_VARIANTS
+from crossvlm.bench.common import compiled_graphs, free_memory, peak_memory_gib, say
 
-DATA_VARIANTS = {
-    "packed": ("auto", "auto"),
-    "flex": (True, "flex_attention"),
-    "varlen": (True, "varlen"),
-    "sdpa": (True, "sdpa"),
-    "padded": (False, "auto"),
-    "fixed": None,
-}
-"""(data.packing, model.attention) of each real-data variant; `fixed` is the fixed-length reference."""
 # Rows per parquet row group of the generated set: the loader reads samples in random order and
 # decodes a whole group per miss (data.row_group_cache), so groups are kept small (~1 MB of JPEGs).
 ROW_GROUP = 16
@@ -141,16 +133,14 @@ def _summarise(lines: list[dict], warmup: int, measured: int, max_length: int, p
     }
 
 
-def _run_real(ctx, name: str, data_path: Path, max_length: int) -> dict:
-    from crossvlm.bench.train import Variant, _compiled_graphs, _stage_overrides
+def _run_real(ctx, name: str, data_path: Path, max_length: int, stage_overrides: Callable[[str], dict]) -> dict:
     from crossvlm.configs import config_path
     from crossvlm.train.config import load_config
     from crossvlm.train.loggers import read_metrics
 
     cfg, rt = ctx.cfg, ctx.rt
     packing, attention = DATA_VARIANTS[name]
-    v = Variant(name, "cross_attn", (), cfg.compile, cfg.batch_size)
-    overrides = _stage_overrides(ctx, v)
+    overrides = stage_overrides(name)
     overrides.update({
         "data.sources": [str(data_path)], "data.packing": packing, "model.attention": attention,
         "data.max_length": max_length, "data.num_workers": ctx.workers,
@@ -166,33 +156,22 @@ def _run_real(ctx, name: str, data_path: Path, max_length: int) -> dict:
     start = time.perf_counter()
     trainer.run()
     record = {"packing": trainer.cfg.data.packing, "attention": kernel, "run_s": time.perf_counter() - start,
-              "compiled_graphs": _compiled_graphs() if cfg.compile else None}
+              "compiled_graphs": compiled_graphs() if cfg.compile else None}
     record.update(_summarise(read_metrics(Path(overrides["run.out_dir"]) / "metrics.jsonl"), cfg.warmup, cfg.steps,
                              max_length, peak_memory_gib(rt.device)))
     record.update(trainer.profile_record or {})
     return record
 
 
-def _run_fixed(ctx, rows: int, max_length: int, labelled_share: float) -> dict:
-    """The fixed-length benchmark on `rows` rows of `max_length` tokens, one image and sample a row."""
-    from crossvlm.bench.train import Variant, _build_ours, _measure
-
-    m = ctx.reference.num_queries
-    text = max_length - m
-    ctx.sample_shape = SampleShape(text_tokens=text, labelled=max(1, min(text - 2, round(labelled_share * max_length))))
-    v = Variant("fixed", "cross_attn", (), ctx.cfg.compile, rows)
-    runner = _build_ours(ctx, v)
-    try:
-        record = _measure(ctx, v, runner)
-    finally:
-        runner.close()
-    record.update(rows_per_step=rows, text_tokens=text, labelled=ctx.sample_shape.labelled)
-    return record
-
-
-def run_data_variants(ctx, data_path: Path | None, max_length: int | None, names: tuple[str, ...]) -> tuple[list, dict]:
+def run_data_variants(ctx, data_path: Path | None, max_length: int | None, names: tuple[str, ...],
+                      stage_overrides: Callable[[str], dict],
+                      run_fixed: Callable[[int, int, float], dict]) -> tuple[list, dict]:
     """Every real-data variant, then `fixed` with the first packed variant's row shape (or the first
-    variant's, when none packs); returns (records, data info). `names` are checked by TrainBenchConfig."""
+    variant's, when none packs); returns (records, data info). `names` are checked by TrainBenchConfig.
+
+    The caller (crossvlm.bench.train) says how a variant's stage is set up (`stage_overrides(name)`:
+    the config overrides of `ours` under that name) and runs the fixed-length reference
+    (`run_fixed(rows, max_length, labelled_share)`: its record)."""
     import torch
 
     from crossvlm.configs import config_path
@@ -217,9 +196,9 @@ def run_data_variants(ctx, data_path: Path | None, max_length: int | None, names
                     raise RuntimeError("the fixed-length reference takes its shapes from a real-data variant; none ran")
                 rows = max(1, round(reference["rows_per_step"]))
                 share = reference["labelled_share"]
-                record.update(_run_fixed(ctx, rows, max_length, share), batch_size=rows)
+                record.update(run_fixed(rows, max_length, share), batch_size=rows)
             else:
-                record.update(_run_real(ctx, name, Path(data_path), max_length))
+                record.update(_run_real(ctx, name, Path(data_path), max_length, stage_overrides))
                 if reference is None or (record["packing"] and not reference["packing"]):
                     reference = record  # the first packed variant sets the fixed rows' shape
             rt.print(f"[{cfg.stage}] {name}: {_line(record)}")

@@ -28,11 +28,11 @@ from typing import Callable
 import torch
 
 from crossvlm.bench.batches import FixedLengthSamples, SampleShape, batch_loader, jpeg_pool
-from crossvlm.bench.catalog import LEVERS
+from crossvlm.bench.catalog import DATA_VARIANTS, LEVERS
 from crossvlm.bench.catalog import TRAIN_VARIANTS as BASE_VARIANTS
-from crossvlm.bench.common import (default_workers, ensure_models, env_info, free_memory, median, peak_memory_gib,
-                                   profiled, say, synchronize)
-from crossvlm.bench.flops import (PEAK_BF16_FLOPS, LLMShape, VisionShape, Workload, projector_forward_flops,
+from crossvlm.bench.common import (compiled_graphs, default_workers, ensure_models, env_info, free_memory, median,
+                                   peak_memory_gib, profiled, say, synchronize)
+from crossvlm.model.flops import (PEAK_BF16_FLOPS, LLMShape, VisionShape, Workload, projector_forward_flops,
                                   required_step_flops, step_flops)
 from crossvlm.bench.levers import apply_model_levers
 from crossvlm.errors import ConfigError
@@ -79,7 +79,7 @@ class TrainBenchConfig:
     """Run the real loop on this data file (crossvlm.bench.realdata); `generate`: on a generated
     variable-length set; None: the fixed-length variants above."""
     data_variants: tuple[str, ...] = ("packed", "fixed")
-    """With `data`: which of crossvlm.bench.realdata.DATA_VARIANTS to run."""
+    """With `data`: which of crossvlm.bench.catalog.DATA_VARIANTS to run."""
     max_length: int | None = None
     """With `data`: `data.max_length` (the packed row length); None: the stage config's."""
 
@@ -95,8 +95,6 @@ class TrainBenchConfig:
         if bad:
             p.append(f"unknown variants {bad}; choose from {list(BASE_VARIANTS)}")
         if self.data is not None:
-            from crossvlm.bench.realdata import DATA_VARIANTS
-
             bad = [v for v in self.data_variants if v not in DATA_VARIANTS]
             if bad or not self.data_variants:
                 p.append(f"unknown data variants {bad}; choose from {list(DATA_VARIANTS)}")
@@ -220,15 +218,6 @@ def _stage_overrides(ctx: _Context, v: Variant) -> dict:
     return overrides
 
 
-def _compiled_graphs() -> int | None:
-    try:
-        from torch._dynamo.utils import counters
-
-        return int(counters["stats"]["unique_graphs"])
-    except (ImportError, KeyError, TypeError):
-        return None
-
-
 def _build_ours(ctx: _Context, v: Variant) -> Runner:
     from crossvlm.configs import config_path
     from crossvlm.train.config import load_config
@@ -260,7 +249,7 @@ def _build_ours(ctx: _Context, v: Variant) -> Runner:
         def close() -> None:
             torch.backends.cuda.enable_cudnn_sdp(cudnn_was)
             trainer.logger.close()
-    return Runner(step, m, executed, close=close, compiled_graphs=_compiled_graphs)
+    return Runner(step, m, executed, close=close, compiled_graphs=compiled_graphs)
 
 
 def _build_naive(ctx: _Context, v: Variant) -> Runner:
@@ -324,7 +313,7 @@ def _measure(ctx: _Context, v: Variant, runner: Runner) -> dict:
                                  ctx.shape, _text_vocab(ctx), length=total * v.batch_size,
                                  seed=cfg.seed + 7919 * rt.rank,  # each process its own samples
                                  float_pixels=v.design == "naive")
-    batches = iter(batch_loader(dataset, v.batch_size, ctx.workers, PREFETCH_FACTOR))
+    batches = iter(batch_loader(dataset, v.batch_size, ctx.workers, ctx.tokenizer.pad_token_id, PREFETCH_FACTOR))
     waits, computes, losses = [], [], []
     for i in range(warm + cfg.steps):
         t0 = time.perf_counter()
@@ -420,6 +409,22 @@ def _run_variant(ctx: _Context, v: Variant) -> dict:
     return record
 
 
+def _run_fixed(ctx: _Context, rows: int, max_length: int, labelled_share: float) -> dict:
+    """`ours` on `rows` fixed-length rows of `max_length` tokens, one image and sample a row: the
+    reference of `--data` runs (crossvlm.bench.realdata)."""
+    m = ctx.reference.num_queries
+    text = max_length - m
+    ctx.sample_shape = SampleShape(text_tokens=text, labelled=max(1, min(text - 2, round(labelled_share * max_length))))
+    v = Variant("fixed", "cross_attn", (), ctx.cfg.compile, rows)
+    runner = _build_ours(ctx, v)
+    try:
+        record = _measure(ctx, v, runner)
+    finally:
+        runner.close()
+    record.update(rows_per_step=rows, text_tokens=text, labelled=ctx.sample_shape.labelled)
+    return record
+
+
 _DESCRIPTIONS = {
     "cross_attn": "crossvlm: cross-attention projector (M learned queries), the real loop's train_step",
     "mlp": "crossvlm's loop with the MLP projector (one token per patch)",
@@ -449,18 +454,19 @@ def add_ratios(records: list[dict]) -> None:
 
 
 def _reference_config(llm_dir: Path, vision_dir: Path, model_section):
-    """The design's CrossVLMConfig (the stage config's projector) without building a model."""
-    from transformers import CLIPVisionConfig, Qwen3Config
+    """The design's CrossVLMConfig without building a model: the stage's model section as
+    `crossvlm train` applies it (`model_options`), with the cross-attention projector."""
+    from transformers import PretrainedConfig, Qwen3Config
 
     from crossvlm.model.configuration import CrossVLMConfig
+    from crossvlm.model.vision import tower_kind
+    from crossvlm.train.setup import model_options
 
-    return CrossVLMConfig(
-        text_config=Qwen3Config.from_pretrained(str(llm_dir)),
-        vision_config=CLIPVisionConfig.from_pretrained(str(vision_dir)),
-        projector_type="cross_attn", num_queries=model_section.num_queries,
-        projector_layers=model_section.projector_layers, projector_heads=model_section.projector_heads,
-        vision_feature_layer=model_section.vision_feature_layer,
-    )
+    tower, _ = PretrainedConfig.get_config_dict(str(vision_dir))
+    _, vision_config_class = tower_kind(tower.get("model_type"), str(vision_dir)).classes()
+    return CrossVLMConfig(text_config=Qwen3Config.from_pretrained(str(llm_dir)),
+                          vision_config=vision_config_class.from_pretrained(str(vision_dir)),
+                          **{**model_options(model_section), "projector_type": "cross_attn"})
 
 
 def run_train_bench(cfg: TrainBenchConfig, rt=None) -> dict:
@@ -502,8 +508,11 @@ def run_train_bench(cfg: TrainBenchConfig, rt=None) -> dict:
                      f"{'a generated variable-length set' if cfg.data == 'generate' else cfg.data}, batch "
                      f"{cfg.batch_size} samples x {rt.world_size} process(es), {workers} loader workers, device "
                      f"{rt.device}; variants: {', '.join(cfg.data_variants)}")
-            records, data_info = run_data_variants(ctx, None if cfg.data == "generate" else Path(cfg.data),
-                                                   cfg.max_length, cfg.data_variants)
+            records, data_info = run_data_variants(
+                ctx, None if cfg.data == "generate" else Path(cfg.data), cfg.max_length, cfg.data_variants,
+                stage_overrides=lambda name: _stage_overrides(ctx, Variant(name, "cross_attn", (), cfg.compile,
+                                                                           cfg.batch_size)),
+                run_fixed=lambda rows, max_length, share: _run_fixed(ctx, rows, max_length, share))
         else:
             rt.print(f"bench train: stage {cfg.stage}, preset {cfg.preset}, batch {cfg.batch_size} x {rt.world_size} "
                      f"process(es), {shape.text_tokens} text tokens ({shape.labelled} labelled) per sample, "

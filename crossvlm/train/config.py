@@ -19,6 +19,7 @@ import yaml
 
 from crossvlm.data.config import DataConfig
 from crossvlm.errors import ConfigError
+from crossvlm.train.minimind import FLAGS, Deferred, translate
 
 LLM_MODES = ("frozen", "full", "lora", "last_n")
 DTYPES = ("auto", "bfloat16", "float16", "float32")
@@ -259,8 +260,6 @@ def parse_overrides(args: list[str], notes: list[str] | None = None) -> dict[str
     (`crossvlm.train.minimind.FLAGS`) are translated; a switch may stand alone (`--use_wandb`), and
     flags that do not apply here add a line to `notes`.
     """
-    from crossvlm.train.minimind import FLAGS, translate
-
     out: dict[str, Any] = {}
     minimind: dict[str, str] = {}
     problems = []
@@ -408,10 +407,11 @@ def load_config(path: str | Path | None, overrides: dict[str, Any] | None = None
     Override values that depend on the stage or the disk (MiniMind-V's run names) are resolved
     against the stage as written, after the plain overrides are in.
     """
-    from crossvlm.train.minimind import Deferred
-
     raw = read_stage(path) if path is not None else {}
     stage = copy.deepcopy(raw)
+    run = stage.get("run") or {}
+    if isinstance(run, dict):  # the run folder a deferred value reads: the stage's, else RunSection's
+        stage["run"] = {**run, "out_dir": run.get("out_dir") or RunSection.out_dir}
     overrides = overrides or {}
     for dotted, value in overrides.items():
         if not isinstance(value, Deferred):

@@ -26,7 +26,8 @@ BASE_MODELS = ("none", "llm")
 
 
 class Deferred:
-    """An override value that needs the stage's YAML (`raw`, before overrides) or the disk to become final."""
+    """An override value that needs the stage's YAML (`raw`, before overrides, with `run.out_dir`
+    defaulted) or the disk to become final."""
 
     def resolve(self, raw: dict) -> Any:
         raise NotImplementedError
@@ -41,9 +42,7 @@ class RunFolder(Deferred):
     name: str | None
 
     def resolve(self, raw: dict) -> str:
-        from crossvlm.train.config import RunSection
-
-        name = self.name or Path((raw.get("run") or {}).get("out_dir") or RunSection.out_dir).name
+        name = self.name or Path(raw["run"]["out_dir"]).name  # `load_config` fills in the default
         return str(Path(self.save_dir) / name)
 
 

@@ -23,13 +23,15 @@ def build_model(cfg: ModelSection, dtype: torch.dtype = torch.float32) -> tuple[
         model = CrossVLM.from_pretrained(cfg.init_from, dtype=dtype)
         processor = CrossVLMProcessor.from_pretrained(cfg.init_from)
         return model, processor
-    projector = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg) if f.name.startswith("projector_")}
-    model = CrossVLM.from_base_models(
-        cfg.llm, cfg.vision, dtype=dtype, num_queries=cfg.num_queries,
-        vision_feature_layer=cfg.vision_feature_layer, **projector,
-    )
+    model = CrossVLM.from_base_models(cfg.llm, cfg.vision, dtype=dtype, **model_options(cfg))
     processor = CrossVLMProcessor.from_base_models(cfg.llm, cfg.vision, model.num_image_tokens)
     return model, processor
+
+
+def model_options(cfg: ModelSection) -> dict:
+    """The `CrossVLMConfig` fields a model section sets: the projector's and the vision feature layer."""
+    projector = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg) if f.name.startswith("projector_")}
+    return {"num_queries": cfg.num_queries, "vision_feature_layer": cfg.vision_feature_layer, **projector}
 
 
 def apply_trainable(model: CrossVLM, cfg: TrainableSection) -> None:

@@ -2,7 +2,7 @@
 
 Counts come from the collator on the host (no GPU sync): `lengths` (every sample's tokens),
 `input_ids` (the token slots the model runs, padding included), `num_tokens` (labelled tokens) and
-the images. FLOPs follow the benchmark's model (crossvlm.bench.flops: matmuls only, padding no
+the images. FLOPs follow the model's FLOP count (crossvlm.model.flops: matmuls only, padding no
 work, attention within each sample); MFU divides them by the window's wall time and the GPU's bf16
 peak, and is left out where that peak is unknown (CPUs, GPUs not in `GPU_PEAKS`).
 """
@@ -13,7 +13,7 @@ import time
 
 import torch
 
-from crossvlm.bench.flops import batch_flops, peak_flops
+from crossvlm.model.flops import batch_flops, peak_flops
 
 # The per-step counts, in the order `step_counts` returns them (summed over micro-batches and ranks).
 COUNTS = ("labelled", "tokens", "samples", "slots", "flops")

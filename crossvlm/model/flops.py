@@ -1,5 +1,8 @@
 """Matmul FLOPs of a training step, and the model FLOPs utilisation (MFU) built on them.
 
+A fact about the model, so it lives with it: the training loop's MFU (crossvlm.train.throughput) and
+the benchmarks (crossvlm.bench) both read it, and it reads nothing of either.
+
 The rules (docs/PERFORMANCE.md, "MFU"), counted per sample and multiplied by the batch:
 - a linear layer applied to t tokens costs 2·p·t forward, p being its weight-matrix entries (biases,
   norms, activations and the embedding lookup are not matmuls and are left out);
@@ -22,6 +25,8 @@ it actually executed, for the hardware-side view.
 from __future__ import annotations
 
 from dataclasses import dataclass
+
+from crossvlm.model.vision import layers_needed
 
 PEAK_BF16_FLOPS = 989e12
 """Dense bf16 tensor-core peak of an H100/H200 SXM (datasheet, no sparsity)."""
@@ -139,8 +144,7 @@ def projector_forward_flops(config) -> float:
 
 def vision_layers_needed(config) -> int:
     """Vision layers whose output the projector reads: up to `vision_feature_layer` (-2: all but the last)."""
-    total, layer = config.vision_config.num_hidden_layers, config.vision_feature_layer
-    return total + 1 + layer if layer < 0 else layer
+    return layers_needed(config.vision_config.num_hidden_layers, config.vision_feature_layer)
 
 
 @dataclass(frozen=True)
