@@ -162,9 +162,9 @@ class ChatModel:
         dev = pick_device(device)
         if dtype is None:
             dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
-        if model_dir is not None:
-            model = CrossVLM.from_pretrained(str(model_dir), dtype=dtype)
+        if model_dir is not None:  # the processor first: its files are checked in a second, the weights take longer
             processor = CrossVLMProcessor.from_pretrained(model_dir)
+            model = CrossVLM.from_pretrained(str(model_dir), dtype=dtype)
         elif llm is not None and vision is not None:
             model = CrossVLM.from_base_models(llm, vision, dtype=dtype, **projector_kwargs)
             processor = CrossVLMProcessor.from_base_models(llm, vision, model.num_image_tokens)

@@ -38,6 +38,11 @@ def model_options(overrides: list[str]) -> dict:
 
 
 def run(args: argparse.Namespace) -> int:
+    from crossvlm.sources import check, check_writable
+
+    check(args.llm, "llm", "--llm")  # before torch loads: a wrong folder costs nothing
+    check(args.vision, "vision", "--vision")
+    check_writable(args.out, "--out")
     from crossvlm.make_model import write_vlm
 
     out = write_vlm(args.out, args.llm, args.vision, model_options(args.overrides), seed=args.seed)
