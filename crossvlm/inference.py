@@ -10,8 +10,10 @@ appearance, or a list of parts `{"type": "text", "text": ...}` / `{"type": "imag
 
 from __future__ import annotations
 
+import atexit
 import queue
 import threading
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
@@ -182,12 +184,22 @@ class ChatModel:
         with self._engine_lock:
             if self._engine is None:
                 self._engine = Engine(self.model, self.tokenizer, self.eos_ids, self.engine_config)
+                # A script that never calls close() still stops the engine's thread before the
+                # interpreter tears down: a thread left inside torch then aborts the process
+                # ("terminate called without an active exception", exit 134).
+                atexit.register(_close_at_exit, weakref.ref(self))
             return self._engine
 
     def close(self) -> None:
         """Stop the engine's worker thread (requests still running get an error)."""
         if self._engine is not None:
             self._engine.close()
+
+    def __enter__(self) -> "ChatModel":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     def prompt(self, messages: list[dict], images: list | None = None, enable_thinking: bool = False) -> Prompt:
         """Check, render and tokenize one conversation; raises `InputError` for what cannot be answered."""
@@ -272,6 +284,12 @@ class ChatModel:
                enable_thinking: bool = False) -> "ChatStream":
         """Answer one conversation as it is generated: iterate for `Delta`s, then read `.completion`."""
         return ChatStream(self, self.prompt(messages, images, enable_thinking), sampling)
+
+
+def _close_at_exit(ref: "weakref.ref[ChatModel]") -> None:
+    chat = ref()
+    if chat is not None:
+        chat.close()
 
 
 class ChatStream:

@@ -237,17 +237,40 @@ def check_model_args(model, llm, vision) -> None:
         check(vision, "vision", "--vision")
 
 
+_VIRTUAL_FS = {"proc", "sysfs", "devtmpfs", "devpts", "debugfs", "tracefs", "securityfs", "cgroup", "cgroup2",
+               "pstore", "bpf", "configfs", "fusectl", "mqueue", "hugetlbfs"}
+
+
+def _mount_of(path: Path) -> tuple[str, list[str]] | None:
+    """(file system type, mount options) of the mount holding `path`, from /proc/mounts (Linux), or None."""
+    try:
+        mounts = [line.split() for line in Path("/proc/mounts").read_text().splitlines()]
+    except OSError:
+        return None
+    best = None
+    for fields in mounts:
+        if len(fields) < 4:
+            continue
+        point = fields[1].replace("\\040", " ")
+        if (path == Path(point) or Path(point) in path.parents) and (best is None or len(point) > len(best[0])):
+            best = (point, fields[2], fields[3].split(","))
+    return None if best is None else (best[1], best[2])
+
+
 def check_writable(path: str | Path, flag: str) -> None:
-    """Refuse, naming `flag`, a folder that cannot be made or written: one under a file, under /proc,
-    or without permission. Nothing is left on the disk (the probe folder is removed)."""
-    import tempfile
+    """Refuse, naming `flag`, a folder that cannot be made or written: one under a file, on a virtual
+    or read-only file system (/proc, /sys), or without permission. Nothing is written to find out."""
+    import os
 
     path = Path(path).expanduser()
     existing = next((p for p in (path, *path.parents) if p.exists() or p.is_symlink()), Path("."))
     if not existing.is_dir():
         where = "is a file" if existing == path else f"is under {existing}, which is a file"
         raise ConfigError(f"{flag} {path} {where}, not a folder")
-    try:
-        tempfile.TemporaryDirectory(dir=existing, prefix=".crossvlm-probe-").cleanup()
-    except OSError as err:
-        raise ConfigError(f"{flag} {path}: cannot write in {existing} ({err.strerror or err})") from None
+    mount = _mount_of(existing.resolve())
+    if mount is not None and mount[0] in _VIRTUAL_FS:
+        raise ConfigError(f"{flag} {path}: cannot write in {existing} (a {mount[0]} file system holds no files)")
+    if mount is not None and "ro" in mount[1]:
+        raise ConfigError(f"{flag} {path}: cannot write in {existing} (its file system is mounted read-only)")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"{flag} {path}: cannot write in {existing} (permission denied)")

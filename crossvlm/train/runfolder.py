@@ -36,7 +36,6 @@ def preflight(cfg) -> None:
         sources.check(model.llm, "llm", "model.llm")
         sources.check(model.vision, "vision", "model.vision")
     out = Path(cfg.run.out_dir)
-    sources.check_writable(out, "run.out_dir")
     found = run_files(out)
     if found and not cfg.run.resume and not cfg.run.overwrite:
         raise ConfigError(
@@ -50,6 +49,7 @@ def preflight(cfg) -> None:
     changed = overridden_changes(meta.get("config") or {}, cfg.to_dict()) if meta else []
     if changed:
         raise ConfigError(refused_changes(f"--resume {cfg.run.resume}: its checkpoint", changed))
+    sources.check_writable(out, "run.out_dir")
 
 
 def refused_changes(checkpoint: str, changed: list[str]) -> str:
