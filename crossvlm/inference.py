@@ -161,6 +161,13 @@ class ChatModel:
              vision: str | Path | None = None, device: str = "auto", dtype: torch.dtype | None = None,
              engine: EngineConfig | None = None, **projector_kwargs) -> "ChatModel":
         """A saved model directory, or a base LLM + vision tower with a fresh projector."""
+        from crossvlm import sources
+
+        if model_dir is not None:  # before anything loads: a wrong folder is named in a second
+            sources.check(model_dir, "crossvlm")
+        elif llm is not None and vision is not None:
+            sources.check(llm, "llm")
+            sources.check(vision, "vision")
         dev = pick_device(device)
         if dtype is None:
             dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32

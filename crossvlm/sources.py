@@ -181,6 +181,31 @@ def crossvlm_config_problems(config: dict, file: Path | str) -> list[str]:
     return problems
 
 
+def hub_problem(repo_id: str, timeout: float = 10.0) -> str | None:
+    """Why the hub id `repo_id` cannot be loaded, asked once (no retries) unless its config.json is
+    cached: it is neither here nor on the hub, or the hub cannot be reached (transformers would retry
+    for most of a minute before saying so). None: it is cached, or the hub has it."""
+    import os
+
+    from huggingface_hub import HfApi, try_to_load_from_cache
+
+    if isinstance(try_to_load_from_cache(repo_id, "config.json"), str):
+        return None
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0") or os.environ.get("TRANSFORMERS_OFFLINE", "0") not in ("", "0"):
+        return "no such folder here, and no cached copy of that hub id (HF_HUB_OFFLINE is set)"
+    try:
+        HfApi().model_info(repo_id, timeout=timeout)
+    except Exception as err:  # noqa: BLE001 -- told apart by kind: not found, gated, or no network
+        kind = type(err).__name__
+        if kind in ("RepositoryNotFoundError", "RevisionNotFoundError"):
+            return "no such folder here, nor a model of that id on the Hugging Face hub"
+        if kind in ("GatedRepoError", "HfHubHTTPError"):
+            return None  # it exists; transformers says what access it needs
+        return (f"no such folder here, and the Hugging Face hub cannot be reached to look for it ({kind}); "
+                "check the path, or the network")
+    return None
+
+
 def hint(want: str, flag: str, found: str) -> str:
     """What to do instead, for a source of the kind `found` given where `want` goes."""
     if found == "crossvlm":
@@ -200,9 +225,12 @@ def check(name: str | Path, want: str, flag: str = "", parts: bool = True) -> So
     needs; a model class alone does not). Raises one ModelLoadError listing every problem, naming
     `flag` and the file. A hub id passes: its files are checked as they load."""
     source = find(name)
-    if not source.local:
-        return source
     named = f"{flag} {name}" if flag else str(name)
+    if not source.local:
+        problem = hub_problem(source.name)
+        if problem:
+            raise ModelLoadError(f"{named}: {problem}")
+        return source
     if source.kind != want:
         raise ModelLoadError(f"{named} holds {source.describe()}, not {WHAT[want]}; {hint(want, flag, source.kind)}")
     path = source.path
