@@ -256,6 +256,20 @@ def check_config_kind(config: dict, name: str, want: str, flag: str = "") -> Non
         raise ModelLoadError(f"{named} holds {found.describe()}, not {WHAT[want]}; {hint(want, flag, kind)}")
 
 
+def check_files(name: str | Path, flag: str, tokenizer: bool = False, processor: bool = False) -> Source:
+    """A folder (or hub id) read only for its tokenizer and / or image processor, of any model kind
+    (a base LLM or a saved crossvlm model both hold a tokenizer)."""
+    source = find(name)
+    problems = []
+    if source.local and tokenizer:
+        problems += tokenizer_problems(source.path)
+    if source.local and processor:
+        problems += processor_problems(source.path)
+    if problems:
+        raise ModelLoadError(f"{flag} {name}: " + "; ".join(problems))
+    return source
+
+
 def check_model_args(model, llm, vision) -> None:
     """The `--model` / `--llm` + `--vision` options of chat, serve and eval, checked before anything loads."""
     if model is not None:

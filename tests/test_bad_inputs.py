@@ -194,6 +194,9 @@ CASES = [
     ("eval-out-is-a-folder", ["eval", "--model", "vlm", "--data", "data/some_broken.jsonl", "--out", "data"],
      "--out data is a folder; name the predictions file", FAST),
     # -- data --
+    ("inspect-llm-without-tokenizer", ["data", "inspect", "data/some_broken.jsonl", "--llm", "m/vision"],
+     "--llm m/vision: m/vision has no tokenizer", FAST),
+    ("synth-out-under-a-file", ["data", "synth", "--out", "afile/shapes"], "--out afile/shapes is under afile", FAST),
     ("eval-data-missing", ["eval", "--model", "vlm", "--data", "data/nothing.jsonl", "--out", "keep.jsonl"],
      "data/nothing.jsonl: no such file or folder", TORCH),
     ("eval-data-unknown-format", ["eval", "--model", "vlm", "--data", "data/notes.txt", "--out", "keep.jsonl"],
