@@ -57,9 +57,11 @@ def run(args: argparse.Namespace) -> int:
     # Every input is checked before torch loads: a wrong folder, data file or --out costs nothing.
     check(args.model, "crossvlm", "--model")
     check_writable(args.out.parent, "--out")
-    from crossvlm.data.readers import find_files
+    from crossvlm.data.readers import detect_format, find_files
 
-    find_files(args.data)
+    for file in find_files(args.data):
+        if args.format is None:
+            detect_format(file)
 
     from crossvlm.commands.serve import engine_config
     from crossvlm.evaluate import Skipped, evaluate, read_examples, replacing

@@ -15,7 +15,7 @@ import shutil
 from pathlib import Path
 
 from crossvlm import sources
-from crossvlm.errors import ConfigError
+from crossvlm.errors import ConfigError, DataError
 
 RUN_FILES = ("checkpoints", "final", "metrics.jsonl", "curves.png", "tensorboard")
 """What a run writes in run.out_dir: what makes a folder hold a run, and what `run.overwrite` removes."""
@@ -50,6 +50,16 @@ def preflight(cfg) -> None:
     if changed:
         raise ConfigError(refused_changes(f"--resume {cfg.run.resume}: its checkpoint", changed))
     sources.check_writable(out, "run.out_dir")
+    from crossvlm.data.readers import detect_format, find_files  # (imports transformers: after the quick checks)
+
+    for name, data in (("data", cfg.data), ("eval_data", cfg.eval_data)):
+        for i, source in enumerate(data.sources if data is not None else ()):
+            try:  # a folder without data files, a file of no known format
+                for file in find_files(source.path):
+                    if source.format is None:
+                        detect_format(file)
+            except DataError as err:
+                raise DataError(f"{name}.sources[{i}]: {err}") from None
 
 
 def refused_changes(checkpoint: str, changed: list[str]) -> str:
