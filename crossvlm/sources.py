@@ -86,7 +86,9 @@ def read_config(path: Path) -> dict:
     """config.json of a folder as a dict, or a ModelLoadError naming the file and what is wrong."""
     file = path / "config.json"
     if not file.is_file():
-        raise ModelLoadError(f"{path} has no config.json: it is not a model folder")
+        final = path / "final"  # a training run's folder: its model is in final/
+        also = f" (a training run? its model is {final})" if (final / "config.json").is_file() else ""
+        raise ModelLoadError(f"{path} has no config.json: it is not a model folder{also}")
     try:
         with open(file, "rb") as f:
             raw = f.read(16 << 20)  # no model config comes near 16 MB: a bigger file is not one

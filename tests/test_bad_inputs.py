@@ -186,6 +186,8 @@ CASES = [
      "--model crossvlm-tests/no-such-model-27: no such folder here", FAST),
     ("init-out-not-empty", ["init", "--llm", "m/llm", "--vision", "m/vision", "--out", "data"],
      "--out data already exists and is not empty", FAST),
+    ("chat-a-run-folder", ["chat", "--model", "run", "--prompt", "hi"],
+     "run has no config.json: it is not a model folder (a training run? its model is run/final)", FAST),
     ("chat-a-file", ["chat", "--model", "afile", "--prompt", "hi"], "afile is a file; give the model's folder", FAST),
     ("train-llm-missing", [*TRAIN[:2], "--model.llm", "m/nollm", *TRAIN[4:], "--run.out_dir", "new_run"],
      "m/nollm: no such folder", FAST),
