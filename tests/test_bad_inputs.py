@@ -28,6 +28,9 @@ from PIL import Image
 from crossvlm.cli import main
 from crossvlm.evaluate import read_examples
 
+# RLIMIT_AS, /proc and fork as Linux has them (CI runs Linux).
+pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="address-space limits and /proc are Linux's")
+
 FAST = 512 << 20
 """Address space of a refusal that comes before torch is imported."""
 TORCH = 1 << 30
@@ -292,8 +295,8 @@ def test_debug_shows_the_traceback(world):
 
 
 # -- what the wrong steps did before: output kept, lines counted, runs told apart --------------------
-def test_eval_skips_broken_lines_naming_file_and_record(world, capsys):
-    out = world.parent / "predictions.jsonl"
+def test_eval_skips_broken_lines_naming_file_and_record(world, tmp_path, capsys):
+    out = tmp_path / "predictions.jsonl"
     assert main(["eval", "--model", str(world / "vlm"), "--data", str(world / "data" / "some_broken.jsonl"),
                  "--out", str(out), "--max-new-tokens", "2", "--device", "cpu"]) == 0
     metrics = json.loads(capsys.readouterr().out)
