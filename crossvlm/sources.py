@@ -200,7 +200,7 @@ def hub_problem(repo_id: str, timeout: float = 10.0) -> str | None:
     except Exception as err:  # noqa: BLE001 -- told apart by kind: not found, gated, or no network
         kind = type(err).__name__
         if kind in ("RepositoryNotFoundError", "RevisionNotFoundError"):
-            return "no such folder here, nor a model of that id on the Hugging Face hub"
+            return "no such folder here, nor a model of that id on the Hugging Face hub that you can access"
         if kind in ("GatedRepoError", "HfHubHTTPError"):
             return None  # it exists; transformers says what access it needs
         return (f"no such folder here, and the Hugging Face hub cannot be reached to look for it ({kind}); "
