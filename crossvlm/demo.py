@@ -232,7 +232,9 @@ def run_demo(out: Path, *, seed: int = 0, n_train: int = 6000, n_test: int = 300
                            "eval_data.sources": [str(data["sft_test"])]}),
     ):
         steps = pretrain_steps if name == "pretrain" else sft_steps
-        overrides = {"run.out_dir": str(out / name), "run.seed": seed, "run.progress": not quiet, **extra}
+        # The demo writes its own folders afresh each time (its data too): an earlier demo's run is redone.
+        overrides = {"run.out_dir": str(out / name), "run.seed": seed, "run.progress": not quiet,
+                     "run.overwrite": True, **extra}
         if steps is not None:
             overrides["run.max_steps"] = steps
         cfg = load_config(config_path(file), overrides)

@@ -10,10 +10,12 @@ chance level of that type, with the shapes set's own answer normalisation.
 
 from __future__ import annotations
 
-import json
+import os
 import re
+import tempfile
 import threading
 from collections import Counter, defaultdict, deque
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from itertools import islice
@@ -52,20 +54,43 @@ class Skipped:
             self.examples.append(f"{kind}: {where}")
 
 
-def _row_metadata(path: Path, fmt: str) -> list[dict]:
-    """Per-row `question_type` / `answer(s)` fields, which the readers do not carry, in reader order."""
-    keys = ("question_type", "answer", "answers")
-    if fmt == "minimind":
-        import pyarrow.parquet as pq
+_META_KEYS = ("question_type", "answer", "answers")
 
-        columns = [k for k in keys if k in pq.read_schema(path).names]
-        return pq.read_table(path, columns=columns).to_pylist() if columns else []
-    text = path.read_text(encoding="utf-8")
-    if text.lstrip().startswith("["):
-        records = json.loads(text)
-    else:
-        records = [json.loads(line) for line in text.splitlines() if line.strip()]
-    return [{k: r.get(k) for k in keys} if isinstance(r, dict) else {} for r in records]
+
+class _Metadata:
+    """Per-row `question_type` / `answer(s)` fields, which conversations do not carry, read lazily
+    through the file's own reader: a row's fields cost one read of that row (parquet: only these columns,
+    which are small), so `--limit 5` on a huge file reads 5 rows, and a broken line is the reader's
+    `RecordError` (skipped and counted), never a parse of the whole file."""
+
+    def __init__(self, reader):
+        self.reader, self.table = reader, None
+        if reader.format == "minimind":
+            import pyarrow.parquet as pq
+
+            columns = [k for k in _META_KEYS if k in pq.read_schema(reader.path).names]
+            self.table = pq.read_table(reader.path, columns=columns) if columns else None
+
+    def __call__(self, row: int) -> dict:
+        if self.reader.format == "minimind":
+            return self.table.slice(row, 1).to_pylist()[0] if self.table is not None else {}
+        record = self.reader.record(row)
+        return {k: record.get(k) for k in _META_KEYS}
+
+
+@contextmanager
+def replacing(path: str | Path):
+    """A text file written beside `path` and moved into place only when the block ends without an
+    error: a failed run leaves an earlier file of that name as it was, and no partial file."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as out:
+            yield out
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def read_examples(path: str | Path, *, fmt: str | None = None, image_root: str | Path | None = None,
@@ -78,13 +103,14 @@ def read_examples(path: str | Path, *, fmt: str | None = None, image_root: str |
     made = 0
     for file in find_files(path):
         reader = open_reader(file, fmt, image_root)
-        meta = _row_metadata(file, reader.format)
+        meta = _Metadata(reader)
         for row in range(len(reader)):
             if limit is not None and made >= limit:
                 return
             where = reader.location(row)
             try:
                 conv = normalize(reader.read(row))
+                info = meta(row)
             except RecordError as err:
                 skipped.add(err.kind, where)
                 continue
@@ -93,7 +119,6 @@ def read_examples(path: str | Path, *, fmt: str | None = None, image_root: str |
             if not any(m["role"] == "user" for m in prompt):
                 skipped.add("no_question", where)
                 continue
-            info = meta[row] if row < len(meta) else {}
             references = info.get("answers") or [conv.messages[last]["content"]]
             n_images = sum(m["content"].count("<image>") for m in prompt)
             made += 1

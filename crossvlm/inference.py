@@ -10,8 +10,10 @@ appearance, or a list of parts `{"type": "text", "text": ...}` / `{"type": "imag
 
 from __future__ import annotations
 
+import atexit
 import queue
 import threading
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
@@ -159,12 +161,19 @@ class ChatModel:
              vision: str | Path | None = None, device: str = "auto", dtype: torch.dtype | None = None,
              engine: EngineConfig | None = None, **projector_kwargs) -> "ChatModel":
         """A saved model directory, or a base LLM + vision tower with a fresh projector."""
+        from crossvlm import sources
+
+        if model_dir is not None:  # before anything loads: a wrong folder is named in a second
+            sources.check(model_dir, "crossvlm")
+        elif llm is not None and vision is not None:
+            sources.check(llm, "llm")
+            sources.check(vision, "vision")
         dev = pick_device(device)
         if dtype is None:
             dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
-        if model_dir is not None:
-            model = CrossVLM.from_pretrained(str(model_dir), dtype=dtype)
+        if model_dir is not None:  # the processor first: its files are checked in a second, the weights take longer
             processor = CrossVLMProcessor.from_pretrained(model_dir)
+            model = CrossVLM.from_pretrained(str(model_dir), dtype=dtype)
         elif llm is not None and vision is not None:
             model = CrossVLM.from_base_models(llm, vision, dtype=dtype, **projector_kwargs)
             processor = CrossVLMProcessor.from_base_models(llm, vision, model.num_image_tokens)
@@ -182,12 +191,22 @@ class ChatModel:
         with self._engine_lock:
             if self._engine is None:
                 self._engine = Engine(self.model, self.tokenizer, self.eos_ids, self.engine_config)
+                # A script that never calls close() still stops the engine's thread before the
+                # interpreter tears down: a thread left inside torch then aborts the process
+                # ("terminate called without an active exception", exit 134).
+                atexit.register(_close_at_exit, weakref.ref(self))
             return self._engine
 
     def close(self) -> None:
         """Stop the engine's worker thread (requests still running get an error)."""
         if self._engine is not None:
             self._engine.close()
+
+    def __enter__(self) -> "ChatModel":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     def prompt(self, messages: list[dict], images: list | None = None, enable_thinking: bool = False) -> Prompt:
         """Check, render and tokenize one conversation; raises `InputError` for what cannot be answered."""
@@ -272,6 +291,12 @@ class ChatModel:
                enable_thinking: bool = False) -> "ChatStream":
         """Answer one conversation as it is generated: iterate for `Delta`s, then read `.completion`."""
         return ChatStream(self, self.prompt(messages, images, enable_thinking), sampling)
+
+
+def _close_at_exit(ref: "weakref.ref[ChatModel]") -> None:
+    chat = ref()
+    if chat is not None:
+        chat.close()
 
 
 class ChatStream:

@@ -101,11 +101,14 @@ def answer(chat, messages: list[dict], images: list, sampling, thinking: bool) -
 
 def run(args: argparse.Namespace) -> int:
     from crossvlm.errors import CrossVLMError
-    from crossvlm.inference import ChatModel, open_image
-    from crossvlm.model.tokens import IMAGE_MARK
 
     if args.model is None and (args.llm is None or args.vision is None):
         raise CrossVLMError("give --model DIR, or both --llm and --vision")
+    from crossvlm.sources import check_model_args
+
+    check_model_args(args.model, args.llm, args.vision)  # before torch loads: a wrong folder costs nothing
+    from crossvlm.inference import ChatModel, open_image
+
     sampling = sampling_from_args(args)
     for path in args.image:  # a bad image is refused before the model loads
         open_image(path, param=str(path))
@@ -114,6 +117,18 @@ def run(args: argparse.Namespace) -> int:
     # One conversation: one slot (a small KV cache; its CUDA graphs are recorded as the answer grows).
     chat = ChatModel.load(args.model, llm=args.llm, vision=args.vision, device=args.device,
                           engine=EngineConfig(slots=1))
+    try:  # the engine's thread is stopped before the interpreter exits, whatever ends the chat
+        return converse(chat, args, sampling)
+    finally:
+        chat.close()
+
+
+def converse(chat, args: argparse.Namespace, sampling) -> int:
+    """Answer `--prompt` once, or chat turn by turn on stdin until /quit or its end."""
+    from crossvlm.errors import CrossVLMError
+    from crossvlm.inference import open_image
+    from crossvlm.model.tokens import IMAGE_MARK
+
     # Decoded once more, as training decodes them, and kept decoded: every turn resends the history's images.
     images = [open_image(path, param=str(path), draft_size=chat.draft_size) for path in args.image]
     system = [{"role": "system", "content": args.system}] if args.system else []

@@ -41,8 +41,7 @@ def run(args: argparse.Namespace) -> int:
     import sys
 
     from crossvlm.errors import ConfigError
-    from crossvlm.evaluate import Skipped, evaluate, read_examples
-    from crossvlm.inference import ChatModel
+    from crossvlm.sources import check, check_writable
 
     problems = []
     if args.batch_size < 1:
@@ -51,21 +50,35 @@ def run(args: argparse.Namespace) -> int:
         problems.append(f"--limit must be at least 1, got {args.limit}")
     if args.max_new_tokens < 1:
         problems.append(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
+    if args.out.is_dir():
+        problems.append(f"--out {args.out} is a folder; name the predictions file")
     if problems:
         raise ConfigError("; ".join(problems))
+    # Every input is checked before torch loads: a wrong folder, data file or --out costs nothing.
+    check(args.model, "crossvlm", "--model")
+    check_writable(args.out.parent, "--out")
+    from crossvlm.data.readers import detect_format, find_files
+
+    for file in find_files(args.data):
+        if args.format is None:
+            detect_format(file)
 
     from crossvlm.commands.serve import engine_config
+    from crossvlm.evaluate import Skipped, evaluate, read_examples, replacing
+    from crossvlm.inference import ChatModel
 
     chat = ChatModel.load(args.model, device=args.device, engine=engine_config(args))
     skipped = Skipped()
     examples = read_examples(args.data, fmt=args.format, image_root=args.image_root, limit=args.limit,
                              skipped=skipped)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    with open(args.out, "w", encoding="utf-8") as out:
-        metrics = evaluate(chat, examples, task=args.task, batch_size=args.batch_size,
-                           max_new_tokens=args.max_new_tokens, enable_thinking=args.thinking, skipped=skipped,
-                           on_prediction=lambda r: out.write(json.dumps(r, ensure_ascii=False) + "\n"),
-                           progress=sys.stderr.isatty())
+    try:
+        with replacing(args.out) as out:  # an earlier file of that name stays whole until this one is
+            metrics = evaluate(chat, examples, task=args.task, batch_size=args.batch_size,
+                               max_new_tokens=args.max_new_tokens, enable_thinking=args.thinking, skipped=skipped,
+                               on_prediction=lambda r: out.write(json.dumps(r, ensure_ascii=False) + "\n"),
+                               progress=sys.stderr.isatty())
+    finally:
+        chat.close()
     metrics["predictions"] = str(args.out)
     if skipped.examples:
         metrics["skipped_examples"] = skipped.examples

@@ -38,8 +38,16 @@ def model_options(overrides: list[str]) -> dict:
 
 
 def run(args: argparse.Namespace) -> int:
+    from crossvlm.sources import check, check_writable
+
+    options = model_options(args.overrides)
+    check(args.llm, "llm", "--llm")  # before torch loads: a wrong folder costs nothing
+    check(args.vision, "vision", "--vision")
+    check_writable(args.out, "--out")
+    if args.out.is_dir() and any(args.out.iterdir()):
+        raise ConfigError(f"--out {args.out} already exists and is not empty; name a new folder")
     from crossvlm.make_model import write_vlm
 
-    out = write_vlm(args.out, args.llm, args.vision, model_options(args.overrides), seed=args.seed)
+    out = write_vlm(args.out, args.llm, args.vision, options, seed=args.seed)
     print(f"wrote {out} (from {args.llm} and {args.vision}, projector untrained)")
     return 0

@@ -93,12 +93,7 @@ def bind(host: str, port: int) -> socket.socket:
 
 
 def run(args: argparse.Namespace) -> int:
-    import uvicorn
-
     from crossvlm.errors import ConfigError
-    from crossvlm.inference import ChatModel
-    from crossvlm.serve.app import ServerSettings, create_app
-    from crossvlm.serve.images import ImagePolicy
 
     problems = []
     if (args.model is None) == (args.llm is None or args.vision is None):
@@ -111,6 +106,14 @@ def run(args: argparse.Namespace) -> int:
         problems.append(f"--allow-local-images {args.allow_local_images} is not a folder")
     if problems:
         raise ConfigError("; ".join(problems))
+    from crossvlm.sources import check_model_args
+
+    check_model_args(args.model, args.llm, args.vision)  # before torch loads: a wrong folder costs nothing
+    import uvicorn
+
+    from crossvlm.inference import ChatModel
+    from crossvlm.serve.app import ServerSettings, create_app
+    from crossvlm.serve.images import ImagePolicy
 
     chat = ChatModel.load(args.model, llm=args.llm, vision=args.vision, device=args.device,
                           engine=engine_config(args))
@@ -136,5 +139,8 @@ def run(args: argparse.Namespace) -> int:
     if settings.api_key is None and not ipaddress.ip_address(host).is_loopback:
         print("crossvlm serve: warning: listening beyond this machine without --api-key", file=sys.stderr)
     server = uvicorn.Server(uvicorn.Config(create_app(chat, settings), log_level=args.log_level))
-    server.run(sockets=[sock])
+    try:
+        server.run(sockets=[sock])
+    finally:
+        chat.close()  # the engine's thread ends before the interpreter does
     return 0

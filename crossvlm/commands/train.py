@@ -24,7 +24,11 @@ def register(sub) -> None:
     p.add_argument("config", nargs="?", metavar="STAGE",
                    help="a shipped config's name (pretrain, sft, ...) or a YAML file")
     p.add_argument("--list", action="store_true", help="list the shipped configs and what each is for, then exit")
-    p.add_argument("--resume", help="'auto' (latest checkpoint in run.out_dir) or a checkpoint folder")
+    p.add_argument("--resume", help="'auto' (latest checkpoint in run.out_dir), a checkpoint folder, or a run's "
+                   "out_dir (its latest checkpoint)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start over in a run.out_dir that holds a run (its checkpoints, final/ and metrics are "
+                   "removed); without it such a folder is refused unless resuming")
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     p.set_defaults(func=run, accepts_overrides=True)
 
@@ -46,6 +50,8 @@ def resolve(args: argparse.Namespace, notes: list[str] | None = None):
     overrides = parse_overrides(args.overrides, notes)
     if args.resume:
         overrides["run.resume"] = args.resume
+    if args.overwrite:
+        overrides["run.overwrite"] = True
     return load_config(args.config, overrides)
 
 
@@ -72,6 +78,9 @@ def run(args: argparse.Namespace) -> int:
         print(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
         return 0
     require_loggers(cfg)
+    from crossvlm.train.runfolder import preflight
+
+    preflight(cfg)  # before torch loads: a wrong folder or setting costs a fraction of a second
     from crossvlm.train.loop import train
 
     train(cfg)

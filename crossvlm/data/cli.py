@@ -46,6 +46,10 @@ def register(subparsers) -> None:
 
 
 def _inspect(args: argparse.Namespace) -> int:
+    from crossvlm.sources import check_files
+
+    if args.llm:
+        check_files(args.llm, "--llm", tokenizer=True)  # before torch loads
     from crossvlm.data.inspect import format_inspection, inspect_data
 
     tokenizer = None
@@ -61,6 +65,9 @@ def _inspect(args: argparse.Namespace) -> int:
 
 
 def _synth(args: argparse.Namespace) -> int:
+    from crossvlm.sources import check_writable
+
+    check_writable(args.out, "--out")  # before torch loads
     from crossvlm.data.synth import write_synthetic
 
     paths = write_synthetic(args.out, args.seed, args.train, args.test, args.image_size)
@@ -72,8 +79,12 @@ def _synth(args: argparse.Namespace) -> int:
 def _bench(args: argparse.Namespace) -> int:
     import tempfile
 
-    from crossvlm.data.bench import bench_loader, format_results, write_photo_parquet
     from crossvlm.errors import ConfigError
+    from crossvlm.sources import check_files
+
+    check_files(args.llm, "--llm", tokenizer=True)
+    check_files(args.vision, "--vision", processor=True)
+    from crossvlm.data.bench import bench_loader, format_results, write_photo_parquet
 
     with tempfile.TemporaryDirectory() as tmp:
         if args.photos:

@@ -180,18 +180,22 @@ class JsonReader:
         state.update(_file=None, _pid=None)
         return state
 
-    def read(self, row: int) -> RawRecord:
+    def record(self, row: int) -> dict:
+        """The record as its JSON object (every field, e.g. an evaluation set's `answers`)."""
         if self._pid != os.getpid():
             self._file, self._pid = open(self.path, "rb"), os.getpid()
         self._file.seek(int(self.starts[row]))
         raw = self._file.read(int(self.ends[row] - self.starts[row]))
-        location = self.location(row)
         try:
             record = json.loads(raw)
         except ValueError as err:
             raise RecordError("malformed", f"not valid JSON ({err})") from None
         if not isinstance(record, dict) or "conversations" not in record:
             raise RecordError("malformed", "record has no `conversations`")
+        return record
+
+    def read(self, row: int) -> RawRecord:
+        record, location = self.record(row), self.location(row)
         image = record.get("image", record.get("images"))
         if image is None:
             paths = []

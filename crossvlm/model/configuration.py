@@ -3,10 +3,16 @@
 from __future__ import annotations
 
 import math
+import typing
 
 from transformers import CLIPVisionConfig, PretrainedConfig, Qwen3Config
 
 from crossvlm.errors import ConfigError
+
+try:  # transformers 5 checks config fields through huggingface_hub's strict dataclasses
+    from huggingface_hub.errors import StrictDataclassError
+except ImportError:  # older huggingface_hub: plain TypeErrors
+    StrictDataclassError = TypeError
 from crossvlm.model.vision import tower_kind
 
 PROJECTOR_TYPES = ("cross_attn", "mlp")
@@ -18,6 +24,48 @@ PROJECTOR_INITS = ("default", "pool")
 POSITIONS = ("residual", "keys")
 """Where the projector's 2D position codes join: patch features and queries (residual), or only the
 attention scores' queries and keys (keys)."""
+
+
+def listed(head: str, problems: list[str]) -> str:
+    """One problem on the head's line; several, one a line under it."""
+    return f"{head}: {problems[0]}" if len(problems) == 1 else f"{head}:\n  - " + "\n  - ".join(problems)
+
+
+def _accepts(value, kind) -> bool:
+    if kind is type(None):
+        return value is None
+    if kind is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if kind is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, typing.get_origin(kind) or kind)
+
+
+def field_type_problems(values: dict) -> list[str]:
+    """One line per argument of `CrossVLMConfig` whose value is not of its annotated type (field-driven:
+    a field added to `__init__` with an annotation is checked too)."""
+    hints = typing.get_type_hints(CrossVLMConfig.__init__)
+    problems = []
+    for name, value in values.items():
+        hint = hints.get(name)
+        if hint is None:
+            continue
+        kinds = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, type(int | None)) else (hint,)
+        if not any(_accepts(value, k) for k in kinds):
+            names = " or ".join("null" if k is type(None) else getattr(k, "__name__", str(k)) for k in kinds)
+            problems.append(f"{name}: expected {names}, got {value!r:.60}")
+    return problems
+
+
+def _sub_config(name: str, value, config_class):
+    """A sub-config from its dict (`config_class()` gives the class, from the dict's model_type); the
+    error of a bad field names the section."""
+    if not isinstance(value, dict):
+        return value
+    try:
+        return config_class()(**{k: v for k, v in value.items() if k != "model_type"})
+    except (TypeError, ValueError, StrictDataclassError) as err:
+        raise ConfigError(f"invalid CrossVLM config: {name}: {' '.join(str(err).split())}") from None
 
 
 class CrossVLMConfig(PretrainedConfig):
@@ -82,11 +130,13 @@ class CrossVLMConfig(PretrainedConfig):
         vision_name_or_path: str | None = None,
         **kwargs,
     ):
-        if isinstance(text_config, dict):
-            text_config = Qwen3Config(**{k: v for k, v in text_config.items() if k != "model_type"})
-        if isinstance(vision_config, dict):
-            _, config_class = tower_kind(vision_config.get("model_type")).classes()
-            vision_config = config_class(**{k: v for k, v in vision_config.items() if k != "model_type"})
+        given = {k: v for k, v in locals().items() if k not in ("self", "kwargs", "__class__")}
+        problems = field_type_problems(given)
+        if problems:  # a wrong type would fail below as a TypeError deep in a comparison
+            raise ConfigError(listed("invalid CrossVLM config", problems))
+        text_config = _sub_config("text_config", text_config, lambda: Qwen3Config)
+        vision_config = _sub_config("vision_config", vision_config,
+                                    lambda: tower_kind(vision_config.get("model_type")).classes()[1])
         self.text_config = text_config if text_config is not None else Qwen3Config()
         self.vision_config = vision_config if vision_config is not None else CLIPVisionConfig()
         self.projector_type = projector_type
@@ -111,6 +161,14 @@ class CrossVLMConfig(PretrainedConfig):
         kwargs.setdefault("tie_word_embeddings", self.text_config.tie_word_embeddings)
         super().__init__(**kwargs)
         self.validate_projector()
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+        """As transformers loads it; a config problem names the file."""
+        try:
+            return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+        except ConfigError as err:
+            raise ConfigError(f"{pretrained_model_name_or_path}/config.json: {err}") from None
 
     # -- derived shapes -------------------------------------------------------------------------
     @property
@@ -163,7 +221,7 @@ class CrossVLMConfig(PretrainedConfig):
                 f"{n_layers} layers (use 1..{n_layers} or -1..-{n_layers})"
             )
         if problems:
-            raise ConfigError("invalid CrossVLM config:\n  - " + "\n  - ".join(problems))
+            raise ConfigError(listed("invalid CrossVLM config", problems))
 
     def to_dict(self):
         out = super().to_dict()

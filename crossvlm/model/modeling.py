@@ -8,6 +8,7 @@ never built.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 from itertools import chain
 from pathlib import Path
@@ -15,10 +16,12 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from safetensors import SafetensorError
 from torch import nn
 from transformers import PretrainedConfig, PreTrainedModel, Qwen3ForCausalLM, Qwen3Model
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
+from crossvlm import sources
 from crossvlm.errors import ImageTokenMismatch, ModelLoadError
 from crossvlm.model.configuration import CrossVLMConfig
 from crossvlm.model.packing import packed_attention_kwargs
@@ -61,30 +64,65 @@ def label_positions_of(labels: torch.Tensor, pin: bool = False) -> torch.Tensor:
 _CACHE_KWARG = "cache" if "cache" in inspect.signature(Qwen3Model.forward).parameters else "past_key_values"
 
 
+@contextlib.contextmanager
+def _own_report():
+    """transformers' loading report (a table of key problems) silenced: `_check_loading_info` refuses any
+    such problem in one message of its own."""
+    from transformers.utils import logging as hf_logging
+
+    before = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(before)
+
+
+def _keys(keys: list[str], shown: int = 8) -> str:
+    return ", ".join(keys[:shown]) + (f", ... ({len(keys) - shown} more)" if len(keys) > shown else "")
+
+
 def _check_loading_info(info: dict, source: str, allowed_unexpected: tuple[str, ...] = ()) -> None:
     missing = sorted(info.get("missing_keys") or [])
     unexpected = sorted(k for k in (info.get("unexpected_keys") or []) if not k.startswith(allowed_unexpected))
-    mismatched = sorted(str(m) for m in (info.get("mismatched_keys") or []))
+    mismatched = sorted(f"{m[0]} {list(m[1])} in the file, {list(m[2])} by config.json"
+                        if isinstance(m, (tuple, list)) and len(m) == 3 else str(m)
+                        for m in (info.get("mismatched_keys") or []))
     if missing or unexpected or mismatched:
         parts = []
         if missing:
-            parts.append(f"missing keys ({len(missing)}): {', '.join(missing)}")
+            parts.append(f"missing keys ({len(missing)}): {_keys(missing)}")
         if unexpected:
-            parts.append(f"unexpected keys ({len(unexpected)}): {', '.join(unexpected)}")
+            parts.append(f"unexpected keys ({len(unexpected)}): {_keys(unexpected)}")
         if mismatched:
-            parts.append(f"keys with mismatched shapes ({len(mismatched)}): {', '.join(mismatched)}")
-        raise ModelLoadError(
-            f"weights in {source} do not match the model:\n  " + "\n  ".join(parts)
-            + "\nPoint at an unmodified checkpoint of the right architecture."
-        )
+            parts.append(f"keys whose shapes differ from config.json's sizes ({len(mismatched)}): {_keys(mismatched)}")
+        raise ModelLoadError(f"weights in {source} do not match the model: " + "; ".join(parts)
+                             + "; point at an unmodified checkpoint of the right architecture")
+
+
+def _hub_config(source: sources.Source, want: str) -> None:
+    """A hub id's config.json, fetched before its weights: it must name the `want` kind."""
+    if not source.local:
+        try:
+            config, _ = PretrainedConfig.get_config_dict(source.name)
+        except OSError as err:
+            raise ModelLoadError(f"cannot load {source.name}: {err}") from err
+        sources.check_config_kind(config, source.name, want)
+
+
+def _load_error(err: Exception, name_or_path, what: str) -> ModelLoadError:
+    """A transformers / safetensors load failure as one message naming the source."""
+    return ModelLoadError(f"cannot load {what} from {name_or_path}: {type(err).__name__}: {err}")
 
 
 def load_llm(name_or_path: str | Path, dtype: torch.dtype | None = None) -> Qwen3ForCausalLM:
     """Load a Qwen3ForCausalLM from a hub id or a local directory, every key matched."""
+    _hub_config(sources.check(name_or_path, "llm", parts=False), "llm")
     try:
-        llm, info = Qwen3ForCausalLM.from_pretrained(str(name_or_path), dtype=dtype, output_loading_info=True)
-    except OSError as err:
-        raise ModelLoadError(f"cannot load the LLM from {name_or_path}: {err}") from err
+        with _own_report():
+            llm, info = Qwen3ForCausalLM.from_pretrained(str(name_or_path), dtype=dtype, output_loading_info=True)
+    except (OSError, SafetensorError) as err:
+        raise _load_error(err, name_or_path, "the LLM") from err
     _check_loading_info(info, str(name_or_path))
     return llm
 
@@ -96,13 +134,19 @@ def load_vision(name_or_path: str | Path, dtype: torch.dtype | None = None) -> P
     A full image-text checkpoint (openai/clip-vit-base-patch16, google/siglip-base-patch16-224)
     works too: its text tower's keys are the only ones allowed to go unused.
     """
+    source = sources.find(name_or_path)  # a missing folder is named here, not looked for on the hub
     try:
         config, _ = PretrainedConfig.get_config_dict(str(name_or_path))
+        if sources.kind_of_config(config) in ("crossvlm", "llm"):  # other kinds: tower_kind says which it takes
+            sources.check_config_kind(config, str(name_or_path), "vision")
         kind = tower_kind(config.get("model_type"), f"the vision tower at {name_or_path}")
+        if source.local:
+            sources.check(name_or_path, "vision", parts=False)  # whole weights
         model_class, _ = kind.classes()
-        vision, info = model_class.from_pretrained(str(name_or_path), dtype=dtype, output_loading_info=True)
-    except OSError as err:
-        raise ModelLoadError(f"cannot load the vision tower from {name_or_path}: {err}") from err
+        with _own_report():
+            vision, info = model_class.from_pretrained(str(name_or_path), dtype=dtype, output_loading_info=True)
+    except (OSError, SafetensorError) as err:
+        raise _load_error(err, name_or_path, "the vision tower") from err
     _check_loading_info(info, str(name_or_path), allowed_unexpected=kind.other_parts)
     return vision
 
@@ -189,8 +233,14 @@ class CrossVLM(PreTrainedModel):
         llm_model = load_llm(llm, dtype)
         vision_model = load_vision(vision, dtype)
         if tokenizer is None:
-            tokenizer = AutoTokenizer.from_pretrained(str(llm))
-        ids = VisionTokenIds.from_tokenizer(tokenizer)
+            try:
+                tokenizer = AutoTokenizer.from_pretrained(str(llm))
+            except (OSError, ValueError, ImportError, TypeError) as err:
+                raise _load_error(err, llm, "the tokenizer") from err
+        try:
+            ids = VisionTokenIds.from_tokenizer(tokenizer)
+        except ValueError as err:
+            raise ModelLoadError(str(err)) from err
         config = CrossVLMConfig(
             text_config=llm_model.config, vision_config=vision_model.config,
             image_token_id=ids.pad, vision_start_token_id=ids.start, vision_end_token_id=ids.end,
@@ -244,10 +294,15 @@ class CrossVLM(PreTrainedModel):
         from transformers import GenerationConfig
 
         kwargs["output_loading_info"] = True
+        # Shapes that differ from config.json's sizes are reported by `_check_loading_info`, key by key.
+        kwargs.setdefault("ignore_mismatched_sizes", True)
+        _hub_config(sources.check(pretrained_model_name_or_path, "crossvlm", parts=False), "crossvlm")
         try:
-            model, info = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
-        except OSError as err:
-            raise ModelLoadError(f"cannot load a crossvlm model from {pretrained_model_name_or_path}: {err}") from err
+            with _own_report():
+                model, info = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+        except (OSError, SafetensorError) as err:
+            raise _load_error(err, pretrained_model_name_or_path, "a crossvlm model") from err
+
         # Directories saved before the tower was cut hold the layers past the feature layer: skip them.
         _check_loading_info(info, str(pretrained_model_name_or_path),
                             allowed_unexpected=dropped_prefixes(model.vision, model.config.vision_feature_layer))

@@ -11,7 +11,8 @@ from pathlib import Path
 import torch
 from PIL import Image, ImageOps
 
-from crossvlm.model.tokens import IMAGE_MARK, VisionTokenIds, expand_image_marks
+from crossvlm.errors import ModelLoadError
+from crossvlm.model.tokens import IMAGE_MARK, IMAGE_PAD, VISION_END, VISION_START, VisionTokenIds, expand_image_marks
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
@@ -90,14 +91,43 @@ class CrossVLMProcessor:
         from crossvlm.model.configuration import CrossVLMConfig
 
         config = CrossVLMConfig.from_pretrained(str(path))
-        return cls(AutoTokenizer.from_pretrained(str(path)), load_image_processor(path), config.num_image_tokens)
+        processor = cls.from_parts(path, path, config.num_image_tokens)
+        ids = processor.vision_ids
+        wrong = [f"{key} {getattr(config, key)} is not the tokenizer's {token} ({want})"
+                 for key, token, want in (("image_token_id", IMAGE_PAD, ids.pad),
+                                          ("vision_start_token_id", VISION_START, ids.start),
+                                          ("vision_end_token_id", VISION_END, ids.end))
+                 if getattr(config, key) is not None and getattr(config, key) != want]
+        if wrong:
+            raise ModelLoadError(f"{Path(path) / 'config.json'}: " + "; ".join(wrong)
+                                 + " (was the tokenizer replaced after the model was saved?)")
+        return processor
+
+    @classmethod
+    def from_parts(cls, llm: str | Path, vision: str | Path, num_image_tokens: int) -> "CrossVLMProcessor":
+        """The tokenizer saved in `llm` and the image processor saved in `vision`; a file that does not
+        load is named in a ModelLoadError, not left to a library's traceback."""
+        from transformers import AutoTokenizer
+
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(str(llm))
+        except (OSError, ValueError, ImportError, TypeError) as err:
+            raise ModelLoadError(f"cannot load the tokenizer saved in {llm}: {type(err).__name__}: "
+                                 f"{' '.join(str(err).split())[:300]}") from err
+        try:
+            image_processor = load_image_processor(vision)
+        except (OSError, ValueError, ImportError, TypeError) as err:
+            raise ModelLoadError(f"cannot load the image processor saved in {vision} (preprocessor_config.json): "
+                                 f"{type(err).__name__}: {' '.join(str(err).split())[:300]}") from err
+        try:
+            return cls(tokenizer, image_processor, num_image_tokens)
+        except ValueError as err:  # the tokenizer lacks the vision tokens
+            raise ModelLoadError(str(err)) from err
 
     @classmethod
     def from_base_models(cls, llm: str | Path, vision: str | Path, num_image_tokens: int) -> "CrossVLMProcessor":
         """The tokenizer of a base LLM and the image processor of a base vision tower."""
-        from transformers import AutoTokenizer
-
-        return cls(AutoTokenizer.from_pretrained(str(llm)), load_image_processor(vision), num_image_tokens)
+        return cls.from_parts(llm, vision, num_image_tokens)
 
     def save_pretrained(self, path: str | Path) -> None:
         self.tokenizer.save_pretrained(str(path))

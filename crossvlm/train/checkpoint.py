@@ -104,12 +104,24 @@ def find_resume(out_dir: Path, resume: str | None, warn: Callable[[str], None] |
 
     `auto`: the newest intact checkpoint in out_dir, or None if out_dir has none at all. A damaged
     newer one is skipped after `warn` (default: `warnings.warn`) is called with what is wrong; if
-    every one is damaged, that is an error. Otherwise `resume` is a checkpoint folder that must be intact.
+    every one is damaged, that is an error. A run's out_dir (a folder holding `checkpoints/`) means its
+    newest intact checkpoint. Otherwise `resume` is a checkpoint folder that must be intact.
     """
     if not resume:
         return None
+    if resume != "auto" and not (Path(resume) / "meta.json").exists() and checkpoint_dir(resume).is_dir():
+        # A run's folder, not one of its checkpoints: its newest intact checkpoint.
+        found = find_resume(Path(resume), "auto", warn)
+        if found is None:
+            raise CheckpointError(f"cannot resume from {resume}: {checkpoint_dir(resume)} holds no checkpoint")
+        return found
     if resume != "auto":
+        if not Path(resume).is_dir():
+            raise CheckpointError(f"cannot resume from {resume}: no such folder (give a checkpoint folder, "
+                                  "a run's out_dir, or auto)")
         problems = checkpoint_problems(Path(resume))
+        if problems == ["meta.json is missing"]:
+            problems = ["it is neither a checkpoint (no meta.json) nor a run's out_dir (no checkpoints/)"]
         if problems:
             raise CheckpointError(f"cannot resume from {resume}: {'; '.join(problems)}")
         return Path(resume)

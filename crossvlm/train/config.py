@@ -167,7 +167,12 @@ class RunSection:
     keep_last: int = 2
     """Checkpoints kept; older ones are deleted."""
     resume: str | None = None
-    """`auto` (latest checkpoint in out_dir, if any) or a checkpoint directory."""
+    """`auto` (latest checkpoint in out_dir, if any), a checkpoint folder, or a run's out_dir (its latest
+    checkpoint). Resuming restores the optimizer, schedule and random state, so changing optim.lr,
+    projector_lr, weight_decay, betas, eps or run.seed on resume is refused."""
+    overwrite: bool = False
+    """Start over in an out_dir that already holds a run (its checkpoints, final/ and metrics are removed
+    first); without it such a folder is refused unless the run resumes."""
     max_nonfinite_in_row: int = 5
     """Steps with a NaN/inf loss are skipped; this many in a row stops the run."""
     tensorboard: bool = False
@@ -298,16 +303,33 @@ def parse_overrides(args: list[str], notes: list[str] | None = None) -> dict[str
     return out
 
 
+def _wrong(expected: str, value: Any):
+    raise ValueError(f"expected {expected}, got {value!r:.60}")
+
+
 def _coerce(value: Any, hint: Any) -> Any:
     """Bring a YAML / command-line value to the field's type (YAML reads `5e-4` as a string)."""
     args = [a for a in typing.get_args(hint) if a is not type(None)]
     if value is None and type(None) in typing.get_args(hint):
         return None
     target = args[0] if len(args) == 1 and typing.get_origin(hint) in (typing.Union, types.UnionType) else hint
-    if target is float and isinstance(value, (int, float, str)) and not isinstance(value, bool):
-        return float(value)
-    if target is int and isinstance(value, (int, str)) and not isinstance(value, bool):
-        return int(value)
+    if target is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        try:
+            return float(value) if isinstance(value, str) else _wrong("a number", value)
+        except ValueError:
+            return _wrong("a number", value)
+    if target is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.strip().lstrip("+-").isdigit():
+            return int(value)
+        return _wrong("an integer", value)
+    if target is str and not isinstance(value, str):
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)  # `run.out_dir: 2024` names a folder all the same
+        return _wrong("a string", value)
     if target is bool:
         if isinstance(value, bool):
             return value

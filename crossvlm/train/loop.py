@@ -25,6 +25,7 @@ from crossvlm.train.checkpoint import find_resume, load_checkpoint, save_checkpo
 from crossvlm.train.config import TrainConfig
 from crossvlm.train.loggers import build_logger, read_metrics
 from crossvlm.train.optim import build_optimizer, build_scheduler
+from crossvlm.train.runfolder import clear_run, overridden_changes, preflight, refused_changes
 from crossvlm.train.runtime import Runtime, StopRequest, init_runtime, seed_everything, shutdown
 from crossvlm.model.modeling import image_positions_of, label_positions_of
 from crossvlm.model.packing import VARLEN, choose_kernel, register_varlen
@@ -39,6 +40,7 @@ MODEL_INPUTS = ("input_ids", "attention_mask", "position_ids", "document_ids", "
 def train(cfg: TrainConfig) -> Path:
     """Run a stage; returns the final model directory (out_dir/final), or, when a SIGTERM stopped the
     run early, the checkpoint it wrote to resume from."""
+    preflight(cfg)  # model sources, the run folder: refused before anything loads
     rt = init_runtime(cfg.run.device)
     trainer = None
     try:
@@ -193,9 +195,18 @@ class Trainer:
         if resume is not None:
             meta = load_checkpoint(resume, self.engine, self.optimizer, self.scheduler)
             self._check_samples_per_step(resume, meta)
+            changed = overridden_changes(meta["config"], cfg.to_dict())
+            if changed:
+                raise CheckpointError(refused_changes(str(resume), changed))
             self.step = int(meta["step"])
             self.loader.load_state_dict(meta["data"])
             rt.print(f"resumed from {resume} at step {self.step}")
+        elif cfg.run.overwrite and rt.is_main:
+            removed = clear_run(self.out_dir)
+            if removed:
+                rt.print(f"run.overwrite: removed the earlier run's {', '.join(removed)} from {self.out_dir}")
+        rt.barrier()
+        self._truncation_noted = False
         self.launched = self.step  # steps launched (see launch_step); the host may be one ahead of self.step
         self.logger = build_logger(
             rt.is_main, self.out_dir, tensorboard=cfg.run.tensorboard, wandb=cfg.run.wandb,
@@ -416,6 +427,7 @@ class Trainer:
                     bar.close()
                     return self._stopped()
         bar.close()
+        rt.print("data: " + self.loader.tracker.report(one_line=True))
         self._log_eval()
         self.save_checkpoint()
         final = self.save_final()
@@ -470,18 +482,30 @@ class Trainer:
             metrics = {"loss": result["loss"], "lr": lr, **rates, "grad_norm": result.get("grad_norm"),
                        "epoch": self.step / self.steps_per_epoch}
             metrics["bad_records"] = self.loader.tracker.bad
+            metrics.update(self._truncation())
             self.logger.log(self.step, metrics)
             mfu = {} if rates["mfu"] is None else {"mfu": f"{100 * rates['mfu']:.1f}%"}
             bar.set_postfix(loss=f"{result['loss']:.4f}", lr=f"{lr:.2e}",
                             samples_s=f"{rates['samples_per_s']:.1f}", tok_s=f"{rates['tokens_per_s']:.0f}",
                             pad=f"{100 * rates['padding_share']:.0f}%", **mfu)
             speed.reset()
+        if not self._truncation_noted and self.loader.tracker.truncated:
+            self._truncation_noted = True  # said once, near the run's first lines; counted in metrics.jsonl
+            t = self._truncation()
+            rt.print(f"data: {t['truncated']} of the {self.loader.tracker.seen} samples read so far "
+                     f"({t['truncated_share']:.1%}) are longer than data.max_length={cfg.data.max_length} and "
+                     "were truncated (never inside an image); metrics.jsonl counts them (truncated, truncated_share)")
         if self._evaluates_after(self.step):
             self._log_eval()
         if self._checkpoints_after(self.step):
             self.save_checkpoint()
         # Every rank stops after the same step, whichever of them got the signal (see launch_step).
         return self.step < self.total_steps and bool(result["stop"])
+
+    def _truncation(self) -> dict:
+        """Samples cut to data.max_length so far on this process, and their share of those read."""
+        tracker = self.loader.tracker
+        return {"truncated": tracker.truncated, "truncated_share": tracker.truncated / max(tracker.seen, 1)}
 
     def _log_eval(self) -> None:
         loss = self.evaluate()
