@@ -78,29 +78,35 @@ class Grammars:
 
     def matcher(self, schema: dict) -> Matcher:
         """A matcher at the start of a document `schema` accepts; raises `SchemaError`."""
-        if not available():
-            raise SchemaError("structured outputs need llguidance: pip install 'crossvlm[serve]' (or llguidance)")
         import llguidance
 
-        if not isinstance(schema, dict):
-            raise SchemaError(f"a JSON schema must be a JSON object, not {type(schema).__name__}")
-        key = json.dumps(schema, sort_keys=True)
-        grammar = self._grammars.get(key)
-        if grammar is None:
-            try:
-                grammar = llguidance.LLMatcher.grammar_from_json_schema(
-                    schema, defaults={"whitespace_flexible": False})
-            except (ValueError, TypeError) as err:
-                raise SchemaError(f"invalid JSON schema: {err}") from None
-            problem = llguidance.LLMatcher.validate_grammar(grammar, self._tokens())
-            if problem:
-                raise SchemaError(f"unsupported JSON schema: {problem}")
-            if len(self._grammars) < 256:
-                self._grammars[key] = grammar
+        key = json.dumps(schema, sort_keys=True) if isinstance(schema, dict) else ""
+        grammar = self._grammars.get(key) or grammar_of(schema, self._tokens())
+        if len(self._grammars) < 256:
+            self._grammars[key] = grammar
         inner = llguidance.LLMatcher(self._tokens(), grammar, log_level=0)
         if inner.is_error():
-            raise SchemaError(f"unsupported JSON schema: {inner.get_error()}")
+            raise SchemaError("unsupported JSON schema: " + " ".join(inner.get_error().split()))
         return Matcher(inner)
+
+
+def grammar_of(schema: dict, tokens=None) -> str:
+    """llguidance's grammar of a JSON schema (checked against the token table `tokens` if given, else on
+    its own: `crossvlm chat` checks a schema file before loading the model); raises `SchemaError`."""
+    if not available():
+        raise SchemaError("structured outputs need llguidance: pip install 'crossvlm[serve]' (or llguidance)")
+    import llguidance
+
+    if not isinstance(schema, dict):
+        raise SchemaError(f"a JSON schema must be a JSON object, not {type(schema).__name__}")
+    try:
+        grammar = llguidance.LLMatcher.grammar_from_json_schema(schema, defaults={"whitespace_flexible": False})
+    except (ValueError, TypeError) as err:
+        raise SchemaError(f"invalid JSON schema: {err}") from None
+    problem = llguidance.LLMatcher.validate_grammar(grammar, tokens)
+    if problem:
+        raise SchemaError("unsupported JSON schema: " + " ".join(problem.split()))  # one line
+    return grammar
 
 
 _executor = None

@@ -206,6 +206,12 @@ class BodyLimit:
         await response(scope, receive, send)
 
 
+def _union_tag(part) -> bool:
+    """Whether a part of pydantic's error location names a member of a union (`str`, `list[str]`), not a field."""
+    return isinstance(part, str) and (part in ("str", "int", "float", "bool", "dict", "list", "none")
+                                      or not part.replace("_", "a").isalnum())
+
+
 def validation_error(errors: list[dict]) -> JSONResponse:
     """A 400 naming up to five problems of a request body, each with where it is."""
     if errors and errors[0].get("type") == "json_invalid":
@@ -213,7 +219,8 @@ def validation_error(errors: list[dict]) -> JSONResponse:
         return _error(400, f"request body is not valid JSON: {detail}".rstrip(": "), code="invalid_json")
     problems, params = [], []
     for err in errors[:5]:
-        param = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in err.get("loc", ()) if p != "body")
+        param = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in err.get("loc", ())
+                        if p != "body" and not _union_tag(p))
         params.append(param.lstrip(".") or None)
         if err.get("type") == "extra_forbidden":
             message = "unknown field: this server does not know it (docs/SERVING.md lists every field)"

@@ -83,8 +83,8 @@ class ChatCompletionRequest(_Model):
 
     model: str | None = None
     messages: list[Message] = Field(min_length=1, max_length=10_000)
-    max_tokens: int | None = Field(None, ge=1, lt=INT64)
-    max_completion_tokens: int | None = Field(None, ge=1, lt=INT64)
+    max_tokens: int | None = Field(None, ge=1, le=INT64 - 1)
+    max_completion_tokens: int | None = Field(None, ge=1, le=INT64 - 1)
     temperature: float | None = Field(None, ge=0, le=2)
     top_p: float | None = Field(None, gt=0, le=1)
     top_k: int | None = Field(None, ge=-1, le=2**31)
@@ -95,7 +95,7 @@ class ChatCompletionRequest(_Model):
     logit_bias: dict[str, float] | None = Field(None, max_length=300)
     stop: str | Annotated[list[Annotated[str, Field(max_length=1000)]], Field(max_length=16)] | None = Field(
         None, max_length=1000)
-    seed: int | None = Field(None, ge=-INT64, lt=INT64)
+    seed: int | None = Field(None, ge=-INT64, le=INT64 - 1)
     min_tokens: int | None = Field(None, ge=0, le=2**31)
     """vLLM's: no end of turn (and no stop string) before this many tokens."""
     ignore_eos: bool = False
