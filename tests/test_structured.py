@@ -130,3 +130,24 @@ def test_chat_command_json_schema(tiny_vlm_dir, tmp_path, capsys):
     assert main(["chat", "--model", str(tiny_vlm_dir), "--prompt", "hi", "--json-schema",
                  str(tmp_path / "missing.json")]) == 2
     assert "cannot read it" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_bench_serve_measures_tokens_per_second_with_and_without_a_schema(tiny_models, tmp_path):
+    from crossvlm.cli import main
+
+    schema = tmp_path / "schema.json"
+    schema.write_text(json.dumps({"type": "object", "properties": {"answer": {"type": "string"}},
+                                  "required": ["answer"]}))
+    out = tmp_path / "serve.json"
+    assert main(["bench", "serve", "--preset", "tiny", "--models", str(tiny_models), "--requests", "2",
+                 "--concurrency", "2", "--prompt-tokens", "10,20", "--output-tokens", "6,10", "--short-requests", "0",
+                 "--baseline-requests", "0", "--client-processes", "1", "--no-offline", "--json-schema", str(schema),
+                 "--out", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert set(report["server"]) == {"long@2", "schema@2"}
+    plain, constrained = report["server"]["long@2"], report["server"]["schema@2"]
+    assert plain["failed"] == constrained["failed"] == 0
+    assert constrained["output_tokens_per_s"] > 0 and 2 <= constrained["output_tokens"] <= plain["output_tokens"]
+    schema.write_text("[1]")
+    assert main(["bench", "serve", "--preset", "tiny", "--json-schema", str(schema)]) == 2
