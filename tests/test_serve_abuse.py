@@ -97,6 +97,18 @@ def test_the_issue_table_rows(http, chat):
     assert "application/json" in message
     _error(http.post("/v1/chat/completions", json={"messages": _msg(), "logit_bias": {"abc": 1}}), 400, param="logit_bias")
     _error(http.post("/v1/chat/completions", json={"messages": _msg(), "stop": ["x"] * 17}), 400, param="stop")
+    # Cheap to send, costly to parse: a million small objects, or arrays nested 200,000 deep
+    parts = [{"type": "text", "text": ""}] * 1_000_000
+    start = time.perf_counter()
+    _error(http.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": parts}]}), 400,
+           "request_too_complex")
+    _error(http.post("/v1/chat/completions", content=b"[" * 10_000 + b"]" * 10_000,
+                     headers={"Content-Type": "application/json"}), 400, "invalid_json")  # (Python's recursion limit)
+    _error(http.post("/v1/chat/completions", content=b"[" * 500 + b"]" * 500,
+                     headers={"Content-Type": "application/json"}), 400, "invalid_request")
+    _error(http.post("/v1/chat/completions", content=b'{"messages": ' + b"[" * 19_000,
+                     headers={"Content-Type": "application/json"}), 400, "invalid_json")
+    assert time.perf_counter() - start < 5
     # Fields honoured, as vLLM does: accepted and changing the answer
     plain = http.post("/v1/chat/completions", json={"messages": _msg(), "max_tokens": 4, "temperature": 0}).json()
     token = chat.tokenizer.convert_tokens_to_ids("red") if "red" in chat.tokenizer.get_vocab() else 300

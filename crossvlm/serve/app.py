@@ -232,6 +232,11 @@ def validation_error(errors: list[dict]) -> JSONResponse:
     return _error(400, "; ".join(problems), code="invalid_request", param=params[0] if params else None)
 
 
+MAX_JSON_STRUCTURES = 20_000
+"""Most `{` and `[` a request body may hold (counted in its bytes, before parsing). A conversation that
+fits a context of a few thousand tokens holds far fewer; parsing a million of them took 9 s here."""
+
+
 def parse_request(body: bytes, content_type: str) -> ChatCompletionRequest | JSONResponse:
     """The request of a body, or the 400 that says what is wrong with it (in a worker thread: a body of
     megabytes takes a while to parse)."""
@@ -239,6 +244,10 @@ def parse_request(body: bytes, content_type: str) -> ChatCompletionRequest | JSO
     if kind and kind != "application/json" and not kind.endswith("+json"):
         return _error(400, f"the request body must be JSON sent with Content-Type: application/json (got {kind})",
                       code="invalid_content_type")
+    structures = body.count(b"{") + body.count(b"[")
+    if structures > MAX_JSON_STRUCTURES:  # parsing a million small objects holds the GIL for seconds
+        return _error(400, f"the request body has {structures} JSON objects and arrays; at most "
+                      f"{MAX_JSON_STRUCTURES} are read", code="request_too_complex")
     try:
         data = json.loads(body)
     except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as err:
