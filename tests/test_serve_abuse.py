@@ -285,3 +285,15 @@ def test_metrics_in_prometheus_format_under_vllm_names(chat):
         assert samples[("vllm:num_requests_running", model)] == 0 == samples[("vllm:num_requests_waiting", model)]
         assert samples[("vllm:kv_cache_usage_perc", model)] == 0
         assert samples[("crossvlm:requests_refused_total", (("model_name", "tiny"), ("status", "404")))] == 1
+
+
+def test_the_openapi_document_describes_the_request(http):
+    """The body is parsed off the event loop, not by FastAPI: its schema is still in /openapi.json, every
+    reference resolved, for clients and fuzzers that read it."""
+    import re
+
+    doc = http.get("/openapi.json").json()
+    body = doc["paths"]["/v1/chat/completions"]["post"]["requestBody"]["content"]["application/json"]["schema"]
+    assert body["required"] == ["messages"] and {"response_format", "logit_bias", "seed"} <= set(body["properties"])
+    refs = {r.rsplit("/", 1)[1] for r in re.findall(r'"\$ref": "([^"]+)"', json.dumps(doc))}
+    assert refs and refs <= set(doc["components"]["schemas"])

@@ -92,11 +92,12 @@ def test_frequency_and_presence_penalties_and_logit_bias_per_row():
     assert _greedy(_sampler(presence_penalty=1.0), logits, 4) == [[3, 3], [4, 3], [3, 3], [3, 3]]
     assert _greedy(_sampler(logit_bias={5: 2.5}), logits, 2) == [[5, 3], [5, 3]]
     assert _greedy(_sampler(logit_bias={3: -100}), logits, 1) == [[4, 3]]
-    # a later request in the same slot starts clean
+    # a later request in the same slot starts clean, while the row beside it is penalised and biased
     sampler = _sampler(frequency_penalty=2.0, logit_bias={5: 50})
-    sampler.admit([0], [SamplingParams(greedy=True)])
-    sampler.begin([0], [[1]], penalty=False)
-    assert _greedy(sampler, logits, 2) == [[3, 3], [3, 3]]
+    sampler.admit([0, 1], [SamplingParams(greedy=True), SamplingParams(greedy=True, frequency_penalty=2.0,
+                                                                       logit_bias={6: 2.9})])
+    sampler.begin([0, 1], [[1], [1]], penalty=False)
+    assert _greedy(sampler, logits, 2) == [[3, 3], [3, 6]]
 
 
 def test_penalties_and_bias_through_generate(chat):

@@ -88,24 +88,32 @@ class Sampler:
 
     def _admit_extras(self, slots: list[int], idx: torch.Tensor, params: list[SamplingParams]) -> None:
         """Frequency and presence penalties, logit bias and structured outputs of newly admitted requests."""
+        # Rows to write: of requests that use one, and of slots whose last request did (stale values there
+        # would be applied to this one whenever another row of the batch uses it).
+        rewrite = [k for k, (slot, p) in enumerate(zip(slots, params))
+                   if slot in self.penalized or slot in self.biased or p.frequency_penalty or p.presence_penalty
+                   or p.logit_bias]
         for slot, p in zip(slots, params):
             for used, members in ((p.frequency_penalty or p.presence_penalty, self.penalized),
                                   (p.logit_bias, self.biased), (p.json_schema is not None, self.masked)):
                 (members.add if used else members.discard)(slot)
-        if self.penalized.intersection(slots) and self.counts is None:
+        self.allowed.index_fill_(0, idx, -1)  # unconstrained rows allow everything; the engine fills the others
+        if not rewrite:
+            return
+        if self.penalized and self.counts is None:
             self.counts = torch.zeros(self.allowed.shape[0], self.vocab, dtype=torch.int32, device=self.device)
-        # Written for every request (zeros where unused): a row of these slots may be another's stale one.
-        pen = to_device([[p.frequency_penalty, p.presence_penalty] for p in params], self.device, torch.float32)
-        self.frequency.index_copy_(0, idx, pen[:, 0])
-        self.presence.index_copy_(0, idx, pen[:, 1])
-        ids = torch.zeros(len(params), MAX_LOGIT_BIAS, dtype=torch.int64)
-        values = torch.zeros(len(params), MAX_LOGIT_BIAS, dtype=torch.float32)
-        for i, p in enumerate(params):
+        rows = to_device([slots[k] for k in rewrite], self.device)
+        chosen = [params[k] for k in rewrite]
+        pen = to_device([[p.frequency_penalty, p.presence_penalty] for p in chosen], self.device, torch.float32)
+        self.frequency.index_copy_(0, rows, pen[:, 0])
+        self.presence.index_copy_(0, rows, pen[:, 1])
+        ids = torch.zeros(len(chosen), MAX_LOGIT_BIAS, dtype=torch.int64)  # unused entries: token 0 + 0.0
+        values = torch.zeros(len(chosen), MAX_LOGIT_BIAS, dtype=torch.float32)
+        for i, p in enumerate(chosen):
             for j, (token, bias) in enumerate((p.logit_bias or {}).items()):
                 ids[i, j], values[i, j] = token, bias
-        self.bias_ids.index_copy_(0, idx, to_device(ids, self.device))
-        self.bias_values.index_copy_(0, idx, to_device(values, self.device))
-        self.allowed.index_fill_(0, idx, -1)  # unconstrained rows allow everything; the engine fills the others
+        self.bias_ids.index_copy_(0, rows, to_device(ids, self.device))
+        self.bias_values.index_copy_(0, rows, to_device(values, self.device))
 
     def begin(self, slots: list[int], prompts: list[list[int]], penalty: bool) -> None:
         """Zero the token counts (and, for a repetition penalty, mark the prompt's tokens seen) of requests

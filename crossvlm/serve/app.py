@@ -23,6 +23,7 @@ from pathlib import Path
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.utils import get_openapi
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -410,9 +411,20 @@ def create_app(chat: ChatModel, settings: ServerSettings | None = None) -> FastA
         app.state.metrics.refused.labels(settings.model_name, str(status)).inc()
         return response
 
+    # The body is parsed in a worker thread (`parse_request`), not by FastAPI: its schema is given here.
+    body_schema = ChatCompletionRequest.model_json_schema(ref_template="#/components/schemas/{model}")
+    body_defs = body_schema.pop("$defs", {})
+
+    def openapi() -> dict:
+        if app.openapi_schema is None:
+            app.openapi_schema = get_openapi(title=app.title, version=app.version, routes=app.routes)
+            app.openapi_schema.setdefault("components", {}).setdefault("schemas", {}).update(body_defs)
+        return app.openapi_schema
+
+    app.openapi = openapi
+
     @app.post("/v1/chat/completions", dependencies=[Depends(authorize)],
-              openapi_extra={"requestBody": {"required": True, "content": {"application/json": {
-                  "schema": ChatCompletionRequest.model_json_schema(ref_template="#/components/schemas/{model}")}}}})
+              openapi_extra={"requestBody": {"required": True, "content": {"application/json": {"schema": body_schema}}}})
     async def chat_completions(request: Request):
         loop = asyncio.get_running_loop()
         body = await request.body()
