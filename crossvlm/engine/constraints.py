@@ -87,7 +87,11 @@ class Grammars:
         inner = llguidance.LLMatcher(self._tokens(), grammar, log_level=0)
         if inner.is_error():
             raise SchemaError("unsupported JSON schema: " + " ".join(inner.get_error().split()))
-        return Matcher(inner)
+        matcher = Matcher(inner)
+        # The first mask does lazy work (2.5 s for the first grammar of a token table, here): in this thread,
+        # not in the engine's, where it would stall every request. Computing a mask changes no state.
+        fill([matcher], torch.empty(1, words(self.vocab), dtype=torch.int32))
+        return matcher
 
 
 def grammar_of(schema: dict, tokens=None) -> str:

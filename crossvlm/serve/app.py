@@ -29,6 +29,7 @@ from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from crossvlm.engine import GenerationError, QueueFull
+from crossvlm.errors import CrossVLMError
 from crossvlm.inference import ChatModel, Completion, Delta, InputError, Prompt, SamplingParams
 from crossvlm.serve.images import ImagePolicy, image_from_url
 from crossvlm.serve.metrics import Metrics
@@ -395,16 +396,19 @@ def create_app(chat: ChatModel, settings: ServerSettings | None = None) -> FastA
                              f"{len(prompt.input_ids)} and {param} asks for {asked}: at most {room} are left",
                              "context_length_exceeded", param)
         defaults = SamplingParams()
-        sampling = SamplingParams(
-            max_new_tokens=asked or min(settings.default_max_tokens, room),
-            temperature=defaults.temperature if req.temperature is None else req.temperature,
-            top_p=req.top_p or defaults.top_p,
-            top_k=defaults.top_k if req.top_k is None else max(req.top_k, 0),
-            repetition_penalty=req.repetition_penalty or defaults.repetition_penalty,
-            frequency_penalty=req.frequency_penalty or 0.0, presence_penalty=req.presence_penalty or 0.0,
-            logit_bias=bias or None, json_schema=schema,
-            stop=tuple(req.stop_list()), seed=req.seed, min_tokens=req.min_tokens or 0, ignore_eos=req.ignore_eos,
-        )
+        try:
+            sampling = SamplingParams(
+                max_new_tokens=asked or min(settings.default_max_tokens, room),
+                temperature=defaults.temperature if req.temperature is None else req.temperature,
+                top_p=req.top_p or defaults.top_p,
+                top_k=defaults.top_k if req.top_k is None else max(req.top_k, 0),
+                repetition_penalty=req.repetition_penalty or defaults.repetition_penalty,
+                frequency_penalty=req.frequency_penalty or 0.0, presence_penalty=req.presence_penalty or 0.0,
+                logit_bias=bias or None, json_schema=schema,
+                stop=tuple(req.stop_list()), seed=req.seed, min_tokens=req.min_tokens or 0, ignore_eos=req.ignore_eos,
+            )
+        except CrossVLMError as err:  # (a combination the request's schema lets through)
+            raise InputError(str(err), "invalid_request") from None
         return Prepared(prompt, sampling, chat.matcher(sampling, thinking))
 
     def refuse(status: int, response: JSONResponse) -> JSONResponse:
