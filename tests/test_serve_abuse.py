@@ -4,6 +4,7 @@ the request's fields, one client's oversized requests beside another's small one
 from __future__ import annotations
 
 import json
+import os
 import threading
 import time
 
@@ -68,6 +69,11 @@ def test_the_issue_table_rows(http, chat):
     message = _error(http.post("/v1/chat/completions", json={"messages": _msg("x" * 30_000_000)}), 400,
                      "context_length_exceeded", "messages")
     assert "characters" in message and time.perf_counter() - start < 10
+    # More images than the context holds: refused from their count, before any is decoded (these would not decode)
+    images = chat.context_length // chat.processor.num_image_tokens + 1
+    parts = [{"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}] * images
+    _error(http.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": parts}]}), 400,
+           "context_length_exceeded", "messages")
     # Sizes in range: the engine's context decides, after tokenizing
     _error(http.post("/v1/chat/completions", json={"messages": _msg("word " * (chat.context_length + 5))}), 400,
            "context_length_exceeded")
@@ -163,7 +169,18 @@ def test_oversized_requests_do_not_delay_a_small_one(url, http):
                 statuses.append(client.post("/v1/chat/completions", content=body,
                                             headers={"Content-Type": "application/json"}).status_code)
 
-    threads = [threading.Thread(target=abuse, args=(k,)) for k in range(4)]
+    def resident() -> int:  # this process's (the server's and its clients') resident bytes
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+    peak = [resident()]
+
+    def watch() -> None:
+        while not stop.is_set():
+            peak.append(resident())
+            time.sleep(0.01)
+
+    threads = [threading.Thread(target=abuse, args=(k,)) for k in range(4)] + [threading.Thread(target=watch)]
     for t in threads:
         t.start()
     try:
@@ -173,8 +190,12 @@ def test_oversized_requests_do_not_delay_a_small_one(url, http):
         stop.set()
         for t in threads:
             t.join(60)
+    print(f"a 2-token request: {alone:.3f} s alone, at most {max(beside):.3f} s beside {len(statuses)} refused 10 MB "
+          f"bodies; resident memory +{(max(peak) - peak[0]) / 1e6:.0f} MB at most")
     assert statuses and set(statuses) == {400}, set(statuses)
     assert max(beside) < alone + 0.4, (alone, beside)
+    # Each 10 MB body lives a few times over (bytes, text, the clients' copies), never tokenized (2.4 GB it was)
+    assert max(peak) - peak[0] < 500e6, (max(peak) - peak[0]) / 1e6
 
 
 JSON_VALUES = st.recursive(st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=8),
