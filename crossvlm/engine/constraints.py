@@ -3,7 +3,7 @@
 `Grammars` (one per tokenizer) compiles a request's schema into a `Matcher`, which follows the
 answer token by token and says, before each token is sampled, which tokens keep the text a
 prefix of a document the schema accepts; once the document is complete only the end-of-turn
-tokens are allowed. The mask is a bitmask (rows, ceil(V / 32)) of int32 filled on the host
+token is allowed. The mask is a bitmask (rows, ceil(V / 32)) of int32 filled on the host
 (llguidance's Rust parser, ~20 µs a token here for Qwen3's 151k-token vocabulary, in parallel
 threads without the GIL for a batch) and applied by the sampler on the device.
 
@@ -63,7 +63,10 @@ class Grammars:
     (seconds for a 151k vocabulary), once; compiled grammars are cached by schema text."""
 
     def __init__(self, tokenizer, eos_ids: set[int], vocab: int):
-        self.tokenizer, self.eos_ids, self.vocab = tokenizer, sorted(eos_ids), vocab
+        self.tokenizer, self.vocab = tokenizer, vocab
+        # The token a finished document allows (one: llguidance before 1.7 takes one): the tokenizer's own
+        # end of sequence, for Qwen3's chat models the end of turn.
+        self.eos = tokenizer.eos_token_id if tokenizer.eos_token_id in eos_ids else min(eos_ids)
         self._table = None
         self._grammars: dict[str, str] = {}
         self._lock = threading.Lock()
@@ -73,7 +76,7 @@ class Grammars:
             if self._table is None:
                 import llguidance.hf
 
-                self._table = llguidance.hf.from_tokenizer(self.tokenizer, n_vocab=self.vocab, eos_token=self.eos_ids)
+                self._table = llguidance.hf.from_tokenizer(self.tokenizer, n_vocab=self.vocab, eos_token=self.eos)
             return self._table
 
     def matcher(self, schema: dict) -> Matcher:
