@@ -93,7 +93,8 @@ def test_the_issue_table_rows(http, chat):
     _error(http.post("/v1/chat/completions", json={"messages": [{"role": "tool", "content": "42"}]}), 400,
            "unsupported_parameter")
     for field, value in [("top_logprobs", 3), ("logprobs", True), ("audio", {"voice": "x"}), ("n", 2),
-                         ("modalities", ["text", "audio"]), ("store", True)]:
+                         ("modalities", ["text", "audio"]), ("store", True),
+                         ("stream_options", {"include_usage": True})]:
         _error(http.post("/v1/chat/completions", json={"messages": _msg(), field: value}), 400, param=field)
     message = _error(http.post("/v1/chat/completions", json={"messages": _msg(), "guided_json": {}}), 400,
                      "invalid_request", "guided_json")

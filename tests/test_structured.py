@@ -57,6 +57,28 @@ def test_schemas_hold_batched_with_free_requests_in_the_same_steps(chat):
     assert steps < sum(c.completion_tokens for c in out) / 2, "the requests shared the engine's steps"
 
 
+@pytest.mark.gpu
+def test_schemas_penalties_and_bias_on_cuda_with_graphs(tiny_vlm_dir):
+    """On a GPU (decode steps as CUDA graphs, masks and penalties applied on the device): constrained answers
+    validate, and free ones beside them, in the same steps, equal their answers alone."""
+    from crossvlm.engine import EngineConfig
+
+    chat = ChatModel.load(tiny_vlm_dir, device="cuda", dtype=torch.float32, engine=EngineConfig(slots=8, max_len=512))
+    try:
+        free = [SamplingParams(max_new_tokens=24, greedy=True), SamplingParams(max_new_tokens=24, temperature=1.0, seed=3),
+                SamplingParams(max_new_tokens=24, greedy=True, frequency_penalty=1.5, logit_bias={300: 5.0})]
+        prompts = [_ask("describe it"), _ask("count them"), _ask("again")]
+        alone = [c.text for c in chat.generate(prompts, sampling=free)]
+        constrained = [SamplingParams(max_new_tokens=150, greedy=True, json_schema=s) for s in SCHEMAS]
+        out = chat.generate(prompts + [_ask(f"question {k}") for k in range(len(SCHEMAS))], sampling=free + constrained)
+        assert [c.text for c in out[:3]] == alone
+        for completion, schema in zip(out[3:], SCHEMAS):
+            assert completion.finish_reason == "stop", completion
+            jsonschema.validate(json.loads(completion.text), schema)
+    finally:
+        chat.close()
+
+
 def test_a_bad_schema_is_refused_before_generation(chat):
     for schema, words in [({"type": "nonsense"}, "unsupported JSON schema"), ([1, 2], "JSON object"),
                           ({"$ref": "#/missing"}, "unsupported JSON schema")]:

@@ -167,6 +167,8 @@ class ChatCompletionRequest(_Model):
                            "chat_template_kwargs.enable_thinking)"), ("verbosity", "a verbosity setting")):
             if getattr(self, name):
                 out.append((name, f"{name}: this server has no {why}: send the request without it"))
+        if self.stream_options is not None and not self.stream:
+            out.append(("stream_options", "stream_options: only with \"stream\": true (as vLLM answers)"))
         if self.modalities and self.modalities != ["text"]:
             out.append(("modalities", "modalities: this server answers with text only (send [\"text\"] or nothing)"))
         for m, msg in enumerate(self.messages):
