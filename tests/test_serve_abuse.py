@@ -303,6 +303,7 @@ def test_metrics_in_prometheus_format_under_vllm_names(chat):
         assert samples[("vllm:time_to_first_token_seconds_count", model)] == 3
         assert samples[("vllm:inter_token_latency_seconds_count", model)] == 3 * 4
         assert samples[("vllm:e2e_request_latency_seconds_count", model)] == 3
+        assert samples[("vllm:request_queue_time_seconds_count", model)] == 3
         assert 0 < samples[("vllm:time_per_output_token_seconds_sum", model)]
         assert samples[("vllm:num_requests_running", model)] == 0 == samples[("vllm:num_requests_waiting", model)]
         assert samples[("vllm:kv_cache_usage_perc", model)] == 0

@@ -246,6 +246,7 @@ class Engine:
         if schedule.admitted:
             now = time.perf_counter()
             for request in schedule.admitted:
+                request.admitted = now
                 self.stats["queue_s"] += now - request.submitted
             with record_function("engine.admit"), self._timer("admit_s"):
                 self._admit(schedule.admitted)

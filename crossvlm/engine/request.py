@@ -184,6 +184,8 @@ class Request:
     cancelled: bool = False
     submitted: float = 0.0
     """`time.perf_counter()` when the engine took the request (its timers count from here)."""
+    admitted: float = 0.0
+    """`time.perf_counter()` when it took a slot (0: not yet)."""
     token_times: list[float] = field(default_factory=list)
     """`time.perf_counter()` when each token reached the host (the server's latency metrics)."""
     matcher: object = None

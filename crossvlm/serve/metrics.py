@@ -47,6 +47,8 @@ class Metrics:
                               labels, buckets=ITL_BUCKETS, registry=r)
         self.e2e = Histogram("vllm:e2e_request_latency_seconds", "Time from request to its last token, seconds.",
                              labels, buckets=E2E_BUCKETS, registry=r)
+        self.queue = Histogram("vllm:request_queue_time_seconds", "Time a request waited for a KV slot, seconds.",
+                               labels, buckets=E2E_BUCKETS, registry=r)
         self.request_prompt = Histogram("vllm:request_prompt_tokens", "Prompt tokens per request.", labels,
                                         buckets=TOKEN_BUCKETS, registry=r)
         self.request_generation = Histogram("vllm:request_generation_tokens", "Generated tokens per request.", labels,
@@ -63,6 +65,8 @@ class Metrics:
         self.request_prompt.labels(name).observe(request.prompt_tokens)
         self.request_generation.labels(name).observe(request.generated)
         self.e2e.labels(name).observe((times[-1] if times else time.perf_counter()) - arrived)
+        if request.admitted:
+            self.queue.labels(name).observe(request.admitted - request.submitted)
         if times:
             self.ttft.labels(name).observe(times[0] - arrived)
             itl = self.itl.labels(name)
