@@ -320,3 +320,33 @@ def test_the_openapi_document_describes_the_request(http):
     assert body["required"] == ["messages"] and {"response_format", "logit_bias", "seed"} <= set(body["properties"])
     refs = {r.rsplit("/", 1)[1] for r in re.findall(r'"\$ref": "([^"]+)"', json.dumps(doc))}
     assert refs and refs <= set(doc["components"]["schemas"])
+
+
+def test_constrained_streams_left_mid_answer_free_their_slots(url, chat):
+    """Clients that hang up inside a JSON document: their slots are freed, the engine leaves lockstep, and the
+    constrained and free requests after them are answered as before."""
+    schemas = [SCHEMA, {"type": "array", "items": {"type": "string", "maxLength": 4}},
+               {"type": "object", "properties": {"n": {"type": "integer"}}}]
+    body = lambda k: {"messages": _msg(f"q{k}"), "max_tokens": 300, "temperature": 0, "stream": True,  # noqa: E731
+                      "response_format": {"type": "json_schema", "json_schema": {"name": "s", "schema": schemas[k % 3]}}}
+
+    def leave_early(k: int) -> None:
+        with httpx.Client(base_url=url, timeout=60) as client, client.stream("POST", "/v1/chat/completions",
+                                                                             json=body(k)) as r:
+            for n, _line in enumerate(r.iter_lines()):
+                if n >= 3:
+                    return  # hang up after a few events
+
+    threads = [threading.Thread(target=leave_early, args=(k,)) for k in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    deadline = time.monotonic() + 30
+    while chat.engine.running() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert chat.engine.running() == 0 and not chat.engine._lockstep()
+    with httpx.Client(base_url=url, timeout=60) as http:
+        r = http.post("/v1/chat/completions", json={**body(0), "stream": False, "max_tokens": 100})
+        jsonschema.validate(json.loads(r.json()["choices"][0]["message"]["content"]), SCHEMA)
+        _healthy(http)
