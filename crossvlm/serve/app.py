@@ -1,8 +1,10 @@
-"""The FastAPI application: OpenAI's chat completions (plain and streamed), models, health, chat page.
+"""The FastAPI application: OpenAI's chat completions (plain and streamed), models, health, metrics, chat page.
 
 Every refusal is a 4xx with OpenAI's error body `{"error": {"message", "type", "param", "code"}}`;
-a request is checked and its images decoded before it reaches the engine, so a bad request never
-disturbs the others. When every slot is busy requests wait; past `max_waiting` waiting ones the
+every request field is honoured or refused (docs/SERVING.md lists them). A request's cost is bounded
+before work is done for it (body bytes, JSON structures, characters, images), its body is parsed and
+checked, its images decoded and its text tokenized in worker threads, all before it reaches the engine,
+so a bad or oversized request never stalls or disturbs the others. When every slot is busy requests wait; past `max_waiting` waiting ones the
 server answers 429 with `Retry-After`. A request whose generation fails gets a 500 in the same
 format (in the stream, if its first token was sent) while the others go on.
 """
