@@ -22,6 +22,7 @@ import torch
 from PIL import Image
 
 from crossvlm.engine import Completion, Delta, Engine, EngineConfig, Request, SamplingParams
+from crossvlm.engine.constraints import Grammars, Matcher, SchemaError
 from crossvlm.engine.request import split_reasoning
 from crossvlm.errors import CrossVLMError
 from crossvlm.model.modeling import CrossVLM
@@ -155,6 +156,14 @@ class ChatModel:
         self.eos_ids = {t for t in [*eos, self.tokenizer.eos_token_id] if t is not None}
         self._engine: Engine | None = None
         self._engine_lock = threading.Lock()
+        self.grammars = Grammars(self.tokenizer, self.eos_ids, model.config.text_config.vocab_size)
+        """Structured outputs: JSON schemas to matchers (`SamplingParams.json_schema`)."""
+        longest = max((len(t) for t in self.tokenizer.get_vocab()), default=1)
+        self.max_prompt_chars = self.context_length * max(longest, 1)
+        """No text longer than this fits the context: a token's string (bytes, in a byte-level vocabulary)
+        is never shorter than the characters it decodes to, so more characters mean more tokens than the
+        context holds. Checked before tokenizing, which for megabytes without a space takes the tokenizer
+        seconds and gigabytes (or aborts the process)."""
 
     @classmethod
     def load(cls, model_dir: str | Path | None = None, *, llm: str | Path | None = None,
@@ -214,6 +223,12 @@ class ChatModel:
             raise InputError("the conversation has no messages", "invalid_content", "messages")
         from crossvlm.data.render import TemplateMismatch, encode_prompt
 
+        chars = sum(len(m.get("content")) for m in messages if isinstance(m, dict) and isinstance(m.get("content"), str))
+        chars += sum(len(str(part.get("text", ""))) for m in messages if isinstance(m, dict) and isinstance(m.get("content"), list)
+                     for part in m["content"] if isinstance(part, dict))
+        if chars > self.max_prompt_chars:
+            raise InputError(f"the conversation's {chars} characters need more tokens than the context's "
+                             f"{self.context_length}; shorten it", "context_length_exceeded", "messages")
         flat, imgs = collect_images(messages, images, self.max_image_pixels, self.draft_size)
         try:  # rendered exactly as training renders a conversation (docs/DATA.md)
             ids = encode_prompt(flat, self.tokenizer, self.processor.num_image_tokens, enable_thinking=enable_thinking)
@@ -229,13 +244,30 @@ class ChatModel:
             )
         return Prompt(ids, imgs, enable_thinking, self.processor.preprocess_images(imgs) if imgs else None)
 
+    def matcher(self, sampling: SamplingParams, thinking: bool = False) -> Matcher | None:
+        """The grammar matcher of a structured-output request (None without `json_schema`); raises
+        `InputError` for a schema that cannot be enforced. A schema of several kB compiles in ms:
+        the server calls this in a worker thread."""
+        if sampling.json_schema is None:
+            return None
+        if thinking:
+            raise InputError("a JSON schema (response_format) cannot go with thinking: the answer would have to "
+                             "start with the document; turn enable_thinking off", "invalid_request", "response_format")
+        try:
+            return self.grammars.matcher(sampling.json_schema)
+        except SchemaError as err:
+            raise InputError(str(err), "invalid_json_schema", "response_format") from None
+
     def submit(self, prompt: Prompt, sampling: SamplingParams | None, on_event: Callable, stream: bool = False,
-               max_waiting: int | None = None) -> Request:
+               max_waiting: int | None = None, matcher: Matcher | None = None) -> Request:
         """Hand one prepared prompt to the engine; `on_event` gets its `Delta`s (with `stream`), then a
         `Completion` or an exception, from the engine's thread. Raises `QueueFull` if `max_waiting`
-        requests already wait for a slot."""
-        request = Request(prompt.input_ids, prompt.pixel_values, sampling or SamplingParams(), on_event,
-                          thinking=prompt.enable_thinking, stream=stream)
+        requests already wait for a slot. A `json_schema` request's `matcher` is made here if not given."""
+        sampling = sampling or SamplingParams()
+        if matcher is None:
+            matcher = self.matcher(sampling, prompt.enable_thinking)
+        request = Request(prompt.input_ids, prompt.pixel_values, sampling, on_event,
+                          thinking=prompt.enable_thinking, stream=stream, matcher=matcher)
         return self.engine.submit(request, max_waiting)
 
     def generate_prompts(self, prompts: list[Prompt], sampling: SamplingParams | list[SamplingParams] | None = None,

@@ -182,7 +182,7 @@ def _bad_requests(chat) -> list[tuple[str, object, int, str]]:
         ("unknown role", {"messages": [{"role": "robot", "content": "hi"}]}, 400, "invalid_request"),
         ("wrong content type", {"messages": [{"role": "user", "content": 42}]}, 400, "invalid_request"),
         ("bad temperature", {"messages": _ask("hi"), "temperature": 5}, 400, "invalid_request"),
-        ("n > 1", {"messages": _ask("hi"), "n": 2}, 400, "invalid_request"),
+        ("n > 1", {"messages": _ask("hi"), "n": 2}, 400, "unsupported_parameter"),
         ("bad base64", {"messages": _ask("hi", image_url="data:image/png;base64,@@notbase64@@")}, 400,
          "invalid_base64"),
         ("not an image", {"messages": _ask("hi", image_url="data:image/png;base64,aGVsbG8gd29ybGQ=")}, 400,

@@ -67,6 +67,15 @@ class ServeBenchConfig:
     """Measure the engine offline (one GPU call may not hold both parts with `compile`: each compiles)."""
     jpeg_size: tuple[int, int] = (640, 480)
     seed: int = 0
+    json_schema: Path | None = None
+    """A JSON schema file: each concurrency's long workload runs again through the server as `schema@c`, every
+    request with `response_format` of this schema (no ignore_eos: an answer ends with its document), so the
+    report holds tokens/s with and without structured outputs."""
+
+    def schema(self) -> dict | None:
+        import json
+
+        return None if self.json_schema is None else json.loads(Path(self.json_schema).read_text())
 
     def validate(self) -> None:
         from crossvlm.make_model import PRESETS
@@ -84,6 +93,12 @@ class ServeBenchConfig:
             p.append("nothing to measure: both the server and the offline part are off")
         if min(self.short_requests, self.baseline_requests) < 0:
             p.append("short requests and baseline requests must be >= 0")
+        if self.json_schema is not None:
+            try:
+                if not isinstance(self.schema(), dict):
+                    p.append(f"--json-schema {self.json_schema}: not a JSON object")
+            except (OSError, ValueError) as err:
+                p.append(f"--json-schema {self.json_schema}: {err}")
         if p:
             raise ConfigError("invalid bench serve arguments:\n  - " + "\n  - ".join(p))
 
@@ -101,12 +116,17 @@ class Work:
     image: bytes
     max_tokens: int
 
-    def payload(self) -> dict:
+    def payload(self, schema: dict | None = None) -> dict:
+        """The request's body; with `schema`, a structured output of it (ending with its document)."""
         url = "data:image/jpeg;base64," + base64.b64encode(self.image).decode()
-        return {"model": "bench", "max_tokens": self.max_tokens, "ignore_eos": True, "temperature": 0,
+        body = {"model": "bench", "max_tokens": self.max_tokens, "ignore_eos": True, "temperature": 0,
                 "stream": True, "stream_options": {"include_usage": True},
                 "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}},
                                                           {"type": "text", "text": self.text}]}]}
+        if schema is not None:
+            del body["ignore_eos"]
+            body["response_format"] = {"type": "json_schema", "json_schema": {"name": "bench", "schema": schema}}
+        return body
 
 
 def workload(tokenizer, images: list[bytes], cfg: ServeBenchConfig) -> tuple[list[Work], list[Work]]:
@@ -146,7 +166,8 @@ class Server:
     """`crossvlm serve` in a subprocess on a free loopback port."""
 
     def __init__(self, model_dir: Path, slots: int, max_len: int, waiting: int, compile: bool, attention: str = "auto"):
-        command = [sys.executable, "-m", "crossvlm.cli", "serve", "--model", str(model_dir), "--host", "127.0.0.1",
+        command = [sys.executable, "-m", "crossvlm.cli", "serve", "--model", str(model_dir), "--model-name", "bench",
+                   "--host", "127.0.0.1",
                    "--port", "0", "--slots", str(slots), "--max-len", str(max_len), "--max-waiting", str(waiting),
                    "--max-image-pixels", "100000000", "--log-level", "warning", "--attention", attention] + (["--compile"] if compile else [])
         self.process = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
@@ -169,11 +190,11 @@ class Server:
             self.process.kill()
 
 
-def drive(pool, processes: int, server: Server, works: list[Work], concurrency: int) -> dict:
+def drive(pool, processes: int, server: Server, works: list[Work], concurrency: int, schema: dict | None = None) -> dict:
     """Send the works with `concurrency` streams open at once, spread over the pool's client processes."""
     from crossvlm.bench.clients import run_clients
 
-    payloads = [w.payload() for w in works]
+    payloads = [w.payload(schema) for w in works]
     shares = max(1, min(processes, concurrency, len(payloads)))
     jobs = [(server.url, payloads[i::shares], max(1, concurrency // shares + (i < concurrency % shares)))
             for i in range(shares)]
@@ -273,6 +294,12 @@ def _serve_part(cfg: ServeBenchConfig, report: dict, model_dir: Path, slots: int
             say(f"  {result['output_tokens_per_s']:.0f} tok/s, TTFT p50 {result['ttft_ms']['p50']:.1f} ms, "
                 f"ITL p50 {result['itl_ms']['p50'] or 0:.2f} ms, failed {result['failed']}")
             say("  " + breakdown_line(result["breakdown"]))
+            if cfg.json_schema is not None:
+                say(f"[serve] long workload with response_format {cfg.json_schema.name}, concurrency {c} ...")
+                result = report["server"][f"schema@{c}"] = {
+                    "concurrency": c, **drive(pool, cfg.client_processes, server, long[:n], c, cfg.schema())}
+                say(f"  {result['output_tokens_per_s']:.0f} tok/s, ITL p50 {result['itl_ms']['p50'] or 0:.2f} ms, "
+                    f"failed {result['failed']}")
         if short:
             # One client first: the time to the first token of a lone request with an image (the target),
             # then many at once, where it includes the wait for a turn.

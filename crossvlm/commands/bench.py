@@ -136,6 +136,8 @@ def register(sub) -> None:
     p.add_argument("--compile", action="store_true", help="the engine's decode step, prefill and image path fused by torch.compile")
     p.add_argument("--attention", choices=("auto", "flash", "sdpa"), default="auto",
                    help="the engine's attention (crossvlm serve --attention)")
+    p.add_argument("--json-schema", type=Path, metavar="FILE",
+                   help="also run each concurrency's long workload with response_format of this JSON schema (schema@c)")
     part = p.add_mutually_exclusive_group()
     part.add_argument("--no-offline", dest="offline", action="store_false", help="through the server only")
     part.add_argument("--no-server", dest="server", action="store_false", help="the offline engine only")
@@ -227,7 +229,7 @@ def _serve(args: argparse.Namespace) -> int:
                            output_tokens=args.output_tokens, short_requests=args.short_requests,
                            short_tokens=args.short_tokens, baseline_requests=args.baseline_requests, slots=args.slots,
                            client_processes=args.client_processes, compile=args.compile, attention=args.attention, server=args.server,
-                           offline=args.offline)
+                           offline=args.offline, json_schema=args.json_schema)
     report = run_serve_bench(cfg)
     code = _finish(report, args.out)
     failed = sum(r.get("failed", 0) for r in report["server"].values())

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 HELP = """commands:
@@ -58,6 +59,9 @@ def register(sub) -> None:
                    help="an image file for the first message (repeat for several); placed before the text")
     p.add_argument("--prompt", help="answer this one message and exit (default: interactive chat)")
     p.add_argument("--system", help="an optional system prompt")
+    p.add_argument("--json-schema", type=Path, metavar="FILE",
+                   help="answer with JSON this schema (a JSON file) accepts, enforced token by token; "
+                   '{"type": "object"} for any JSON object')
     add_sampling_args(p)
     p.set_defaults(func=run)
 
@@ -99,6 +103,27 @@ def answer(chat, messages: list[dict], images: list, sampling, thinking: bool) -
     return stream.completion.text
 
 
+def read_schema(path: Path) -> dict:
+    """A JSON schema file's object; raises `CrossVLMError` saying what is wrong with it."""
+    import json
+
+    from crossvlm.errors import CrossVLMError
+
+    try:
+        schema = json.loads(path.read_text(encoding="utf-8"))
+    except OSError as err:
+        raise CrossVLMError(f"--json-schema {path}: cannot read it ({err.strerror or err})") from None
+    except ValueError as err:
+        raise CrossVLMError(f"--json-schema {path}: not valid JSON ({err})") from None
+    from crossvlm.engine.constraints import SchemaError, grammar_of
+
+    try:
+        grammar_of(schema)  # before the model loads
+    except SchemaError as err:
+        raise CrossVLMError(f"--json-schema {path}: {err}") from None
+    return schema
+
+
 def run(args: argparse.Namespace) -> int:
     from crossvlm.errors import CrossVLMError
 
@@ -110,6 +135,10 @@ def run(args: argparse.Namespace) -> int:
     from crossvlm.inference import ChatModel, open_image
 
     sampling = sampling_from_args(args)
+    if args.json_schema is not None:
+        sampling = replace(sampling, json_schema=read_schema(args.json_schema))
+        if args.thinking:
+            raise CrossVLMError("--json-schema cannot go with --thinking: the answer must start with the document")
     for path in args.image:  # a bad image is refused before the model loads
         open_image(path, param=str(path))
     from crossvlm.engine import EngineConfig

@@ -24,10 +24,11 @@ from dataclasses import dataclass
 import torch
 from torch.profiler import record_function
 
+from crossvlm.engine import constraints
 from crossvlm.engine.cache import SlotCache, flash_available, use_slot_attention
 from crossvlm.engine.model_runner import Chunk, ModelRunner
 from crossvlm.engine.request import Request
-from crossvlm.engine.sampler import Sampler
+from crossvlm.engine.sampler import Sampler, to_device
 from crossvlm.engine.scheduler import Scheduler
 from crossvlm.errors import ConfigError, CrossVLMError
 
@@ -162,6 +163,9 @@ class Engine:
         """Queue a request; raise `QueueFull` if `max_waiting` requests already wait for a slot (beyond
         those the free slots will take at the next step)."""
         request.submitted = time.perf_counter()
+        request.sampling.check_vocab(self.sampler.vocab)
+        if (request.sampling.json_schema is None) != (request.matcher is None):
+            raise CrossVLMError("a request with a json_schema needs its matcher (ChatModel.submit makes it), and only it")
         if request.prompt_tokens >= self.max_len:
             raise CrossVLMError(f"the prompt takes {request.prompt_tokens} tokens; the engine's limit is "
                                 f"{self.max_len - 1}")
@@ -220,6 +224,11 @@ class Engine:
                 for request in cancelled:
                     request.finish("cancelled")
                     self._release(request)
+                if pending and self._lockstep():
+                    with self._timer("collect_s"):
+                        for launch in pending:
+                            self._collect(launch)
+                    pending = []
                 launched = self._launch() if self.scheduler.busy else []
                 with record_function("engine.collect"), self._timer("collect_s"):  # (labels: `bench generate --profile`)
                     for launch in pending:
@@ -237,19 +246,30 @@ class Engine:
         if schedule.admitted:
             now = time.perf_counter()
             for request in schedule.admitted:
+                request.admitted = now
                 self.stats["queue_s"] += now - request.submitted
             with record_function("engine.admit"), self._timer("admit_s"):
                 self._admit(schedule.admitted)
+        # While a constrained request runs the decode step goes first: a prompt prefilled in this step then
+        # decodes from the next one on, once its first token is read back and its grammar has taken it.
+        lockstep = self._lockstep()
+        if lockstep:
+            launches += self._decode_running()
         if schedule.prefill:
             with record_function("engine.prefill"), self._timer("prefill_s"):
                 launches += self._prefill(schedule.prefill)
-        # A request whose last token is already being computed needs no more steps.
-        decode = [r for r in self.scheduler.decoding() if not r.done and r.launched < r.max_new_tokens]
-        if decode:
-            with record_function("engine.decode"), self._timer("decode_s"):
-                launches += self._decode(decode)
+        if not lockstep:
+            launches += self._decode_running()
         self.stats["steps"] += 1
         return launches
+
+    def _decode_running(self) -> list[_Launch]:
+        # A request whose last token is already being computed needs no more steps.
+        decode = [r for r in self.scheduler.decoding() if not r.done and r.launched < r.max_new_tokens]
+        if not decode:
+            return []
+        with record_function("engine.decode"), self._timer("decode_s"):
+            return self._decode(decode)
 
     @contextmanager
     def _timer(self, name: str):
@@ -293,6 +313,7 @@ class Engine:
             request.embeds = embeds
 
     def _prefill(self, work: list[tuple[Request, int, int]]) -> list[_Launch]:
+        self._constrain([r for r, _, end in work if end == r.prompt_tokens])
         work = [(r, s, e) for r, s, e in work if not r.done]
         if not work:
             return []
@@ -318,6 +339,9 @@ class Engine:
         return [self._start_copy([r for r, _, end in work if end == r.prompt_tokens], tokens)]
 
     def _decode(self, requests: list[Request]) -> list[_Launch]:
+        requests = self._constrain(requests)
+        if not requests:
+            return []
         rows = max(r.slot for r in requests) + 1
         # Each writes its newest token at position prompt + launched - 1 and attends to it.
         kv_needed = max(r.prompt_tokens + r.launched for r in requests)
@@ -333,6 +357,26 @@ class Engine:
             request.launched += 1
         self.stats["largest_batch"] = max(self.stats["largest_batch"], len(requests))
         return [self._start_copy(by_slot, tokens)]
+
+    # -- structured outputs (`constraints`) -------------------------------------------------------
+    def _lockstep(self) -> bool:
+        """Whether a constrained request holds a slot: its next mask needs its last token, so while one
+        runs each step's tokens are read back before the next step is launched (no host/device overlap)."""
+        return any(r.matcher is not None for r in self.scheduler.running)
+
+    def _constrain(self, requests: list[Request]) -> list[Request]:
+        """Write the masks of the constrained ones among requests about to sample a token into the
+        sampler; fail those whose grammar cannot go on. Returns the requests still live."""
+        constrained = [r for r in requests if r.matcher is not None and not r.done]
+        for request in constrained:
+            if request.matcher.error:
+                self._fail(request, GenerationError(f"structured output: {request.matcher.error}"))
+        live = [r for r in constrained if not r.done]
+        if live:
+            host = torch.empty(len(live), self.sampler.allowed.shape[1], dtype=torch.int32)  # (n, words)
+            constraints.fill([r.matcher for r in live], host)
+            self.sampler.allowed.index_copy_(0, to_device([r.slot for r in live], self.device), to_device(host, self.device))
+        return [r for r in requests if not r.done]
 
     def _start_copy(self, requests: list[Request | None], tokens: torch.Tensor) -> _Launch:
         if tokens.device.type != "cuda":

@@ -9,6 +9,7 @@ submission; the engine calls it from its own thread.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -17,6 +18,8 @@ from tokenizers.decoders import DecodeStream
 from crossvlm.errors import CrossVLMError
 
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
+MAX_LOGIT_BIAS = 300
+"""Most tokens one request may bias (OpenAI's limit)."""
 
 
 @dataclass
@@ -38,6 +41,16 @@ class SamplingParams:
     """End-of-turn tokens are not sampled (and stop strings not looked for) before this many tokens (vLLM's field)."""
     ignore_eos: bool = False
     """Go on past end-of-turn tokens until the token budget is spent (vLLM's field, for benchmarks)."""
+    frequency_penalty: float = 0.0
+    """OpenAI's: subtracted from a token's logit once per time it was generated already (-2 to 2)."""
+    presence_penalty: float = 0.0
+    """OpenAI's: subtracted from a token's logit if it was generated already (-2 to 2)."""
+    logit_bias: dict[int, float] | None = None
+    """OpenAI's: token id -> a bias (-100 to 100) added to its logit before sampling (at most 300 tokens)."""
+    json_schema: dict | None = None
+    """Structured output: the answer is a JSON document this schema accepts (`{"type": "object"}`: any
+    object), enforced token by token (`crossvlm.engine.constraints`). The answer ends when the document
+    does; a budget spent first leaves it unfinished (finish reason "length")."""
 
     def __post_init__(self):
         self.stop = tuple(s for s in self.stop if s)
@@ -54,12 +67,31 @@ class SamplingParams:
             problems.append(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
         if self.min_tokens < 0:
             problems.append(f"min_tokens must be >= 0, got {self.min_tokens}")
+        for name in ("frequency_penalty", "presence_penalty"):
+            if not -2 <= getattr(self, name) <= 2:
+                problems.append(f"{name} must be in [-2, 2], got {getattr(self, name)}")
+        if self.logit_bias:
+            self.logit_bias = {int(k): float(v) for k, v in self.logit_bias.items()}
+            if len(self.logit_bias) > MAX_LOGIT_BIAS:
+                problems.append(f"logit_bias may bias at most {MAX_LOGIT_BIAS} tokens, got {len(self.logit_bias)}")
+            if any(not -100 <= v <= 100 for v in self.logit_bias.values()):
+                problems.append("logit_bias values must be in [-100, 100]")
+            if any(k < 0 for k in self.logit_bias):
+                problems.append("logit_bias keys must be token ids >= 0")
+        if self.json_schema is not None and (self.min_tokens or self.ignore_eos):
+            problems.append("json_schema ends the answer with the document: it cannot go with min_tokens or ignore_eos")
         if problems:
             raise CrossVLMError("invalid sampling parameters: " + "; ".join(problems))
 
     @property
     def is_greedy(self) -> bool:
         return self.greedy or self.temperature == 0
+
+    def check_vocab(self, vocab: int) -> None:
+        """Raise if `logit_bias` names a token the model does not have."""
+        outside = [k for k in self.logit_bias or {} if k >= vocab]
+        if outside:
+            raise CrossVLMError(f"logit_bias names token ids {outside[:5]} outside the vocabulary (0 to {vocab - 1})")
 
 
 @dataclass
@@ -152,6 +184,12 @@ class Request:
     cancelled: bool = False
     submitted: float = 0.0
     """`time.perf_counter()` when the engine took the request (its timers count from here)."""
+    admitted: float = 0.0
+    """`time.perf_counter()` when it took a slot (0: not yet)."""
+    token_times: list[float] = field(default_factory=list)
+    """`time.perf_counter()` when each token reached the host (the server's latency metrics)."""
+    matcher: object = None
+    """Structured output: the `constraints.Matcher` that follows the answer (None: unconstrained)."""
     # -- text ------------------------------------------------------------------------------------
     raw: str = ""
     _stream: object = None  # a fast tokenizer's incremental decoder (False: windows below instead)
@@ -177,10 +215,13 @@ class Request:
         """Take one sampled token: stream its text, or finish the request."""
         if self.stream and not self.generated:
             self.on_event(Delta())  # the first token is out (its text may come later): a stream starts here
+        self.token_times.append(time.perf_counter())
         self.generated += 1
         early = self.generated <= self.sampling.min_tokens
         if token in eos_ids and not self.sampling.ignore_eos and not early:
             return self.finish("stop", tokenizer)
+        if self.matcher is not None:
+            self.matcher.accept(token)  # (a token the mask did not allow puts it in error: the engine fails the request)
         self.tokens.append(token)
         if self.follows_text:
             self._detokenize(tokenizer)

@@ -1,8 +1,10 @@
 """Token choice on the device, each row with its own settings, no host sync.
 
-Every slot's settings (temperature, top-p, top-k, repetition penalty, min_tokens, seed) live in
-device tensors written once when a request is admitted, so a step needs nothing from the host but
-which kind of batch it is (all greedy or not, any penalty, any min_tokens). Sampled rows draw by
+Every slot's settings (temperature, top-p, top-k, repetition, frequency and presence penalties,
+logit bias, min_tokens, seed) live in device tensors written once when a request is admitted, so a
+step needs nothing from the host but which kind of batch it is (all greedy or not, any penalty, any
+min_tokens) and, for structured outputs, each constrained row's mask of allowed tokens
+(`constraints`), which the engine writes into `allowed` before the step. Sampled rows draw by
 the Gumbel-max trick with noise hashed from (seed, token count, rank) on the device: a seeded
 request gets the same tokens whatever runs beside it and whatever the batch size, and unseeded
 requests get a random seed at admission.
@@ -14,7 +16,8 @@ import random
 
 import torch
 
-from crossvlm.engine.request import SamplingParams
+from crossvlm.engine.constraints import unpack, words
+from crossvlm.engine.request import MAX_LOGIT_BIAS, SamplingParams
 
 _M32 = 0xFFFFFFFF
 
@@ -57,10 +60,23 @@ class Sampler:
         self.is_eos = torch.zeros(vocab, dtype=torch.bool, device=device)  # (V,)
         self.is_eos[sorted(eos_ids)] = True
         self.device, self.vocab = device, vocab
+        # OpenAI's frequency and presence penalties count each slot's generated tokens: (slots, V) int32,
+        # allocated for the first request that asks for one.
+        self.frequency, self.presence = z(torch.float32), z(torch.float32)
+        self.counts: torch.Tensor | None = None
+        self.bias_ids = torch.zeros(slots, MAX_LOGIT_BIAS, dtype=torch.int64, device=device)  # (slots, K); unused: id 0 + 0.0
+        self.bias_values = torch.zeros(slots, MAX_LOGIT_BIAS, dtype=torch.float32, device=device)
+        self.allowed = torch.full((slots, words(vocab)), -1, dtype=torch.int32, device=device)  # bitmask; -1: all
+        # Slots whose request uses each (on the host: a batch with none skips the work). A freed slot
+        # stays in until another request takes it: its hole row then costs a little work, nothing more.
+        self.penalized: set[int] = set()
+        self.biased: set[int] = set()
+        self.masked: set[int] = set()
 
     def admit(self, slots: list[int], params: list[SamplingParams]) -> None:
         """Write the settings of newly admitted requests into their slots (one copy per kind)."""
         idx = to_device(slots, self.device)
+        self._admit_extras(slots, idx, params)
         floats = to_device([[0.0 if p.is_greedy else p.temperature, p.top_p, p.repetition_penalty]
                             for p in params], self.device, torch.float32)
         ints = to_device([[p.top_k, random.getrandbits(31) if p.seed is None else p.seed, p.min_tokens]
@@ -70,12 +86,43 @@ class Sampler:
                                (self.min_tokens, ints[:, 2])):
             target.index_copy_(0, idx, column)
 
+    def _admit_extras(self, slots: list[int], idx: torch.Tensor, params: list[SamplingParams]) -> None:
+        """Frequency and presence penalties, logit bias and structured outputs of newly admitted requests."""
+        # Rows to write: of requests that use one, and of slots whose last request did (stale values there
+        # would be applied to this one whenever another row of the batch uses it).
+        rewrite = [k for k, (slot, p) in enumerate(zip(slots, params))
+                   if slot in self.penalized or slot in self.biased or p.frequency_penalty or p.presence_penalty
+                   or p.logit_bias]
+        for slot, p in zip(slots, params):
+            for used, members in ((p.frequency_penalty or p.presence_penalty, self.penalized),
+                                  (p.logit_bias, self.biased), (p.json_schema is not None, self.masked)):
+                (members.add if used else members.discard)(slot)
+        self.allowed.index_fill_(0, idx, -1)  # unconstrained rows allow everything; the engine fills the others
+        if not rewrite:
+            return
+        if self.penalized and self.counts is None:
+            self.counts = torch.zeros(self.allowed.shape[0], self.vocab, dtype=torch.int32, device=self.device)
+        rows = to_device([slots[k] for k in rewrite], self.device)
+        chosen = [params[k] for k in rewrite]
+        pen = to_device([[p.frequency_penalty, p.presence_penalty] for p in chosen], self.device, torch.float32)
+        self.frequency.index_copy_(0, rows, pen[:, 0])
+        self.presence.index_copy_(0, rows, pen[:, 1])
+        ids = torch.zeros(len(chosen), MAX_LOGIT_BIAS, dtype=torch.int64)  # unused entries: token 0 + 0.0
+        values = torch.zeros(len(chosen), MAX_LOGIT_BIAS, dtype=torch.float32)
+        for i, p in enumerate(chosen):
+            for j, (token, bias) in enumerate((p.logit_bias or {}).items()):
+                ids[i, j], values[i, j] = token, bias
+        self.bias_ids.index_copy_(0, rows, to_device(ids, self.device))
+        self.bias_values.index_copy_(0, rows, to_device(values, self.device))
+
     def begin(self, slots: list[int], prompts: list[list[int]], penalty: bool) -> None:
         """Zero the token counts (and, for a repetition penalty, mark the prompt's tokens seen) of requests
         whose first token is about to be sampled. Not at admission: until then a slot is a hole row of
         the decode steps, which count and mark for it."""
         idx = to_device(slots, self.device)
         self.generated[idx] = 0
+        if self.counts is not None:
+            self.counts[idx] = 0
         if penalty:
             self.seen[idx] = False
             for slot, ids in zip(slots, prompts):
@@ -96,6 +143,13 @@ class Sampler:
             pen = self.penalty[slots, None]
             hit = self.seen[slots]  # (n, V)
             logits = torch.where(hit, torch.where(logits < 0, logits * pen, logits / pen), logits)
+        if self.penalized:  # OpenAI's rule, over the tokens generated so far: minus f * count, minus p if any
+            counts = self.counts[slots].float()  # (n, V)
+            logits = logits - self.frequency[slots, None] * counts - self.presence[slots, None] * (counts > 0)
+        if self.biased:  # (n, K) ids and values; unused entries add 0.0 to token 0
+            logits = logits.scatter_add(1, self.bias_ids[slots], self.bias_values[slots])
+        if self.masked:  # structured outputs: tokens outside the grammar's mask cannot be drawn
+            logits = logits.masked_fill(~unpack(self.allowed[slots], self.vocab), float("-inf"))
         if min_tokens:
             early = (self.generated[slots] < self.min_tokens[slots])[:, None]  # (n, 1)
             logits = logits.masked_fill(early & self.is_eos, float("-inf"))
@@ -107,6 +161,8 @@ class Sampler:
         self.generated[slots] += 1
         if penalty:
             self.seen[slots, tokens.clamp(min=0)] = True
+        if self.penalized:
+            self.counts[slots, tokens.clamp(min=0)] += 1
         return tokens
 
     def _draw(self, logits: torch.Tensor, slots: torch.Tensor, candidates: int | None) -> torch.Tensor:

@@ -1,8 +1,10 @@
-"""The FastAPI application: OpenAI's chat completions (plain and streamed), models, health, chat page.
+"""The FastAPI application: OpenAI's chat completions (plain and streamed), models, health, metrics, chat page.
 
 Every refusal is a 4xx with OpenAI's error body `{"error": {"message", "type", "param", "code"}}`;
-a request is checked and its images decoded before it reaches the engine, so a bad request never
-disturbs the others. When every slot is busy requests wait; past `max_waiting` waiting ones the
+every request field is honoured or refused (docs/SERVING.md lists them). A request's cost is bounded
+before work is done for it (body bytes, JSON structures, characters, images), its body is parsed and
+checked, its images decoded and its text tokenized in worker threads, all before it reaches the engine,
+so a bad or oversized request never stalls or disturbs the others. When every slot is busy requests wait; past `max_waiting` waiting ones the
 server answers 429 with `Retry-After`. A request whose generation fails gets a 500 in the same
 format (in the stream, if its first token was sent) while the others go on.
 """
@@ -23,12 +25,16 @@ from pathlib import Path
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
+from fastapi.openapi.utils import get_openapi
+from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
+from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from crossvlm.engine import GenerationError, QueueFull
+from crossvlm.errors import CrossVLMError
 from crossvlm.inference import ChatModel, Completion, Delta, InputError, Prompt, SamplingParams
 from crossvlm.serve.images import ImagePolicy, image_from_url
+from crossvlm.serve.metrics import Metrics
 from crossvlm.serve.schema import ChatCompletionRequest, ResponseIds, error_body, usage
 
 STATIC = Path(__file__).parent / "static"
@@ -39,7 +45,7 @@ class ServerSettings:
     """How the server answers; `crossvlm serve` fills it from its options."""
 
     model_name: str = "crossvlm"
-    """The id `GET /v1/models` lists (any `model` value in a request is accepted)."""
+    """The id `GET /v1/models` lists; a request naming another model gets 404 `model_not_found`."""
     api_key: str | None = None
     """When set, /v1 routes need `Authorization: Bearer <api_key>`."""
     images: ImagePolicy = field(default_factory=ImagePolicy)
@@ -48,7 +54,7 @@ class ServerSettings:
     retry_after: int = 1
     """Seconds a refused client is told to wait (`Retry-After`)."""
     default_max_tokens: int = 512
-    """Token budget of a request that gives no max_tokens."""
+    """Token budget of a request that gives no max_tokens (less where the context has less room left)."""
     thinking: bool = False
     """Thinking mode for requests that do not choose (`chat_template_kwargs.enable_thinking`)."""
     max_request_bytes: int = 64_000_000
@@ -98,17 +104,26 @@ class Mailbox:
 class Job:
     """One request's events, delivered from the engine's thread to the asyncio loop that submitted it."""
 
-    def __init__(self, chat: ChatModel, mailbox: Mailbox, prompt: Prompt, sampling: SamplingParams, stream: bool,
-                 max_waiting: int):
+    def __init__(self, chat: ChatModel, mailbox: Mailbox, prepared: "Prepared", stream: bool, max_waiting: int):
         self.queue: asyncio.Queue = asyncio.Queue()
         self.engine = chat.engine
-        self.request = chat.submit(prompt, sampling, lambda event: mailbox.post(self.queue, event), stream=stream,
-                                   max_waiting=max_waiting)
+        self.request = chat.submit(prepared.prompt, prepared.sampling, lambda event: mailbox.post(self.queue, event),
+                                   stream=stream, max_waiting=max_waiting, matcher=prepared.matcher)
 
     def cancel(self) -> None:
         """The client has gone: stop generating for it (its slot is free at the engine's next step)."""
         if not self.request.done:
             self.engine.cancel(self.request)
+            self.count("abort")
+
+    def watch(self, metrics: Metrics, arrived: float) -> None:
+        """Count this request in `metrics` when it ends (`arrived`: when its body was in)."""
+        self._metrics, self._arrived = metrics, arrived
+
+    def count(self, reason: str) -> None:
+        metrics, self._metrics = getattr(self, "_metrics", None), None
+        if metrics is not None:
+            metrics.finished(self.request, self._arrived, reason)
 
     async def events(self):
         """Deltas, then the completion; raises a failure. The first delta goes out alone (the time to
@@ -126,6 +141,8 @@ class Job:
                 event = Delta(event.reasoning + more.reasoning, event.text + more.text)
             if isinstance(event, BaseException):
                 raise event
+            if isinstance(event, Completion):
+                self.count("abort" if event.finish_reason == "cancelled" else event.finish_reason)
             first = first and not (isinstance(event, Delta) and (event.text or event.reasoning))
             yield event
             if isinstance(event, Completion):
@@ -144,7 +161,9 @@ def _sse(body: dict | str) -> str:
 
 
 class BodyLimit:
-    """ASGI middleware: a 413 for a request whose Content-Length is over `limit`, before its body is read.
+    """ASGI middleware: a 413 for a request body over `limit` bytes. A Content-Length over it is refused
+    before the body is read; a body without one (chunked) is read up to the limit and refused there,
+    then handed on whole, so no body over the limit reaches the app either way.
 
     Plain ASGI on purpose: a `@app.middleware("http")` function runs every response through a task and a
     memory stream of its own, which for a streamed answer is every token's chunk (at 64 streams that
@@ -155,11 +174,104 @@ class BodyLimit:
 
     async def __call__(self, scope, receive, send):
         if scope["type"] == "http":
-            length = dict(scope["headers"]).get(b"content-length", b"0")
-            if length.isdigit() and int(length) > self.limit:
-                response = _error(413, f"request body is larger than {self.limit} bytes", code="request_too_large")
-                return await response(scope, receive, send)
+            headers = dict(scope["headers"])
+            length = headers.get(b"content-length")
+            if length is not None:
+                if length.isdigit() and int(length) > self.limit:
+                    return await self._refuse(scope, receive, send)
+            elif scope["method"] in ("POST", "PUT", "PATCH"):
+                chunks, size = [], 0
+                while True:
+                    message = await receive()
+                    if message["type"] != "http.request":
+                        break  # the client went away
+                    chunks.append(message.get("body", b""))
+                    size += len(chunks[-1])
+                    if size > self.limit:
+                        return await self._refuse(scope, receive, send)
+                    if not message.get("more_body", False):
+                        break
+                body = b"".join(chunks)
+                sent = False
+
+                async def replay():
+                    nonlocal sent
+                    if sent:
+                        return await receive()
+                    sent = True
+                    return {"type": "http.request", "body": body, "more_body": False}
+
+                return await self.app(scope, replay, send)
         await self.app(scope, receive, send)
+
+    async def _refuse(self, scope, receive, send):
+        response = _error(413, f"request body is larger than {self.limit} bytes", code="request_too_large")
+        response.headers["Connection"] = "close"  # the rest of the body is not read
+        await response(scope, receive, send)
+
+
+def _union_tag(part) -> bool:
+    """Whether a part of pydantic's error location names a member of a union (`str`, `list[str]`), not a field."""
+    return isinstance(part, str) and (part in ("str", "int", "float", "bool", "dict", "list", "none")
+                                      or not part.replace("_", "a").isalnum())
+
+
+def validation_error(errors: list[dict]) -> JSONResponse:
+    """A 400 naming up to five problems of a request body, each with where it is."""
+    if errors and errors[0].get("type") == "json_invalid":
+        detail = (errors[0].get("ctx") or {}).get("error", "")
+        return _error(400, f"request body is not valid JSON: {detail}".rstrip(": "), code="invalid_json")
+    problems, params = [], []
+    for err in errors[:5]:
+        param = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in err.get("loc", ())
+                        if p != "body" and not _union_tag(p))
+        params.append(param.lstrip(".") or None)
+        if err.get("type") == "extra_forbidden":
+            message = "unknown field: this server does not know it (docs/SERVING.md lists every field)"
+        elif err.get("type") == "model_attributes_type" and not params[-1]:
+            message = "the request body must be a JSON object"
+        else:
+            message = err.get("msg")
+        problems.append(f"{params[-1] or 'request body'}: {message}")
+    return _error(400, "; ".join(problems), code="invalid_request", param=params[0] if params else None)
+
+
+MAX_JSON_STRUCTURES = 20_000
+"""Most `{` and `[` a request body may hold (counted in its bytes, before parsing). A conversation that
+fits a context of a few thousand tokens holds far fewer; parsing a million of them took 9 s here."""
+
+
+def parse_request(body: bytes, content_type: str) -> ChatCompletionRequest | JSONResponse:
+    """The request of a body, or the 400 that says what is wrong with it (in a worker thread: a body of
+    megabytes takes a while to parse)."""
+    kind = content_type.split(";")[0].strip().lower()
+    if kind and kind != "application/json" and not kind.endswith("+json"):
+        return _error(400, f"the request body must be JSON sent with Content-Type: application/json (got {kind})",
+                      code="invalid_content_type")
+    structures = body.count(b"{") + body.count(b"[")
+    if structures > MAX_JSON_STRUCTURES:  # parsing a million small objects holds the GIL for seconds
+        return _error(400, f"the request body has {structures} JSON objects and arrays; at most "
+                      f"{MAX_JSON_STRUCTURES} are read", code="request_too_complex")
+    try:
+        data = json.loads(body)
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as err:
+        return _error(400, f"request body is not valid JSON: {type(err).__name__}: {str(err)[:200]}",
+                      code="invalid_json")
+    try:
+        return ChatCompletionRequest.model_validate(data)
+    except ValidationError as err:
+        return validation_error(err.errors(include_url=False))
+    except RecursionError:
+        return _error(400, "request body is nested too deeply", code="invalid_request")
+
+
+@dataclass
+class Prepared:
+    """A request ready for the engine: its prompt, sampling settings and structured-output matcher."""
+
+    prompt: Prompt
+    sampling: SamplingParams
+    matcher: object = None
 
 
 def create_app(chat: ChatModel, settings: ServerSettings | None = None) -> FastAPI:
@@ -175,6 +287,7 @@ def create_app(chat: ChatModel, settings: ServerSettings | None = None) -> FastA
         # with the engine's thread, whose steps then start late (seen: p90 of a 4 ms step at 8 ms).
         app.state.prepare = ThreadPoolExecutor(min(4, os.cpu_count() or 1), thread_name_prefix="crossvlm-prepare")
         app.state.stats = {"prepared": 0, "prepare_s": 0.0}  # requests whose images and text were prepared, and the time
+        app.state.metrics = Metrics(settings.model_name)
         yield
         app.state.prepare.shutdown(cancel_futures=True)
         chat.close()
@@ -192,16 +305,7 @@ def create_app(chat: ChatModel, settings: ServerSettings | None = None) -> FastA
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(_request, exc: RequestValidationError):
-        errors = exc.errors()
-        if errors and errors[0].get("type") == "json_invalid":
-            detail = (errors[0].get("ctx") or {}).get("error", "")
-            return _error(400, f"request body is not valid JSON: {detail}".rstrip(": "), code="invalid_json")
-        problems, params = [], []
-        for err in errors[:5]:
-            param = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in err.get("loc", ()) if p != "body")
-            params.append(param.lstrip(".") or None)
-            problems.append(f"{params[-1] or 'request body'}: {err.get('msg')}")
-        return _error(400, "; ".join(problems), code="invalid_request", param=params[0] if params else None)
+        return validation_error(exc.errors())
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(_request, exc: StarletteHTTPException):
@@ -239,8 +343,37 @@ def create_app(chat: ChatModel, settings: ServerSettings | None = None) -> FastA
         return {"object": "list", "data": [{"id": settings.model_name, "object": "model",
                                             "created": int(time.time()), "owned_by": "crossvlm"}]}
 
-    def prepare(req: ChatCompletionRequest) -> tuple[Prompt, SamplingParams]:
-        """Decode images and tokenize (in a worker thread: this may download or decode images)."""
+    @app.get("/metrics", include_in_schema=False)
+    async def metrics():
+        return Response(app.state.metrics.render(chat.engine), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    vocab = chat.model.config.text_config.vocab_size
+
+    def prepare(req: ChatCompletionRequest) -> Prepared:
+        """Check the request against the model, decode images and tokenize (in a worker thread: this may
+        download or decode images). What can be refused from sizes alone is refused before any work."""
+        chars = sum(len(m.content) if isinstance(m.content, str) else
+                    sum(len(part.text) for part in m.content or () if part.type == "text") for m in req.messages)
+        if chars > chat.max_prompt_chars:
+            raise InputError(f"the messages' {chars} characters need more tokens than the context's "
+                             f"{chat.context_length}; shorten them", "context_length_exceeded", "messages")
+        images = sum(part.type == "image_url" for m in req.messages if isinstance(m.content, list) for part in m.content)
+        if images * chat.processor.num_image_tokens >= chat.context_length:
+            raise InputError(f"{images} images take {images * chat.processor.num_image_tokens} tokens, more than the "
+                             f"context's {chat.context_length}", "context_length_exceeded", "messages")
+        bias = {}
+        for key, value in (req.logit_bias or {}).items():
+            if not key.strip().isdigit() or int(key) >= vocab:
+                raise InputError(f"logit_bias: {key!r} is not a token id (0 to {vocab - 1})", "invalid_request",
+                                 "logit_bias")
+            if not -100 <= value <= 100:
+                raise InputError(f"logit_bias[{key}]: a bias must be in [-100, 100], got {value}", "invalid_request",
+                                 "logit_bias")
+            bias[int(key)] = value
+        schema = req.json_schema()
+        if schema is not None and (req.min_tokens or req.ignore_eos):
+            raise InputError("response_format ends the answer with the JSON document: it cannot go with min_tokens "
+                             "or ignore_eos", "invalid_request", "response_format")
         messages = []
         for m, message in enumerate(req.messages):
             role = "system" if message.role == "developer" else message.role
@@ -253,34 +386,81 @@ def create_app(chat: ChatModel, settings: ServerSettings | None = None) -> FastA
                     for p, part in enumerate(content)
                 ]
             messages.append({"role": role, "content": content or ""})
-        thinking = settings.thinking
+        thinking = settings.thinking and schema is None  # a schema turns the server's default off, not a request's own choice
         if req.chat_template_kwargs and req.chat_template_kwargs.enable_thinking is not None:
             thinking = req.chat_template_kwargs.enable_thinking
         prompt = chat.prompt(messages, enable_thinking=thinking)
+        room = chat.context_length - len(prompt.input_ids)
+        asked = req.max_completion_tokens or req.max_tokens
+        if asked is not None and asked > room:
+            param = "max_completion_tokens" if req.max_completion_tokens else "max_tokens"
+            raise InputError(f"this model's context is {chat.context_length} tokens; the messages take "
+                             f"{len(prompt.input_ids)} and {param} asks for {asked}: at most {room} are left",
+                             "context_length_exceeded", param)
         defaults = SamplingParams()
-        sampling = SamplingParams(
-            max_new_tokens=req.max_completion_tokens or req.max_tokens or settings.default_max_tokens,
-            temperature=defaults.temperature if req.temperature is None else req.temperature,
-            top_p=req.top_p or defaults.top_p,
-            top_k=defaults.top_k if req.top_k is None else req.top_k,
-            repetition_penalty=req.repetition_penalty or defaults.repetition_penalty,
-            stop=tuple(req.stop_list()), seed=req.seed, min_tokens=req.min_tokens or 0, ignore_eos=req.ignore_eos,
-        )
-        return prompt, sampling
+        try:
+            sampling = SamplingParams(
+                max_new_tokens=asked or min(settings.default_max_tokens, room),
+                temperature=defaults.temperature if req.temperature is None else req.temperature,
+                top_p=req.top_p or defaults.top_p,
+                top_k=defaults.top_k if req.top_k is None else max(req.top_k, 0),
+                repetition_penalty=req.repetition_penalty or defaults.repetition_penalty,
+                frequency_penalty=req.frequency_penalty or 0.0, presence_penalty=req.presence_penalty or 0.0,
+                logit_bias=bias or None, json_schema=schema,
+                stop=tuple(req.stop_list()), seed=req.seed, min_tokens=req.min_tokens or 0, ignore_eos=req.ignore_eos,
+            )
+        except CrossVLMError as err:  # (a combination the request's schema lets through)
+            raise InputError(str(err), "invalid_request") from None
+        return Prepared(prompt, sampling, chat.matcher(sampling, thinking))
 
-    @app.post("/v1/chat/completions", dependencies=[Depends(authorize)])
-    async def chat_completions(req: ChatCompletionRequest, request: Request):
+    def refuse(status: int, response: JSONResponse) -> JSONResponse:
+        app.state.metrics.refused.labels(settings.model_name, str(status)).inc()
+        return response
+
+    # The body is parsed in a worker thread (`parse_request`), not by FastAPI: its schema is given here.
+    body_schema = ChatCompletionRequest.model_json_schema(ref_template="#/components/schemas/{model}")
+    body_defs = body_schema.pop("$defs", {})
+
+    def openapi() -> dict:
+        if app.openapi_schema is None:
+            app.openapi_schema = get_openapi(title=app.title, version=app.version, routes=app.routes)
+            app.openapi_schema.setdefault("components", {}).setdefault("schemas", {}).update(body_defs)
+        return app.openapi_schema
+
+    app.openapi = openapi
+
+    @app.post("/v1/chat/completions", dependencies=[Depends(authorize)],
+              openapi_extra={"requestBody": {"required": True, "content": {"application/json": {"schema": body_schema}}}})
+    async def chat_completions(request: Request):
+        loop = asyncio.get_running_loop()
+        body = await request.body()
         start = time.perf_counter()
-        prompt, sampling = await asyncio.get_running_loop().run_in_executor(request.app.state.prepare, prepare, req)
+        prepare_pool = request.app.state.prepare
+        req = await loop.run_in_executor(prepare_pool, parse_request, body, request.headers.get("content-type", ""))
+        if isinstance(req, JSONResponse):
+            return refuse(400, req)
+        refusals = req.refusals()
+        if refusals:
+            param, message = refusals[0]
+            return refuse(400, _error(400, message, code="unsupported_parameter", param=param))
+        if req.model is not None and req.model != settings.model_name:
+            return refuse(404, _error(404, f"the model {req.model!r} does not exist here: this server serves "
+                                      f"{settings.model_name!r} (GET /v1/models)", code="model_not_found", param="model"))
+        try:
+            prepared = await loop.run_in_executor(prepare_pool, prepare, req)
+        except InputError as err:
+            return refuse(400, _error(400, str(err), code=err.code, param=err.param))
         stats = request.app.state.stats
         stats["prepared"] += 1
         stats["prepare_s"] += time.perf_counter() - start
         ids = ResponseIds(req.model or settings.model_name)
         try:
-            job = Job(chat, request.app.state.mailbox, prompt, sampling, req.stream, settings.max_waiting)
+            job = Job(chat, request.app.state.mailbox, prepared, req.stream, settings.max_waiting)
         except QueueFull as err:
+            app.state.metrics.refused.labels(settings.model_name, "429").inc()
             raise APIError(429, f"the server is busy ({err}); retry later", "rate_limit_error", "server_busy",
                            headers={"Retry-After": str(settings.retry_after)}) from None
+        job.watch(app.state.metrics, start)
         events = job.events()
         try:  # the first event decides between an answer and an error status
             first = await anext(events)
