@@ -18,8 +18,8 @@ PACKAGE = Path(__file__).resolve().parents[1] / "crossvlm"
 
 LAYERS = (
     # 0, below the chain: what every layer may use. Errors, and the shipped stage YAMLs
-    # (found by name; the train config reads them).
-    ("crossvlm.errors", "crossvlm.configs"),
+    # (found by name; the train config reads them); sources.py, which says what a folder or id is.
+    ("crossvlm.errors", "crossvlm.configs", "crossvlm.sources"),
     ("crossvlm.model",),
     # The readers, rendering, collation; `crossvlm data` (data/cli.py) and its loader benchmark
     # (data/bench.py) use only the data layer and the model's processor, so they stay here.
