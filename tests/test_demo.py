@@ -25,7 +25,7 @@ def test_demo_runs_both_stages_and_reports(tmp_path, capsys, projector, tokens, 
         assert 0 <= result["vision_kind_accuracy"] <= 1 and "vision_s" in result["timings"]
     else:
         assert result["vision_kind_accuracy"] is None and "vision: skipped" in out
-    assert "bad" not in out.split("[demo] held-out")[0].lower()  # no sample lost to max_length
+    assert " bad of " not in out.split("[demo] held-out")[0].lower()  # no record lost (the run now says "no bad records")
     for q in QUESTION_TYPES:
         assert q in out  # the table, with the chance level beside each type
     assert "chance" in out and "expected:" in out
