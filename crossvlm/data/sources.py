@@ -1,0 +1,366 @@
+"""What a configured source is, and how its records are read in order (streamed).
+
+One place answers "what is this path?" for data:
+- a `.parquet` / `.json` / `.jsonl` file, or a folder of them (MiniMind-V, The Cauldron / FineVision
+  columns, LLaVA): random-access readers (crossvlm.data.readers);
+- a folder written by `datasets.Dataset.save_to_disk` (or `DatasetDict.save_to_disk`): the `datasets`
+  library memory-maps its Arrow files; random access;
+- a hub id `owner/name[:config]` with `split` (`HuggingFaceM4/the_cauldron:vqav2`), or a local folder
+  laid out like a hub dataset (`folder:config`): `datasets.load_dataset` (downloaded and
+  memory-mapped), or with `data.streaming` its data files (parquet) read as shards over `hf://`;
+- webdataset shards (img2dataset's layout: `KEY.jpg`, `KEY.txt`, `KEY.json` in one tar): a tar, a
+  folder of tars, brace notation (`shards/{00000..00127}.tar`), or an `http(s)://`, `s3://`, `gs://`,
+  `hf://` URL of any of these, opened with fsspec: streamed;
+- parquet shards at a URL: streamed.
+
+Tar shards are read with the standard library's `tarfile` in stream mode over an fsspec file: one
+sequential pass, so a plain HTTP server (no range requests) or an object store's GET serves them,
+and no index is built. The `webdataset` package would add its own shard splitting and shuffling,
+which cannot resume at a record; fsspec's `TarFileSystem` indexes a whole tar before the first read.
+"""
+
+from __future__ import annotations
+
+import json
+import posixpath
+import re
+import tarfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+from crossvlm.data.readers import (TABLE_SCHEMAS, TableReader, cauldron_turns, detect_schema, find_files,
+                                   open_reader, schema_columns, table_record)
+from crossvlm.data.records import BadRecord, RawRecord, RecordError
+from crossvlm.errors import DataError
+from crossvlm.model.tokens import IMAGE_MARK
+
+IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")
+TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz")
+REMOTE = re.compile(r"^[a-z][a-z0-9+.-]*://", re.I)
+HF_DISK_MARKERS = ("dataset_info.json", "state.json", "dataset_dict.json")
+
+
+def is_remote(path: str) -> bool:
+    return bool(REMOTE.match(str(path)))
+
+
+def expand_braces(pattern: str) -> list[str]:
+    """`a/{00000..00003}.tar` -> four names (zero padding kept), `{a,b}` -> two; nested and repeated
+    groups expand left to right (the notation of webdataset and bash)."""
+    match = re.search(r"\{([^{}]*)\}", pattern)
+    if match is None:
+        return [pattern]
+    head, body, tail = pattern[: match.start()], match.group(1), pattern[match.end():]
+    numeric = re.fullmatch(r"(\d+)\.\.(\d+)", body)
+    if numeric:
+        lo, hi = numeric.groups()
+        width = len(lo) if lo.startswith("0") else 0
+        choices = [str(n).zfill(width) for n in range(int(lo), int(hi) + 1)]
+    elif "," in body:
+        choices = body.split(",")
+    else:
+        return [head + "{" + body + "}" + name for name in expand_braces(tail)]
+    return [name for choice in choices for name in expand_braces(head + choice + tail)]
+
+
+@dataclass(frozen=True)
+class Shard:
+    """One unit of streaming: a tar or parquet file (local path or URL), or an open random-access
+    reader (`reader`) read in row order."""
+
+    name: str
+    kind: str  # "tar" | "parquet" | "reader"
+    reader: object = None
+
+    def records(self, part: int = 0, parts: int = 1, skip: int = 0, *, caption_prompt: str = ""
+                ) -> Iterator[RawRecord | BadRecord]:
+        """Records number part, part + parts, part + 2·parts, … of the shard, the first `skip` of them
+        passed over without being decoded. A shard that cannot be read (a network error, a cut tar)
+        yields one `BadRecord` naming it and ends."""
+        try:
+            if self.kind == "reader":
+                for row in range(part, len(self.reader), parts)[skip:]:
+                    try:
+                        yield self.reader.read(row)
+                    except RecordError as err:
+                        yield BadRecord(err.kind, self.reader.location(row), err.detail)
+            elif self.kind == "parquet":
+                yield from _parquet_records(self.name, part, parts, skip)
+            else:
+                yield from _tar_records(self.name, part, parts, skip, caption_prompt)
+        except (OSError, tarfile.TarError, ValueError, DataError) as err:
+            yield BadRecord("error", self.name, f"shard cannot be read: {type(err).__name__}: {err}")
+
+    def count(self) -> int | None:
+        """Records in the shard when that is cheap to know (a reader, a local file), else None."""
+        if self.kind == "reader":
+            return len(self.reader)
+        if is_remote(self.name):
+            return None
+        if self.kind == "parquet":
+            import pyarrow.parquet as pq
+
+            return pq.ParquetFile(self.name).metadata.num_rows
+        with tarfile.open(self.name, "r:*") as tar:  # headers only: the data is seeked over
+            return len({_split_name(m.name)[0] for m in tar if m.isfile() and _split_name(m.name)})
+
+
+@dataclass
+class ResolvedSource:
+    """A configured source: random-access `readers` when its files allow it, else None; its streamed
+    `shards` (the readers themselves when it has them)."""
+
+    name: str
+    readers: list | None
+    shards: list[Shard]
+
+    @property
+    def kind(self) -> str:
+        return "random access" if self.readers is not None else "streamed"
+
+
+def resolve_source(path: str, *, fmt: str | None = None, image_root: str | None = None, split: str | None = None,
+                   streaming: bool = False, row_group_cache: int = 2) -> ResolvedSource:
+    """Open what `path` names (see the module docstring) without reading its records."""
+    path = str(path)
+    if fmt in TABLE_SCHEMAS or fmt == "llava":
+        table_fmt = fmt
+    else:
+        table_fmt = None
+    if is_remote(path):
+        return _remote(path, fmt)
+    names = expand_braces(path)
+    local = [Path(n).expanduser() for n in names]
+    if len(names) > 1 or fmt == "webdataset" or any(p.is_file() and p.name.endswith(TAR_SUFFIXES) for p in local):
+        missing = [str(p) for p in local if not p.is_file()]
+        if missing:
+            raise DataError(f"{path}: {len(missing)} of {len(local)} shards do not exist (first: {missing[0]})")
+        return _shards(path, names)
+    target = local[0]
+    if target.is_dir() and any((target / m).exists() for m in HF_DISK_MARKERS):
+        return _readers(path, [TableReader(_load_from_disk(target, split), _disk_name(target, split), table_fmt)])
+    if target.is_dir():
+        tars = sorted(str(p) for p in target.rglob("*") if p.is_file() and p.name.endswith(TAR_SUFFIXES))
+        if tars:
+            return _shards(path, tars)
+    if target.exists():
+        return _readers(path, [open_reader(f, table_fmt, image_root, row_group_cache=row_group_cache)
+                               for f in find_files(target)])
+    repo, _, config = path.rpartition(":") if _looks_like_config(path) else (path, "", "")
+    if repo and (Path(repo).expanduser().is_dir() or re.fullmatch(r"[\w.-]+/[\w.-]+", repo)):
+        return _hub(repo, config or None, split or "train", streaming, table_fmt)
+    raise DataError(f"{path}: no such file or folder, and not a hub dataset id (owner/name[:config])")
+
+
+def _looks_like_config(path: str) -> bool:
+    head, sep, tail = path.rpartition(":")
+    return bool(sep and head and tail and "/" not in tail)
+
+
+def _readers(name: str, readers: list) -> ResolvedSource:
+    return ResolvedSource(name, readers, [Shard(getattr(r, "path", name).__str__(), "reader", r) for r in readers])
+
+
+def _shards(name: str, files: list[str]) -> ResolvedSource:
+    kinds = {_shard_kind(f) for f in files}
+    if None in kinds:
+        bad = next(f for f in files if _shard_kind(f) is None)
+        raise DataError(f"{name}: {bad} is neither a tar shard ({', '.join(TAR_SUFFIXES)}) nor a .parquet shard")
+    return ResolvedSource(name, None, [Shard(f, _shard_kind(f)) for f in files])
+
+
+def _shard_kind(name: str) -> str | None:
+    base = name.split("?")[0].lower()
+    if base.endswith(TAR_SUFFIXES):
+        return "tar"
+    if base.endswith(".parquet"):
+        return "parquet"
+    return None
+
+
+def _remote(path: str, fmt: str | None) -> ResolvedSource:
+    """A URL: brace notation, one shard, or a folder listed by its filesystem (not HTTP: name the shards)."""
+    names = expand_braces(path)
+    if len(names) == 1 and _shard_kind(path) is None:
+        fs, root = _filesystem(path)
+        try:
+            found = sorted(p for p in fs.find(root) if _shard_kind(p))
+        except (OSError, NotImplementedError, ValueError) as err:
+            raise DataError(f"{path}: cannot list the shards there ({err}); name them, e.g. "
+                            f"{path.rstrip('/')}/{{00000..00009}}.tar") from None
+        if not found:
+            raise DataError(f"{path}: no .tar or .parquet shard there")
+        names = [fs.unstrip_protocol(p) for p in found]
+    return _shards(path, names)
+
+
+def _filesystem(url: str):
+    import fsspec
+
+    try:
+        return fsspec.core.url_to_fs(url)
+    except ImportError as err:  # s3:// needs s3fs, gs:// gcsfs
+        raise DataError(f"{url}: {err}") from None
+
+
+def open_url(name: str):
+    """A binary file object for a local path or a URL. HTTP is read as one stream (no range requests,
+    which a plain server may not offer, and no read-ahead cache)."""
+    if not is_remote(name):
+        return open(name, "rb")
+    import fsspec
+
+    options = {"block_size": 0} if name.lower().startswith(("http://", "https://")) else {}
+    try:
+        return fsspec.open(name, "rb", **options).open()
+    except ImportError as err:
+        raise DataError(f"{name}: {err}") from None
+
+
+def _load_from_disk(folder: Path, split: str | None):
+    datasets = _datasets(f"{folder} (a save_to_disk folder)")
+    loaded = datasets.load_from_disk(str(folder))
+    if isinstance(loaded, datasets.DatasetDict):
+        split = split or "train"
+        if split not in loaded:
+            raise DataError(f"{folder}: no split {split!r} (splits: {sorted(loaded)}); set the source's split")
+        return loaded[split]
+    return loaded
+
+
+def _disk_name(folder: Path, split: str | None) -> str:
+    return str(folder) + (f"[{split}]" if (folder / "dataset_dict.json").exists() else "")
+
+
+def _hub(repo: str, config: str | None, split: str, streaming: bool, fmt: str | None) -> ResolvedSource:
+    """A hub id (or a local folder in the hub's layout: the same code) through `datasets`."""
+    datasets = _datasets(f"{repo} (a hub dataset id)")
+    name = f"{repo}" + (f":{config}" if config else "") + f"[{split}]"
+    try:
+        if streaming:  # the split's data files, read as shards: nothing is downloaded first
+            builder = datasets.load_dataset_builder(repo, config)
+            files = (builder.config.data_files or {}).get(split)
+            if not files:
+                raise DataError(f"{name}: no data files for split {split!r}")
+            return _shards(name, [str(f) for f in files])
+        return _readers(name, [TableReader(datasets.load_dataset(repo, config, split=split), name, fmt)])
+    except DataError:
+        raise
+    except Exception as err:  # noqa: BLE001 — datasets raises many types (hub, config, split); one line says which
+        raise DataError(f"{name}: datasets could not load it: {type(err).__name__}: {err}") from None
+
+
+def _datasets(what: str):
+    try:
+        import datasets
+    except ImportError:
+        raise DataError(f"{what}: reading it needs the `datasets` library: pip install 'crossvlm[hf]'") from None
+    return datasets
+
+
+# -- reading shards ------------------------------------------------------------------------------------
+def _split_name(name: str) -> tuple[str, str] | None:
+    """webdataset's naming: the key is the path up to the first dot of the file name, the rest its
+    extension (`dir/000123.jpg` -> (`dir/000123`, `jpg`)); hidden files are not samples."""
+    folder, base = posixpath.split(name)
+    if base.startswith(".") or "." not in base:
+        return None
+    key, ext = base.split(".", 1)
+    return posixpath.join(folder, key), ext.lower()
+
+
+def _tar_groups(name: str, part: int, parts: int, skip: int) -> Iterator[tuple[str, dict[str, bytes]]]:
+    """(key, {extension: bytes}) of the samples of a tar, consecutive files with one key forming one
+    sample. Samples not taken (other parts, skipped ones) are passed over unread."""
+    with open_url(name) as raw, tarfile.open(fileobj=raw, mode="r|*") as tar:
+        index, key, files, taken = -1, None, {}, 0
+        wanted = False
+        for member in tar:
+            split = _split_name(member.name) if member.isfile() else None
+            if split is None:
+                continue
+            if split[0] != key:
+                if wanted:
+                    yield key, files
+                key, files, index = split[0], {}, index + 1
+                mine = index % parts == part
+                wanted = mine and taken >= skip
+                taken += mine
+            if wanted:
+                files[split[1]] = tar.extractfile(member).read()
+        if wanted:
+            yield key, files
+
+
+def _tar_records(name: str, part: int, parts: int, skip: int, caption_prompt: str) -> Iterator:
+    for key, files in _tar_groups(name, part, parts, skip):
+        location = f"{name} key {key}"
+        try:
+            yield webdataset_record(files, location, caption_prompt)
+        except RecordError as err:
+            yield BadRecord(err.kind, location, err.detail)
+
+
+def webdataset_record(files: dict[str, bytes], location: str, caption_prompt: str) -> RawRecord:
+    """One webdataset sample as a record: its images (in extension order: `jpg`, or `0.jpg`, `1.jpg`…)
+    with a `.json` conversation (LLaVA's `conversations`, or Cauldron's `texts`) or, else, its `.txt`
+    caption answering `caption_prompt` (img2dataset's `.json` holds only metadata)."""
+    images = [files[ext] for ext in sorted(files) if ext.rsplit(".", 1)[-1] in IMAGE_EXTENSIONS]
+    meta = None
+    if "json" in files:
+        try:
+            meta = json.loads(files["json"])
+        except ValueError as err:
+            raise RecordError("malformed", f".json is not valid JSON ({err})") from None
+    if isinstance(meta, dict) and "conversations" in meta:
+        turns = meta["conversations"]
+        if isinstance(turns, list) and images and turns and isinstance(turns[0], dict):
+            text = "".join(str(t.get("value", t.get("content", ""))) for t in turns)
+            if IMAGE_MARK not in text:  # no marks: the images go before the first question
+                first = dict(turns[0])
+                field = "value" if "value" in first else "content"
+                first[field] = IMAGE_MARK * len(images) + "\n" + str(first.get(field, ""))
+                turns = [first, *turns[1:]]
+        return RawRecord(turns, images, location)
+    if isinstance(meta, dict) and "texts" in meta:
+        return RawRecord(cauldron_turns(meta["texts"], len(images)), images, location)
+    caption = files.get("txt", files.get("caption"))
+    if caption is None:
+        raise RecordError("malformed", "sample has neither a .json conversation nor a .txt caption "
+                                       f"(files: {sorted(files)})")
+    try:
+        caption = caption.decode("utf-8").strip()
+    except UnicodeDecodeError:
+        raise RecordError("malformed", ".txt caption is not UTF-8") from None
+    prompt = caption_prompt if IMAGE_MARK in caption_prompt else IMAGE_MARK * len(images) + caption_prompt
+    return RawRecord([{"role": "user", "content": prompt}, {"role": "assistant", "content": caption}],
+                     images, location)
+
+
+def _parquet_records(name: str, part: int, parts: int, skip: int) -> Iterator[RawRecord | BadRecord]:
+    """Rows part, part + parts, … of a parquet shard, read a row group at a time (only the columns
+    used); row groups wholly before the `skip`-th wanted row are not read."""
+    import pyarrow.parquet as pq
+
+    with open_url(name) as raw:
+        pf = pq.ParquetFile(raw)
+        schema = detect_schema(pf.schema_arrow.names, name)
+        columns = schema_columns(schema, pf.schema_arrow.names)
+        first = part + skip * parts  # the first row to yield
+        start = 0
+        for g in range(pf.num_row_groups):
+            rows = pf.metadata.row_group(g).num_rows
+            if start + rows <= first:
+                start += rows
+                continue
+            table = pf.read_row_group(g, columns=columns)
+            for i in range(max(first - start, 0), rows):
+                if (start + i) % parts != part:
+                    continue
+                location = f"{name} row {start + i}"
+                try:
+                    yield table_record(schema, {c: table.column(c)[i].as_py() for c in columns}, location)
+                except RecordError as err:
+                    yield BadRecord(err.kind, location, err.detail)
+            start += rows

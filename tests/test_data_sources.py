@@ -1,0 +1,293 @@
+"""The data users already have: Hugging Face datasets (save_to_disk folders, Cauldron / FineVision
+parquet, hub ids), webdataset tar shards (files, folders, braces, HTTP), streamed with exact resume.
+
+Every data set here is written by the real libraries (`datasets`, pyarrow, `tarfile` in
+img2dataset's layout) and HTTP is a real server on 127.0.0.1.
+"""
+
+from __future__ import annotations
+
+import functools
+import http.server
+import io
+import json
+import tarfile
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+
+from crossvlm.data.config import DataConfig, SourceConfig
+from crossvlm.data.loader import build_dataset, build_loader
+from crossvlm.data.readers import open_reader
+from crossvlm.data.records import normalize
+from crossvlm.data.sources import Shard, expand_braces, resolve_source
+from crossvlm.data.streaming import Stream, StreamSource
+from crossvlm.errors import DataError
+
+M = 4  # visual tokens per image in these tests
+
+
+@pytest.fixture(scope="session")
+def tok(tiny_models):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(tiny_models / "llm"))
+
+
+@pytest.fixture(scope="session")
+def processor(tiny_models):
+    from crossvlm.model.processor import load_image_processor
+
+    return load_image_processor(tiny_models / "vision")
+
+
+def jpeg(i: int = 0, size=(24, 20)) -> bytes:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", size, ((40 * i) % 256, (90 + 7 * i) % 256, 30)).save(buf, format="JPEG")
+    return buf.getvalue()
+
+
+def write_tar(path: Path, samples: list[dict[str, bytes]], keys: list[str]) -> Path:
+    """A tar in img2dataset's layout: each sample's files `KEY.EXT`, one sample after another."""
+    with tarfile.open(path, "w") as tar:
+        for key, files in zip(keys, samples):
+            for ext, data in files.items():
+                info = tarfile.TarInfo(f"{key}.{ext}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    return path
+
+
+def caption_shards(folder: Path, shards: int = 4, per_shard: int = 5, bad: str | None = None) -> list[Path]:
+    """img2dataset output: KEY.jpg, KEY.txt, KEY.json (metadata only) with keys 000000000, 000000001, …"""
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for s in range(shards):
+        keys = [f"{s:05d}{i:04d}" for i in range(per_shard)]
+        samples = [{"jpg": jpeg(s * per_shard + i), "txt": f"caption {s * per_shard + i}".encode(),
+                    "json": json.dumps({"key": k, "status": "success", "url": f"http://x/{k}.jpg"}).encode()}
+                   for i, k in enumerate(keys)]
+        if bad is not None and s == 1:
+            samples[2] = {"jpg": b"not a jpeg", "txt": b"broken image"}
+        paths.append(write_tar(folder / f"{s:05d}.tar", samples, keys))
+    return paths
+
+
+@pytest.fixture()
+def http_root(tmp_path):
+    """A real HTTP server on 127.0.0.1 serving tmp_path / "www"; yields its base URL."""
+    root = tmp_path / "www"
+    root.mkdir()
+    handler = functools.partial(QuietHandler, directory=str(root))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield root, f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+class QuietHandler(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, *args):
+        pass
+
+
+def captions(records) -> list[str]:
+    return [normalize(r).messages[-1]["content"] for r in records]
+
+
+def all_records(source) -> list:
+    return [r for shard in source.shards for r in shard.records(caption_prompt="<image>Say what you see.")]
+
+
+# -- webdataset shards -----------------------------------------------------------------------------------
+def test_braces_expand_like_webdataset():
+    assert expand_braces("s/{000..002}.tar") == ["s/000.tar", "s/001.tar", "s/002.tar"]
+    assert expand_braces("{a,b}/{8..10}.tar") == ["a/8.tar", "a/9.tar", "a/10.tar", "b/8.tar", "b/9.tar", "b/10.tar"]
+
+
+def test_tar_shards_from_a_file_a_folder_braces_and_http_give_the_same_records(tmp_path, http_root):
+    www, url = http_root
+    caption_shards(www / "shards", shards=3, per_shard=4)
+    expected = [f"caption {i}" for i in range(12)]
+    one = resolve_source(str(www / "shards" / "00001.tar"))
+    assert one.readers is None and captions(all_records(one)) == expected[4:8]
+    for path in (www / "shards", f"{www}/shards/{{00000..00002}}.tar", f"{url}/shards/{{00000..00002}}.tar"):
+        source = resolve_source(str(path))
+        records = all_records(source)
+        assert captions(records) == expected, path
+        assert len(records[0].images) == 1 and records[0].images[0] == jpeg(0)
+        assert normalize(records[0]).messages[0]["content"] == "<image>Say what you see."
+    assert records[5].location == f"{url}/shards/00001.tar key 000010001"
+    # Striding a shard over streams: parts 0 and 1 of 2, and skipping records unread.
+    shard = Shard(f"{url}/shards/00000.tar", "tar")
+    assert captions(shard.records(1, 2)) == ["caption 1", "caption 3"]
+    assert captions(shard.records(0, 1, skip=3)) == ["caption 3"]
+
+
+def test_tar_json_conversations_and_bad_samples_are_located_by_shard_and_key(tmp_path):
+    conv = {"conversations": [{"from": "human", "value": "<image>\nWhat colour?"}, {"from": "gpt", "value": "red"}]}
+    marks_absent = {"conversations": [{"role": "user", "content": "Both?"}, {"role": "assistant", "content": "yes"}]}
+    path = write_tar(tmp_path / "c.tar", [
+        {"jpg": jpeg(1), "json": json.dumps(conv).encode()},
+        {"0.jpg": jpeg(2), "1.png": jpeg(3), "json": json.dumps(marks_absent).encode()},
+        {"jpg": jpeg(4)},
+        {"json": b"{not json"},
+    ], ["a", "b", "c", "d"])
+    a, b, c, d = Shard(str(path), "tar").records()
+    assert normalize(a).messages == [{"role": "user", "content": "<image>\nWhat colour?"},
+                                     {"role": "assistant", "content": "red"}]
+    assert normalize(b).messages[0]["content"] == "<image><image>\nBoth?" and b.images == [jpeg(2), jpeg(3)]
+    assert (c.kind, c.location) == ("malformed", f"{path} key c") and "caption" in c.detail
+    assert (d.kind, d.location) == ("malformed", f"{path} key d")
+
+
+# -- streaming -------------------------------------------------------------------------------------------
+def stream_captions(sources, stream, streams, epochs=1, buffer=0, shuffle=False, seed=0):
+    return captions(Stream(sources, stream, streams, seed=seed, shuffle=shuffle, buffer_size=buffer, epochs=epochs))
+
+
+@pytest.mark.parametrize("shards,streams", [(4, 4), (5, 2), (2, 4), (1, 3)], ids=lambda v: str(v))
+def test_streams_split_the_shards_without_overlap(tmp_path, shards, streams):
+    """world_size × workers streams: each record read by exactly one (shards cut into parts when fewer)."""
+    caption_shards(tmp_path, shards=shards, per_shard=3)
+    source = StreamSource.of(resolve_source(str(tmp_path)), 1.0, "<image>")
+    assert source.records == shards * 3
+    for shuffle in (False, True):
+        seen = [stream_captions([source], j, streams, shuffle=shuffle, buffer=4) for j in range(streams)]
+        flat = [c for s in seen for c in s]
+        assert sorted(flat) == sorted(f"caption {i}" for i in range(shards * 3)), seen
+        assert all(seen)
+
+
+def test_shuffle_buffer_is_bounded_and_mixing_follows_the_weights(tmp_path):
+    caption_shards(tmp_path / "a", shards=2, per_shard=50)
+    big = StreamSource.of(resolve_source(str(tmp_path / "a")), 1.0, "<image>")
+    order = stream_captions([big], 0, 1, buffer=10, shuffle=True)
+    numbers = [int(c.split()[1]) for c in order]
+    assert sorted(numbers) == list(range(100)) and numbers != sorted(numbers)
+    # A record leaves at most `buffer` places ahead of where it was read (within a unit order).
+    half = StreamSource.of(resolve_source(str(tmp_path / "a" / "00000.tar")), 3.0, "<image>")
+    other = StreamSource.of(resolve_source(str(tmp_path / "a" / "00001.tar")), 1.0, "<image>")
+    stream = Stream([half, other], 0, 1, seed=0, shuffle=True, buffer_size=10, epochs=None)
+    drawn = [next(stream) for _ in range(400)]
+    share = sum(r.location.startswith(str(tmp_path / "a" / "00000.tar")) for r in drawn) / len(drawn)
+    assert 0.68 < share < 0.82  # weight 3 : 1 on equal sizes
+
+
+def streamed_config(*paths, **kw) -> DataConfig:
+    base = dict(max_length=64, num_workers=0, shuffle_buffer=6, max_bad_fraction=0.5)
+    return DataConfig(sources=[SourceConfig(str(p)) if not isinstance(p, SourceConfig) else p for p in paths],
+                      **{**base, **kw})
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_streamed_loader_resumes_exactly_from_its_saved_state(tmp_path, tok, processor, workers):
+    """Batches after load_state_dict (through JSON, as meta.json stores it) equal the uninterrupted
+    ones, with workers, a shuffle buffer, two mixed sources, and a bad record in the stream."""
+    caption_shards(tmp_path / "caps", shards=3, per_shard=7, bad="yes")
+    caption_shards(tmp_path / "more", shards=2, per_shard=5)
+    cfg = streamed_config(tmp_path / "caps", SourceConfig(str(tmp_path / "more"), weight=2.0), num_workers=workers)
+    data = build_dataset(cfg, tok, processor, M)
+    full = build_loader(data, cfg, 3, seed=5)
+    assert full.steps_per_epoch == (21 + 20) // 3
+    it = iter(full)
+    whole = [next(it)["input_ids"] for _ in range(12)]
+    it.close()
+    for stop in (1, 4, 5):
+        first = build_loader(data, cfg, 3, seed=5)
+        it = iter(first)
+        for _ in range(stop):
+            next(it)
+        state = json.loads(json.dumps(first.state_dict()))
+        it.close()
+        again = build_loader(build_dataset(cfg, tok, processor, M), cfg, 3, seed=5)
+        again.load_state_dict(state)
+        it = iter(again)
+        rest = [next(it)["input_ids"] for _ in range(12 - stop)]
+        it.close()
+        assert all(torch.equal(a, b) for a, b in zip(rest, whole[stop:])), f"resumed after {stop}"
+    assert full.tracker.counts["bad_image"] >= 1
+    assert "00001.tar key 000010002" in full.tracker.report()
+    other = build_loader(data, cfg, 3, seed=5, world_size=2, rank=0)
+    with pytest.raises(DataError, match="same number of processes"):
+        other.load_state_dict(state)
+
+
+# -- Hugging Face datasets --------------------------------------------------------------------------------
+def cauldron_rows(n: int = 4) -> dict:
+    """The Cauldron's / FineVision's columns: `images` (a list of images) and `texts` ({user, assistant})."""
+    from PIL import Image
+
+    images = [[Image.open(io.BytesIO(jpeg(i)))] * (1 + i % 2) for i in range(n)]
+    texts = [[{"user": f"Question {i}?", "assistant": f"Answer {i}.", "source": "test"}] +
+             ([{"user": "And then?", "assistant": "Done."}] if i % 2 else []) for i in range(n)]
+    return {"images": images, "texts": texts}
+
+
+def cauldron_dataset(n: int = 4):
+    datasets = pytest.importorskip("datasets")
+    features = datasets.Features({
+        "images": datasets.Sequence(datasets.Image()),
+        "texts": [{"user": datasets.Value("string"), "assistant": datasets.Value("string"),
+                   "source": datasets.Value("string")}]})
+    return datasets.Dataset.from_dict(cauldron_rows(n), features=features)
+
+
+def check_cauldron(records) -> None:
+    first, second = (normalize(r) for r in records[:2])
+    assert first.messages == [{"role": "user", "content": "<image>\nQuestion 0?"},
+                              {"role": "assistant", "content": "Answer 0."}]
+    assert second.messages[0]["content"] == "<image><image>\nQuestion 1?" and len(second.messages) == 4
+    assert len(second.images) == 2 and isinstance(second.images[0], bytes)
+
+
+def test_save_to_disk_folder_and_cauldron_parquet_are_read_as_they_are(tmp_path, tok, processor):
+    ds = cauldron_dataset()
+    ds.save_to_disk(str(tmp_path / "saved"))
+    ds.to_parquet(str(tmp_path / "cauldron.parquet"))
+    for path in (tmp_path / "saved", tmp_path / "cauldron.parquet"):
+        source = resolve_source(str(path))
+        assert source.readers[0].format == "cauldron" and len(source.readers[0]) == 4
+        check_cauldron([source.readers[0].read(i) for i in range(4)])
+        chars, images = source.readers[0].length_estimates()
+        assert images.tolist() == [1, 2, 1, 2] and chars[0] == len("Question 0?Answer 0.")
+    # The same parquet streamed as a shard.
+    check_cauldron(list(Shard(str(tmp_path / "cauldron.parquet"), "parquet").records()))
+    data = build_dataset(streamed_config(tmp_path / "saved", streaming=False), tok, processor, M)
+    assert data[1].pixel_values.shape[0] == 2
+
+
+def hub_layout(root: Path) -> Path:
+    """A folder laid out as The Cauldron is on the hub: a config per subfolder, named in README.md."""
+    ds = cauldron_dataset(6)
+    (root / "vqav2").mkdir(parents=True)
+    ds.to_parquet(str(root / "vqav2" / "train-00000-of-00002.parquet"))
+    ds.select(range(2)).to_parquet(str(root / "vqav2" / "train-00001-of-00002.parquet"))
+    (root / "README.md").write_text(
+        "---\nconfigs:\n- config_name: vqav2\n  data_files:\n  - split: train\n    path: vqav2/train-*\n---\n")
+    return root
+
+
+def test_a_hub_id_goes_through_datasets_the_same_code_on_a_local_hub_layout(tmp_path):
+    root = hub_layout(tmp_path / "the_cauldron")
+    source = resolve_source(f"{root}:vqav2", split="train")
+    assert source.readers is not None and len(source.readers[0]) == 8
+    check_cauldron([source.readers[0].read(i) for i in range(2)])
+    streamed = resolve_source(f"{root}:vqav2", split="train", streaming=True)
+    assert [s.kind for s in streamed.shards] == ["parquet", "parquet"]
+    check_cauldron(all_records(streamed))
+    with pytest.raises(DataError, match="split"):
+        resolve_source(f"{root}:vqav2", split="validation")
+
+
+def test_llava_json_with_a_utf8_bom_is_read(tmp_path):
+    records = [{"conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello"}]}]
+    (tmp_path / "a.json").write_bytes(b"\xef\xbb\xbf" + json.dumps(records).encode())
+    (tmp_path / "b.jsonl").write_bytes(b"\xef\xbb\xbf" + json.dumps(records[0]).encode() + b"\n")
+    for name in ("a.json", "b.jsonl"):
+        assert normalize(open_reader(tmp_path / name).read(0)).messages[1]["content"] == "Hello"
