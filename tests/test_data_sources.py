@@ -291,3 +291,101 @@ def test_llava_json_with_a_utf8_bom_is_read(tmp_path):
     (tmp_path / "b.jsonl").write_bytes(b"\xef\xbb\xbf" + json.dumps(records[0]).encode() + b"\n")
     for name in ("a.json", "b.jsonl"):
         assert normalize(open_reader(tmp_path / name).read(0)).messages[1]["content"] == "Hello"
+
+
+# -- commands ----------------------------------------------------------------------------------------------
+def test_inspect_and_convert_every_kind(tmp_path, tiny_models, http_root, capsys):
+    from crossvlm.cli import main
+
+    www, url = http_root
+    caption_shards(www / "caps", shards=2, per_shard=3)
+    cauldron_dataset().save_to_disk(str(tmp_path / "saved"))
+    hub = hub_layout(tmp_path / "hub")
+    llm = ["--llm", str(tiny_models / "llm"), "--image-tokens", "4"]
+    for path, fmt, rows in [(f"{url}/caps/{{00000..00001}}.tar", "webdataset", "?"),
+                            (str(www / "caps"), "webdataset", "3"), (str(tmp_path / "saved"), "cauldron", "4"),
+                            (f"{hub}:vqav2", "cauldron", "8")]:
+        assert main(["data", "inspect", path, *llm]) == 0, path
+        out = capsys.readouterr().out
+        assert f"format={fmt}  rows={rows}" in out and "usable: yes" in out, out
+        assert "[[" in out  # a rendered sample with its trained tokens
+    # Tar shards over HTTP -> parquet shards -> webdataset shards: the same conversations all the way.
+    assert main(["data", "convert", f"{url}/caps/{{00000..00001}}.tar", "--out", str(tmp_path / "pq"),
+                 "--to", "parquet", "--records-per-shard", "4"]) == 0
+    assert "wrote 6 records in 2 shards" in capsys.readouterr().out
+    assert main(["data", "convert", str(tmp_path / "pq"), "--out", str(tmp_path / "wds"), "--to", "webdataset"]) == 0
+    back = all_records(resolve_source(str(tmp_path / "wds")))
+    assert captions(back) == [f"caption {i}" for i in range(6)] and back[2].images == [jpeg(2)]
+    assert normalize(back[0]).messages[0]["content"] == "<image>\nDescribe the image."
+    # A bad record is counted, located and not written; an existing folder is refused, untouched.
+    caption_shards(tmp_path / "bad", shards=2, per_shard=3, bad="yes")
+    assert main(["data", "convert", str(tmp_path / "bad"), "--out", str(tmp_path / "pq2"), "--to", "parquet"]) == 0
+    out = capsys.readouterr().out
+    assert "wrote 6 records" in out  # the broken image's bytes are copied as they are: training counts it
+    assert main(["data", "convert", str(tmp_path / "bad"), "--out", str(tmp_path / "pq2"), "--to", "parquet"]) == 2
+    assert "not an empty folder" in capsys.readouterr().err
+    assert sorted(p.name for p in (tmp_path / "pq2").iterdir()) == ["00000.parquet"]
+    assert main(["data", "inspect", str(tmp_path / "nowhere.tar")]) == 2
+
+
+# -- training on streamed shards ----------------------------------------------------------------------------
+def stream_run(tiny_models, sources, out: Path, **extra) -> dict:
+    return {"model.llm": str(tiny_models / "llm"), "model.vision": str(tiny_models / "vision"),
+            "data.sources": sources, "data.num_workers": 1, "data.shuffle_buffer": 8, "run.out_dir": str(out),
+            "run.max_steps": 6, "run.save_interval": 3, "run.keep_last": 5, "run.batch_size": 2, **extra}
+
+
+def test_training_on_http_shards_resumes_with_identical_losses(tiny_models, http_root, tmp_path):
+    """`crossvlm train`'s loop over tar shards from a real HTTP server, mixed with a local Cauldron
+    save_to_disk folder; the run resumed from its step-3 checkpoint (what `--resume auto` finds after a
+    SIGKILL, or writes on a SIGTERM) gives the uninterrupted run's losses, bit for bit."""
+    from crossvlm.configs import config_path
+    from crossvlm.train.config import load_config
+    from crossvlm.train.loop import train
+    from test_train import losses
+
+    www, url = http_root
+    caption_shards(www / "caps", shards=3, per_shard=6)
+    cauldron_dataset(6).save_to_disk(str(tmp_path / "saved"))
+    sources = [f"{url}/caps/{{00000..00002}}.tar", {"path": str(tmp_path / "saved"), "weight": 0.5}]
+    debug = config_path("debug.yaml")
+    train(load_config(debug, stream_run(tiny_models, sources, tmp_path / "whole")))
+    train(load_config(debug, stream_run(tiny_models, sources, tmp_path / "resumed",
+                                        **{"run.resume": str(tmp_path / "whole/checkpoints/step-0000003")})))
+    ref, got = losses(tmp_path / "whole"), losses(tmp_path / "resumed")
+    assert sorted(ref) == list(range(1, 7)) and sorted(got) == [4, 5, 6]
+    for step in got:
+        assert got[step] == ref[step], f"step {step}: {got[step]} != {ref[step]}"
+    meta = json.loads((tmp_path / "whole/checkpoints/step-0000003/meta.json").read_text())
+    assert meta["data"]["streaming"] and meta["data"]["batches"] == 3 and len(meta["data"]["streams"]) == 1
+
+
+def test_two_processes_resume_streamed_shards_with_identical_losses(tiny_models, tmp_path):
+    """torchrun, 2 CPU processes (gloo) × 2 loader workers: 4 streams over 3 shards (cut into parts);
+    resuming from step 3 of that run gives its losses bit for bit. (Another number of processes is
+    refused: the streams are dealt per process and worker.)"""
+    from test_distributed import free_port, torchrun
+
+    caption_shards(tmp_path / "caps", shards=3, per_shard=8)
+    sources = [str(tmp_path / "caps")]
+    runs = [{"name": "whole", "overrides": stream_run(tiny_models, sources, tmp_path / "whole", **{
+                "data.num_workers": 2, "run.batch_size": 1})},
+            {"name": "resumed", "overrides": stream_run(tiny_models, sources, tmp_path / "resumed", **{
+                "data.num_workers": 2, "run.batch_size": 1,
+                "run.resume": str(tmp_path / "whole/checkpoints/step-0000003")})}]
+    from crossvlm.configs import config_path
+    from test_train import losses
+
+    spec = tmp_path / "spec.json"
+    spec.write_text(json.dumps({"config": str(config_path("debug.yaml")), "runs": runs,
+                                "results": str(tmp_path / "results.json")}))
+    launch = torchrun("--master_port", str(free_port()), str(Path(__file__).parent / "train_many.py"), str(spec))
+    out = launch.communicate(timeout=300)[0]
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results.get("whole") == "ok" and results.get("resumed") == "ok", out + json.dumps(results)
+    ref, got = losses(tmp_path / "whole"), losses(tmp_path / "resumed")
+    assert sorted(got) == [4, 5, 6]
+    for step in got:
+        assert got[step] == ref[step], f"step {step}: {got[step]} != {ref[step]}"
+    meta = json.loads((tmp_path / "whole/checkpoints/step-0000003/meta.json").read_text())
+    assert len(meta["data"]["streams"]) == 2 and meta["data"]["streams"][0] != meta["data"]["streams"][1]

@@ -92,3 +92,68 @@ def format_results(results: list[dict]) -> str:
     rows = [f"{r['num_workers']:>7} {r['samples_per_s']:>10} {r['images_per_s']:>9} {r['batches']:>8} "
             f"{r['first_batch_s']:>14}" for r in results]
     return "\n".join([header] + rows)
+
+
+def bench_shards(folder: str | Path, vision_dir: str | Path, llm_dir: str | Path, num_workers=(0, 2, 4), *,
+                 photos: int = 512, shards: int = 16, batch_size: int = 32, seconds: float = 10.0,
+                 num_image_tokens: int = 64) -> dict[str, list[dict]]:
+    """The same generated JPEGs read three ways, with the real loader: MiniMind-V parquet (random
+    access), webdataset tar shards on disk (streamed), and those shards from an HTTP server on
+    127.0.0.1 (`python -m http.server` in its own process, streamed through fsspec)."""
+    from crossvlm.data.convert import convert
+
+    folder = Path(folder)
+    parquet = write_photo_parquet(folder / "photos.parquet", photos)
+    convert(str(parquet), folder / "shards", "webdataset", records_per_shard=max(1, -(-photos // shards)))
+    names = sorted(p.name for p in (folder / "shards").iterdir())
+    options = dict(batch_size=batch_size, seconds=seconds, num_image_tokens=num_image_tokens)
+    results = {"parquet": bench_loader(parquet, vision_dir, llm_dir, num_workers, **options),
+               "tar shards": bench_loader(folder / "shards", vision_dir, llm_dir, num_workers, **options)}
+    with http_server(folder) as url:
+        braces = f"{url}/shards/{{{names[0][:-4]}..{names[-1][:-4]}}}.tar"
+        results["tar shards over HTTP"] = bench_loader(braces, vision_dir, llm_dir, num_workers, **options)
+    return results
+
+
+class http_server:
+    """`python -m http.server` on 127.0.0.1 serving `folder`, in its own process, for a `with` block."""
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+
+    def __enter__(self) -> str:
+        import socket
+        import subprocess
+        import sys
+
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        self.process = subprocess.Popen([sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1",
+                                         "--directory", str(self.folder)],
+                                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.time() + 20
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                if time.time() > deadline or self.process.poll() is not None:
+                    self.process.kill()
+                    raise RuntimeError("the HTTP server for the benchmark did not start") from None
+                time.sleep(0.05)
+        return f"http://127.0.0.1:{port}"
+
+    def __exit__(self, *exc) -> None:
+        self.process.terminate()
+        self.process.wait(timeout=10)
+
+
+def format_shard_results(results: dict[str, list[dict]]) -> str:
+    """One row per reader and worker count, with samples/s per worker (the main process counts as
+    one worker when there are none)."""
+    header = f"{'reader':<22} {'workers':>7} {'samples/s':>10} {'per worker':>10} {'first batch s':>14}"
+    rows = [f"{name:<22} {r['num_workers']:>7} {r['samples_per_s']:>10} "
+            f"{r['samples_per_s'] / max(r['num_workers'], 1):>10.1f} {r['first_batch_s']:>14}"
+            for name, runs in results.items() for r in runs]
+    return "\n".join([header] + rows)

@@ -306,7 +306,8 @@ def webdataset_record(files: dict[str, bytes], location: str, caption_prompt: st
     """One webdataset sample as a record: its images (in extension order: `jpg`, or `0.jpg`, `1.jpg`…)
     with a `.json` conversation (LLaVA's `conversations`, or Cauldron's `texts`) or, else, its `.txt`
     caption answering `caption_prompt` (img2dataset's `.json` holds only metadata)."""
-    images = [files[ext] for ext in sorted(files) if ext.rsplit(".", 1)[-1] in IMAGE_EXTENSIONS]
+    names = [ext for ext in files if ext.rsplit(".", 1)[-1] in IMAGE_EXTENSIONS]
+    images = [files[ext] for ext in sorted(names, key=_image_order)]
     meta = None
     if "json" in files:
         try:
@@ -336,6 +337,12 @@ def webdataset_record(files: dict[str, bytes], location: str, caption_prompt: st
     prompt = caption_prompt if IMAGE_MARK in caption_prompt else IMAGE_MARK * len(images) + caption_prompt
     return RawRecord([{"role": "user", "content": prompt}, {"role": "assistant", "content": caption}],
                      images, location)
+
+
+def _image_order(ext: str) -> tuple[int, str]:
+    """`jpg` first, then `0.jpg`, `1.png`, …, `10.jpg` in number order."""
+    head = ext.split(".")[0]
+    return (int(head) if head.isdigit() else -1, ext)
 
 
 def _parquet_records(name: str, part: int, parts: int, skip: int) -> Iterator[RawRecord | BadRecord]:
