@@ -335,13 +335,18 @@ def stream_run(tiny_models, sources, out: Path, **extra) -> dict:
             "run.max_steps": 6, "run.save_interval": 3, "run.keep_last": 5, "run.batch_size": 2, **extra}
 
 
-def test_training_on_http_shards_resumes_with_identical_losses(tiny_models, http_root, tmp_path):
-    """`crossvlm train`'s loop over tar shards from a real HTTP server, mixed with a local Cauldron
-    save_to_disk folder; the run resumed from its step-3 checkpoint (what `--resume auto` finds after a
-    SIGKILL, or writes on a SIGTERM) gives the uninterrupted run's losses, bit for bit."""
+def test_training_on_http_shards_stopped_by_sigterm_resumes_with_identical_losses(tiny_models, http_root, tmp_path,
+                                                                                     monkeypatch):
+    """The training loop over tar shards from a real HTTP server mixed with a local Cauldron
+    save_to_disk folder, with a loader worker reading ahead, gets a real SIGTERM during step 3: it
+    checkpoints the step it stops after, and `--resume auto` gives every later loss of the uninterrupted run, bit
+    for bit. (The SIGTERM to a whole process group, through the CLI: tests/test_faults.py.)"""
+    import os
+    import signal
+
     from crossvlm.configs import config_path
     from crossvlm.train.config import load_config
-    from crossvlm.train.loop import train
+    from crossvlm.train.loop import Trainer, train
     from test_train import losses
 
     www, url = http_root
@@ -349,21 +354,34 @@ def test_training_on_http_shards_resumes_with_identical_losses(tiny_models, http
     cauldron_dataset(6).save_to_disk(str(tmp_path / "saved"))
     sources = [f"{url}/caps/{{00000..00002}}.tar", {"path": str(tmp_path / "saved"), "weight": 0.5}]
     debug = config_path("debug.yaml")
-    train(load_config(debug, stream_run(tiny_models, sources, tmp_path / "whole")))
-    train(load_config(debug, stream_run(tiny_models, sources, tmp_path / "resumed",
-                                        **{"run.resume": str(tmp_path / "whole/checkpoints/step-0000003")})))
-    ref, got = losses(tmp_path / "whole"), losses(tmp_path / "resumed")
-    assert sorted(ref) == list(range(1, 7)) and sorted(got) == [4, 5, 6]
-    for step in got:
+    run = functools.partial(stream_run, tiny_models, sources, **{"run.max_steps": 7, "run.save_interval": 100})
+    train(load_config(debug, run(tmp_path / "whole")))
+
+    after_step = Trainer._after_step
+
+    def sigterm_after_step_3(self, *args):
+        if self.step == 2:  # this call makes step 3
+            os.kill(os.getpid(), signal.SIGTERM)
+        return after_step(self, *args)
+
+    monkeypatch.setattr(Trainer, "_after_step", sigterm_after_step_3)
+    stopped = train(load_config(debug, run(tmp_path / "stopped")))
+    monkeypatch.undo()
+    stopped_at = max(losses(tmp_path / "stopped"))  # the step that saw the signal, or the one after
+    assert stopped.name == f"step-{stopped_at:07d}" and 3 <= stopped_at <= 4
+    train(load_config(debug, run(tmp_path / "stopped", **{"run.resume": "auto"})))
+    ref, got = losses(tmp_path / "whole"), losses(tmp_path / "stopped")
+    assert sorted(ref) == sorted(got) == list(range(1, 8))
+    for step in range(stopped_at + 1, 8):
         assert got[step] == ref[step], f"step {step}: {got[step]} != {ref[step]}"
-    meta = json.loads((tmp_path / "whole/checkpoints/step-0000003/meta.json").read_text())
-    assert meta["data"]["streaming"] and meta["data"]["batches"] == 3 and len(meta["data"]["streams"]) == 1
+    meta = json.loads((stopped / "meta.json").read_text())
+    assert meta["data"]["streaming"] and meta["data"]["batches"] == stopped_at and len(meta["data"]["streams"]) == 1
 
 
 def test_two_processes_resume_streamed_shards_with_identical_losses(tiny_models, tmp_path):
     """torchrun, 2 CPU processes (gloo) × 2 loader workers: 4 streams over 3 shards (cut into parts);
-    resuming from step 3 of that run gives its losses bit for bit. (Another number of processes is
-    refused: the streams are dealt per process and worker.)"""
+    resuming from its step-3 checkpoint (what `--resume auto` finds after a SIGKILL) gives its losses
+    bit for bit. (Another number of processes is refused: the streams are dealt per process and worker.)"""
     from test_distributed import free_port, torchrun
 
     caption_shards(tmp_path / "caps", shards=3, per_shard=8)
@@ -389,3 +407,16 @@ def test_two_processes_resume_streamed_shards_with_identical_losses(tiny_models,
         assert got[step] == ref[step], f"step {step}: {got[step]} != {ref[step]}"
     meta = json.loads((tmp_path / "whole/checkpoints/step-0000003/meta.json").read_text())
     assert len(meta["data"]["streams"]) == 2 and meta["data"]["streams"][0] != meta["data"]["streams"][1]
+
+
+def test_bench_reads_the_same_jpegs_as_parquet_tar_shards_and_over_http(tiny_models, tmp_path, capsys):
+    from crossvlm.cli import main
+
+    assert main(["data", "bench", "--photos", "48", "--shards", "--llm", str(tiny_models / "llm"),
+                 "--vision", str(tiny_models / "vision"), "--workers", "1", "--seconds", "0.3",
+                 "--batch-size", "8"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split() == ["reader", "workers", "samples/s", "per", "worker", "first", "batch", "s"]
+    rows = {(" ".join(line.split()[:-4]), int(line.split()[-4])): float(line.split()[-3]) for line in lines[1:]}
+    assert set(rows) == {(name, w) for name in ("parquet", "tar shards", "tar shards over HTTP") for w in (1,)}
+    assert all(rate > 0 for rate in rows.values())

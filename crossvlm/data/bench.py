@@ -96,14 +96,15 @@ def format_results(results: list[dict]) -> str:
 
 def bench_shards(folder: str | Path, vision_dir: str | Path, llm_dir: str | Path, num_workers=(0, 2, 4), *,
                  photos: int = 512, shards: int = 16, batch_size: int = 32, seconds: float = 10.0,
-                 num_image_tokens: int = 64) -> dict[str, list[dict]]:
+                 num_image_tokens: int = 64, jpeg_size: tuple[int, int] = (640, 480)) -> dict[str, list[dict]]:
     """The same generated JPEGs read three ways, with the real loader: MiniMind-V parquet (random
     access), webdataset tar shards on disk (streamed), and those shards from an HTTP server on
     127.0.0.1 (`python -m http.server` in its own process, streamed through fsspec)."""
     from crossvlm.data.convert import convert
 
     folder = Path(folder)
-    parquet = write_photo_parquet(folder / "photos.parquet", photos)
+    folder.mkdir(parents=True, exist_ok=True)
+    parquet = write_photo_parquet(folder / "photos.parquet", photos, size=tuple(jpeg_size))
     convert(str(parquet), folder / "shards", "webdataset", records_per_shard=max(1, -(-photos // shards)))
     names = sorted(p.name for p in (folder / "shards").iterdir())
     options = dict(batch_size=batch_size, seconds=seconds, num_image_tokens=num_image_tokens)

@@ -124,15 +124,13 @@ def resolve_source(path: str, *, fmt: str | None = None, image_root: str | None 
                    streaming: bool = False, row_group_cache: int = 2) -> ResolvedSource:
     """Open what `path` names (see the module docstring) without reading its records."""
     path = str(path)
-    if fmt in TABLE_SCHEMAS or fmt == "llava":
-        table_fmt = fmt
-    else:
-        table_fmt = None
+    table_fmt = fmt if fmt in TABLE_SCHEMAS else None  # forces minimind or cauldron columns
+    file_fmt = fmt if fmt in (*TABLE_SCHEMAS, "llava") else None
     if is_remote(path):
-        return _remote(path, fmt)
+        return _remote(path)
     names = expand_braces(path)
     local = [Path(n).expanduser() for n in names]
-    if len(names) > 1 or fmt == "webdataset" or any(p.is_file() and p.name.endswith(TAR_SUFFIXES) for p in local):
+    if len(names) > 1 or any(p.is_file() and p.name.endswith(TAR_SUFFIXES) for p in local):
         missing = [str(p) for p in local if not p.is_file()]
         if missing:
             raise DataError(f"{path}: {len(missing)} of {len(local)} shards do not exist (first: {missing[0]})")
@@ -145,7 +143,7 @@ def resolve_source(path: str, *, fmt: str | None = None, image_root: str | None 
         if tars:
             return _shards(path, tars)
     if target.exists():
-        return _readers(path, [open_reader(f, table_fmt, image_root, row_group_cache=row_group_cache)
+        return _readers(path, [open_reader(f, file_fmt, image_root, row_group_cache=row_group_cache)
                                for f in find_files(target)])
     repo, _, config = path.rpartition(":") if _looks_like_config(path) else (path, "", "")
     if repo and (Path(repo).expanduser().is_dir() or re.fullmatch(r"[\w.-]+/[\w.-]+", repo)):
@@ -159,7 +157,7 @@ def _looks_like_config(path: str) -> bool:
 
 
 def _readers(name: str, readers: list) -> ResolvedSource:
-    return ResolvedSource(name, readers, [Shard(getattr(r, "path", name).__str__(), "reader", r) for r in readers])
+    return ResolvedSource(name, readers, [Shard(str(r.path), "reader", r) for r in readers])
 
 
 def _shards(name: str, files: list[str]) -> ResolvedSource:
@@ -179,7 +177,7 @@ def _shard_kind(name: str) -> str | None:
     return None
 
 
-def _remote(path: str, fmt: str | None) -> ResolvedSource:
+def _remote(path: str) -> ResolvedSource:
     """A URL: brace notation, one shard, or a folder listed by its filesystem (not HTTP: name the shards)."""
     names = expand_braces(path)
     if len(names) == 1 and _shard_kind(path) is None:
