@@ -136,5 +136,7 @@ def _may_exist(path: str) -> bool:
     path = str(path)
     if "://" in path or "{" in path or Path(path).expanduser().exists():
         return True
+    from crossvlm.data.sources import looks_like_hub_id
+
     repo = path.rpartition(":")[0] if ":" in path else path
-    return Path(repo).expanduser().is_dir() or (repo.count("/") == 1 and not repo.startswith((".", "/", "~")))
+    return Path(repo).expanduser().is_dir() or looks_like_hub_id(repo)

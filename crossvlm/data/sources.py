@@ -146,9 +146,17 @@ def resolve_source(path: str, *, fmt: str | None = None, image_root: str | None 
         return _readers(path, [open_reader(f, file_fmt, image_root, row_group_cache=row_group_cache)
                                for f in find_files(target)])
     repo, _, config = path.rpartition(":") if _looks_like_config(path) else (path, "", "")
-    if repo and (Path(repo).expanduser().is_dir() or re.fullmatch(r"[\w.-]+/[\w.-]+", repo)):
+    if Path(repo).expanduser().is_dir() or looks_like_hub_id(repo):
         return _hub(repo, config or None, split or "train", streaming, table_fmt)
     raise DataError(f"{path}: no such file or folder, and not a hub dataset id (owner/name[:config])")
+
+
+def looks_like_hub_id(name: str) -> bool:
+    """`owner/name`, and not a local path gone missing: no data-file suffix, no existing first folder."""
+    if not re.fullmatch(r"[\w.-]+/[\w.-]+", name) or name.lower().endswith((*TAR_SUFFIXES, ".parquet", ".json",
+                                                                            ".jsonl", ".arrow")):
+        return False
+    return not Path(name.split("/")[0]).is_dir()
 
 
 def _looks_like_config(path: str) -> bool:
