@@ -338,7 +338,7 @@ def stream_run(tiny_models, sources, out: Path, **extra) -> dict:
 def test_training_on_http_shards_stopped_by_sigterm_resumes_with_identical_losses(tiny_models, http_root, tmp_path,
                                                                                      monkeypatch):
     """The training loop over tar shards from a real HTTP server mixed with a local Cauldron
-    save_to_disk folder, with a loader worker reading ahead, gets a real SIGTERM during step 3: it
+    save_to_disk folder and a hub id (on a local hub layout), with a loader worker reading ahead, gets a real SIGTERM during step 3: it
     checkpoints the step it stops after, and `--resume auto` gives every later loss of the uninterrupted run, bit
     for bit. (The SIGTERM to a whole process group, through the CLI: tests/test_faults.py.)"""
     import os
@@ -352,7 +352,9 @@ def test_training_on_http_shards_stopped_by_sigterm_resumes_with_identical_losse
     www, url = http_root
     caption_shards(www / "caps", shards=3, per_shard=6)
     cauldron_dataset(6).save_to_disk(str(tmp_path / "saved"))
-    sources = [f"{url}/caps/{{00000..00002}}.tar", {"path": str(tmp_path / "saved"), "weight": 0.5}]
+    hub = hub_layout(tmp_path / "hub")
+    sources = [f"{url}/caps/{{00000..00002}}.tar", {"path": str(tmp_path / "saved"), "weight": 0.5},
+               {"path": f"{hub}:vqav2", "split": "train", "weight": 0.5}]
     debug = config_path("debug.yaml")
     run = functools.partial(stream_run, tiny_models, sources, **{"run.max_steps": 7, "run.save_interval": 100})
     train(load_config(debug, run(tmp_path / "whole")))
@@ -379,13 +381,15 @@ def test_training_on_http_shards_stopped_by_sigterm_resumes_with_identical_losse
 
 
 def test_two_processes_resume_streamed_shards_with_identical_losses(tiny_models, tmp_path):
-    """torchrun, 2 CPU processes (gloo) × 2 loader workers: 4 streams over 3 shards (cut into parts);
+    """torchrun, 2 CPU processes (gloo) × 2 loader workers: 4 streams over 3 tar shards and a Cauldron
+    parquet file (each cut into parts);
     resuming from its step-3 checkpoint (what `--resume auto` finds after a SIGKILL) gives its losses
     bit for bit. (Another number of processes is refused: the streams are dealt per process and worker.)"""
     from test_distributed import free_port, torchrun
 
     caption_shards(tmp_path / "caps", shards=3, per_shard=8)
-    sources = [str(tmp_path / "caps")]
+    cauldron_dataset(5).to_parquet(str(tmp_path / "cauldron.parquet"))
+    sources = [str(tmp_path / "caps"), {"path": str(tmp_path / "cauldron.parquet"), "weight": 0.5}]
     runs = [{"name": "whole", "overrides": stream_run(tiny_models, sources, tmp_path / "whole", **{
                 "data.num_workers": 2, "run.batch_size": 1})},
             {"name": "resumed", "overrides": stream_run(tiny_models, sources, tmp_path / "resumed", **{

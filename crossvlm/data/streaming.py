@@ -23,6 +23,7 @@ processes and workers, and refuses another (random-access sources have no such l
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 
@@ -176,12 +177,13 @@ class Stream:
             wanted.setdefault((source, epoch, unit), []).append(offset)
         found = {}
         for (source, epoch, unit), offsets in wanted.items():
-            records = self.cursors[source].open(epoch, unit, 0)
-            last = max(offsets)
-            for offset, record in enumerate(records):
-                found[(source, epoch, unit, offset)] = record
-                if offset >= last:
-                    break
+            keep, last = set(offsets), max(offsets)
+            with contextlib.closing(self.cursors[source].open(epoch, unit, 0)) as records:
+                for offset, record in enumerate(records):
+                    if offset in keep:
+                        found[(source, epoch, unit, offset)] = record
+                    if offset >= last:
+                        break
         self.buffer = []
         for position in state["buffer"]:
             position = tuple(position)
