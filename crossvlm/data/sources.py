@@ -279,7 +279,8 @@ def _split_name(name: str) -> tuple[str, str] | None:
 def _tar_groups(name: str, part: int, parts: int, skip: int) -> Iterator[tuple[str, dict[str, bytes]]]:
     """(key, {extension: bytes}) of the samples of a tar, consecutive files with one key forming one
     sample. Samples not taken (other parts, skipped ones) are passed over unread."""
-    with open_url(name) as raw, tarfile.open(fileobj=raw, mode="r|*") as tar:
+    # Reads of 1 MiB: each read of a remote file is a round trip to fsspec's event loop thread.
+    with open_url(name) as raw, tarfile.open(fileobj=raw, mode="r|*", bufsize=1 << 20) as tar:
         index, key, files, taken = -1, None, {}, 0
         wanted = False
         for member in tar:

@@ -27,6 +27,6 @@ def counted(loader, batches: Iterator[dict], take: Callable[[dict], None] | None
         # Stop the worker processes now, not whenever the iterator is collected: they ignore
         # SIGTERM (see ignore_sigterm), so multiprocessing's exit-time terminate() cannot stop
         # one left behind, and the interpreter would wait for it forever.
-        shutdown = getattr(batches, "_shutdown_workers", None)
+        shutdown = getattr(batches, "_shutdown_workers", getattr(batches, "close", None))  # or a generator's
         if shutdown is not None:
             shutdown()
