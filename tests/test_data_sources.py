@@ -424,3 +424,19 @@ def test_bench_reads_the_same_jpegs_as_parquet_tar_shards_and_over_http(tiny_mod
     rows = {(" ".join(line.split()[:-4]), int(line.split()[-4])): float(line.split()[-3]) for line in lines[1:]}
     assert set(rows) == {(name, w) for name in ("parquet", "tar shards", "tar shards over HTTP") for w in (1,)}
     assert all(rate > 0 for rate in rows.values())
+
+
+def test_options_that_do_not_apply_to_a_source_are_refused(tmp_path):
+    caption_shards(tmp_path / "caps", shards=1, per_shard=2)
+    cauldron_dataset().to_parquet(str(tmp_path / "c.parquet"))
+    cauldron_dataset().save_to_disk(str(tmp_path / "saved"))
+    for path, options, message in [
+            (tmp_path / "c.parquet", {"split": "train"}, "has none"),
+            (tmp_path / "saved", {"split": "test"}, "not a DatasetDict"),
+            (tmp_path / "c.parquet", {"fmt": "webdataset"}, "no tar shards"),
+            (tmp_path / "caps", {"fmt": "llava"}, "holds webdataset tar shards"),
+            (tmp_path / "c.parquet", {"fmt": "minimind"}, "neither MiniMind-V columns"),
+            (tmp_path / "data/missing.parquet", {}, "no such file"),
+            (f"{tmp_path}/caps/{{00000..00002}}.tar", {}, "2 of 3 shards do not exist")]:
+        with pytest.raises(DataError, match=message):
+            resolve_source(str(path), **options)

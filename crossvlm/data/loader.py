@@ -18,6 +18,7 @@ from crossvlm.data.badrecords import BadRecordTracker
 from crossvlm.data.collate import Collator, Sample
 from crossvlm.data.config import DataConfig
 from crossvlm.data.images import ImageTransform, load_image
+from crossvlm.data.readers import TableReader
 from crossvlm.data.sources import resolve_source
 from crossvlm.data.records import BadRecord, RawRecord, RecordError, normalize
 from crossvlm.data.render import TemplateMismatch, encode_conversation, truncate
@@ -144,7 +145,8 @@ def build_dataset(cfg: DataConfig, tokenizer, image_processor, num_image_tokens:
     for i, src in enumerate(cfg.sources):
         source = resolve_source(src.path, fmt=src.format, image_root=src.image_root, split=src.split,
                                 streaming=cfg.streaming is True, row_group_cache=cfg.row_group_cache)
-        if split and source.readers is not None and Path(src.path).is_dir():
+        if split and source.readers is not None and Path(src.path).is_dir() and not isinstance(
+                source.readers[0], TableReader):  # the files of a folder; a saved dataset has `split` of its own
             source.readers = [r for r in source.readers if split in Path(str(r.path)).stem]
             source.shards = [sh for sh in source.shards if sh.reader in source.readers]
             if not source.readers:

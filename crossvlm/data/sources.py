@@ -122,32 +122,49 @@ class ResolvedSource:
 
 def resolve_source(path: str, *, fmt: str | None = None, image_root: str | None = None, split: str | None = None,
                    streaming: bool = False, row_group_cache: int = 2) -> ResolvedSource:
-    """Open what `path` names (see the module docstring) without reading its records."""
+    """Open what `path` names (see the module docstring) without reading its records. `fmt` forces
+    the columns or file format; `split` picks a hub dataset's or a saved DatasetDict's split."""
     path = str(path)
     table_fmt = fmt if fmt in TABLE_SCHEMAS else None  # forces minimind or cauldron columns
     file_fmt = fmt if fmt in (*TABLE_SCHEMAS, "llava") else None
-    if is_remote(path):
-        return _remote(path)
     names = expand_braces(path)
     local = [Path(n).expanduser() for n in names]
+    target = local[0]
+    repo, _, config = path.rpartition(":") if _looks_like_config(path) else (path, "", "")
+    if target.is_dir() and any((target / m).exists() for m in HF_DISK_MARKERS):
+        source = _readers(path, [TableReader(_load_from_disk(target, split), _disk_name(target, split), table_fmt)])
+    elif not is_remote(path) and not target.exists() and len(names) == 1 and (
+            Path(repo).expanduser().is_dir() or looks_like_hub_id(repo)):
+        source = _hub(repo, config or None, split or "train", streaming, table_fmt)
+    elif split:
+        raise DataError(f"{path}: `split` ({split}) picks a split of a hub dataset or a saved DatasetDict; "
+                        "this source has none")
+    else:
+        source = _files(path, names, local, file_fmt, image_root, row_group_cache)
+    if fmt == "webdataset" and source.readers is not None:
+        raise DataError(f"{path}: format webdataset, but it holds no tar shards")
+    if file_fmt and source.readers is None and any(s.kind == "tar" for s in source.shards):
+        raise DataError(f"{path}: format {fmt}, but it holds webdataset tar shards")
+    return source
+
+
+def _files(path: str, names: list[str], local: list[Path], fmt: str | None, image_root: str | None,
+           row_group_cache: int) -> ResolvedSource:
+    """Local files or folders, or URLs: random-access readers, or shards."""
+    if is_remote(path):
+        return _remote(path)
     if len(names) > 1 or any(p.is_file() and p.name.endswith(TAR_SUFFIXES) for p in local):
         missing = [str(p) for p in local if not p.is_file()]
         if missing:
             raise DataError(f"{path}: {len(missing)} of {len(local)} shards do not exist (first: {missing[0]})")
         return _shards(path, names)
-    target = local[0]
-    if target.is_dir() and any((target / m).exists() for m in HF_DISK_MARKERS):
-        return _readers(path, [TableReader(_load_from_disk(target, split), _disk_name(target, split), table_fmt)])
-    if target.is_dir():
-        tars = sorted(str(p) for p in target.rglob("*") if p.is_file() and p.name.endswith(TAR_SUFFIXES))
+    if local[0].is_dir():
+        tars = sorted(str(p) for p in local[0].rglob("*") if p.is_file() and p.name.endswith(TAR_SUFFIXES))
         if tars:
             return _shards(path, tars)
-    if target.exists():
-        return _readers(path, [open_reader(f, file_fmt, image_root, row_group_cache=row_group_cache)
-                               for f in find_files(target)])
-    repo, _, config = path.rpartition(":") if _looks_like_config(path) else (path, "", "")
-    if Path(repo).expanduser().is_dir() or looks_like_hub_id(repo):
-        return _hub(repo, config or None, split or "train", streaming, table_fmt)
+    if local[0].exists():
+        return _readers(path, [open_reader(f, fmt, image_root, row_group_cache=row_group_cache)
+                               for f in find_files(local[0])])
     raise DataError(f"{path}: no such file or folder, and not a hub dataset id (owner/name[:config])")
 
 
@@ -227,6 +244,8 @@ def open_url(name: str):
 def _load_from_disk(folder: Path, split: str | None):
     datasets = _datasets(f"{folder} (a save_to_disk folder)")
     loaded = datasets.load_from_disk(str(folder))
+    if split and not isinstance(loaded, datasets.DatasetDict):
+        raise DataError(f"{folder}: `split` ({split}) given, but the folder holds one Dataset, not a DatasetDict")
     if isinstance(loaded, datasets.DatasetDict):
         split = split or "train"
         if split not in loaded:
