@@ -420,8 +420,9 @@ def test_bench_reads_the_same_jpegs_as_parquet_tar_shards_and_over_http(tiny_mod
                  "--vision", str(tiny_models / "vision"), "--workers", "1", "--seconds", "0.3",
                  "--batch-size", "8"]) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert lines[0].split() == ["reader", "workers", "samples/s", "per", "worker", "first", "batch", "s"]
-    rows = {(" ".join(line.split()[:-4]), int(line.split()[-4])): float(line.split()[-3]) for line in lines[1:]}
+    assert lines[0].split() == ["reader", "workers", "samples/s", "per", "worker", "per", "CPU", "s", "first",
+                                "batch", "s"]
+    rows = {(" ".join(line.split()[:-5]), int(line.split()[-5])): float(line.split()[-4]) for line in lines[1:]}
     assert set(rows) == {(name, w) for name in ("parquet", "tar shards", "tar shards over HTTP") for w in (1,)}
     assert all(rate > 0 for rate in rows.values())
 
