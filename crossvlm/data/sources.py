@@ -21,6 +21,7 @@ which cannot resume at a record; fsspec's `TarFileSystem` indexes a whole tar be
 
 from __future__ import annotations
 
+import io
 import json
 import posixpath
 import re
@@ -236,9 +237,12 @@ def open_url(name: str):
 
     options = {"block_size": 0} if name.lower().startswith(("http://", "https://")) else {}
     try:
-        return fsspec.open(name, "rb", **options).open()
+        remote = fsspec.open(name, "rb", **options).open()
     except ImportError as err:
         raise DataError(f"{name}: {err}") from None
+    # Reads of 1 MiB whatever the reader asks for: each read of a remote file is a round trip to
+    # fsspec's event loop thread (a tar of 64 photos over HTTP: 0.9-1.4 ms of CPU a record -> 0.2).
+    return io.BufferedReader(remote, buffer_size=1 << 20)
 
 
 def _load_from_disk(folder: Path, split: str | None):
@@ -298,8 +302,7 @@ def _split_name(name: str) -> tuple[str, str] | None:
 def _tar_groups(name: str, part: int, parts: int, skip: int) -> Iterator[tuple[str, dict[str, bytes]]]:
     """(key, {extension: bytes}) of the samples of a tar, consecutive files with one key forming one
     sample. Samples not taken (other parts, skipped ones) are passed over unread."""
-    # Reads of 1 MiB: each read of a remote file is a round trip to fsspec's event loop thread.
-    with open_url(name) as raw, tarfile.open(fileobj=raw, mode="r|*", bufsize=1 << 20) as tar:
+    with open_url(name) as raw, tarfile.open(fileobj=raw, mode="r|*") as tar:
         index, key, files, taken = -1, None, {}, 0
         wanted = False
         for member in tar:

@@ -23,7 +23,9 @@ processes and workers, and refuses another (random-access sources have no such l
 
 from __future__ import annotations
 
+import bisect
 import contextlib
+import itertools
 import math
 from dataclasses import dataclass
 
@@ -123,7 +125,7 @@ class Stream:
                         for i, s in enumerate(sources)]
         sizes = [s.records for s in sources]
         shares = [s.weight * (n if None not in sizes else 1) for s, n in zip(sources, sizes)]
-        self.shares = np.array(shares, dtype=np.float64)
+        self.shares = [float(share) for share in shares]
         self.done = [False] * len(sources)
         self.mix = np.random.default_rng([seed, stream, 1])
         self.pick = np.random.default_rng([seed, stream, 2])
@@ -132,12 +134,16 @@ class Stream:
 
     def _next_read(self):
         while not all(self.done):
-            live = np.where(self.done, 0.0, self.shares)
-            i = int(np.searchsorted(np.cumsum(live) / live.sum(), self.mix.random(), side="right"))
-            item = self.cursors[min(i, len(self.cursors) - 1)].next()
+            if len(self.cursors) == 1:  # nothing to draw
+                i = 0
+            else:
+                live = [0.0 if done else share for done, share in zip(self.done, self.shares)]
+                edges = list(itertools.accumulate(share / sum(live) for share in live))
+                i = min(bisect.bisect_right(edges, self.mix.random()), len(self.cursors) - 1)
+            item = self.cursors[i].next()
             if item is not None:
                 return item
-            self.done[min(i, len(self.cursors) - 1)] = True
+            self.done[i] = True
         return None
 
     def __next__(self):
