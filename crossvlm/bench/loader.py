@@ -16,7 +16,7 @@ def run_data_bench(preset: str = "full", models: Path | None = None, workers: tu
                    seconds: float = 4.0, batch_size: int = 32, photos: int = 512,
                    jpeg_size: tuple[int, int] = (640, 480), num_image_tokens: int = 64, shards: bool = False) -> dict:
     """`shards`: the same JPEGs also as webdataset tar shards, on disk and from an HTTP server on
-    127.0.0.1 (crossvlm.data.bench.bench_shards); `results` then maps each reader to its rows."""
+    127.0.0.1 (crossvlm.data.bench.bench_shards); each row of `results` then names its `reader`."""
     import torch
 
     from crossvlm.data.bench import bench_loader, bench_shards, write_photo_parquet
@@ -36,7 +36,8 @@ def run_data_bench(preset: str = "full", models: Path | None = None, workers: tu
             return {"benchmark": "data", "preset": preset, "config": {
                 "workers": list(workers), "seconds": seconds, "batch_size": batch_size, "photos": photos,
                 "jpeg_size": list(jpeg_size), "num_image_tokens": num_image_tokens, "shards": True},
-                "env": env_info(torch.device("cpu")), "results": by_reader}
+                "env": env_info(torch.device("cpu")),
+                "results": [{"reader": name, **r} for name, rows in by_reader.items() for r in rows]}
         path = write_photo_parquet(tmp / "photos.parquet", photos, size=tuple(jpeg_size))
         results = bench_loader(path, vision_dir, llm_dir, tuple(workers), batch_size=batch_size, seconds=seconds,
                                num_image_tokens=num_image_tokens)
