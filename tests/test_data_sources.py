@@ -123,6 +123,9 @@ def test_tar_shards_from_a_file_a_folder_braces_and_http_give_the_same_records(t
         assert len(records[0].images) == 1 and records[0].images[0] == jpeg(0)
         assert normalize(records[0]).messages[0]["content"] == "<image>Say what you see."
     assert records[5].location == f"{url}/shards/00001.tar key 000010001"
+    # Remote tars are not read ahead to count them: the epoch length is unknown (run.max_steps needed).
+    assert StreamSource.of(source, 1.0, "<image>").records is None
+    assert StreamSource.of(resolve_source(str(www / "shards")), 1.0, "<image>").records == 12
     # Striding a shard over streams: parts 0 and 1 of 2, and skipping records unread.
     shard = Shard(f"{url}/shards/00000.tar", "tar")
     assert captions(shard.records(1, 2)) == ["caption 1", "caption 3"]
