@@ -265,6 +265,18 @@ def test_save_to_disk_folder_and_cauldron_parquet_are_read_as_they_are(tmp_path,
     assert data[1].pixel_values.shape[0] == 2
 
 
+def test_parquet_shards_at_a_url_are_streamed(http_root):
+    """Parquet needs its footer first: fetched by range requests where the server has them, else (a
+    plain `http.server`, as here) the shard is copied to a temporary file and read from there."""
+    www, url = http_root
+    cauldron_dataset().to_parquet(str(www / "c.parquet"))
+    source = resolve_source(f"{url}/c.parquet")
+    assert source.readers is None and [s.kind for s in source.shards] == ["parquet"]
+    check_cauldron(all_records(source))
+    (third,) = source.shards[0].records(1, 2, skip=1)  # rows 1, 3: skip one -> row 3
+    assert third.location == f"{url}/c.parquet row 3"
+
+
 def hub_layout(root: Path) -> Path:
     """A folder laid out as The Cauldron is on the hub: a config per subfolder, named in README.md."""
     ds = cauldron_dataset(6)
