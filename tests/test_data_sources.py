@@ -24,7 +24,7 @@ from crossvlm.data.readers import open_reader
 from crossvlm.data.records import normalize
 from crossvlm.data.sources import Shard, expand_braces, resolve_source
 from crossvlm.data.streaming import Stream, StreamSource
-from crossvlm.errors import DataError
+from crossvlm.errors import ConfigError, DataError
 
 M = 4  # visual tokens per image in these tests
 
@@ -393,6 +393,9 @@ def test_training_on_http_shards_stopped_by_sigterm_resumes_with_identical_losse
         assert got[step] == ref[step], f"step {step}: {got[step]} != {ref[step]}"
     meta = json.loads((stopped / "meta.json").read_text())
     assert meta["data"]["streaming"] and meta["data"]["batches"] == stopped_at and len(meta["data"]["streams"]) == 1
+    # The remote tars' size is unknown, so epochs cannot be turned into steps.
+    with pytest.raises(ConfigError, match="run.max_steps is needed"):
+        train(load_config(debug, run(tmp_path / "epochs", **{"run.max_steps": 0, "run.epochs": 1})))
 
 
 def test_two_processes_resume_streamed_shards_with_identical_losses(tiny_models, tmp_path):
