@@ -91,6 +91,12 @@ def data_table(report: dict) -> str:
     ]
     lines += [f"| {r['num_workers']} | {r['images_per_s']} | {r['samples_per_s']} | {r['first_batch_s']} |"
               for r in report["results"]]
+    if any("reader" in r for r in report["results"]):  # `bench data --shards`: one row per reader and count
+        lines[2:] = ["| reader | workers | samples/s | per worker | samples per CPU s | first batch s |",
+                     "| --- | --- | --- | --- | --- | --- |"]
+        lines += [f"| {r['reader']} | {r['num_workers']} | {r['samples_per_s']} | "
+                  f"{r['samples_per_s'] / max(r['num_workers'], 1):.1f} | {r['samples_per_cpu_s']} | {r['first_batch_s']} |"
+                  for r in report["results"]]
     return "\n".join(lines)
 
 

@@ -151,6 +151,8 @@ def register(sub) -> None:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--photos", type=int, default=512, help="JPEGs in the generated data set")
     p.add_argument("--jpeg-size", type=_size, default=(640, 480), metavar="WxH")
+    p.add_argument("--shards", action="store_true", help="also as webdataset tar shards, on disk and over HTTP "
+                   "on 127.0.0.1, beside the parquet reader (samples/s per worker)")
     p.set_defaults(func=_data)
 
     p = actions.add_parser("all", help="train (both stages), generate and data in one go",
@@ -242,7 +244,7 @@ def _data(args: argparse.Namespace) -> int:
     if args.seconds <= 0 or args.photos < args.batch_size:
         raise ConfigError("bench data: --seconds must be > 0 and --photos at least --batch-size")
     report = run_data_bench(args.preset, args.models, tuple(args.data_workers), args.seconds, args.batch_size,
-                            args.photos, args.jpeg_size)
+                            args.photos, args.jpeg_size, shards=args.shards)
     return _finish(report, args.out)
 
 

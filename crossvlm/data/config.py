@@ -7,7 +7,8 @@ from pathlib import Path
 
 from crossvlm.errors import ConfigError
 
-FORMATS = ("minimind", "llava")
+FORMATS = ("minimind", "cauldron", "llava", "webdataset")
+DEFAULT_CAPTION_PROMPT = "<image>\nDescribe the image."
 
 
 @dataclass
@@ -15,9 +16,17 @@ class SourceConfig:
     """One data source: a file or a folder of files of one format."""
 
     path: str
-    """A parquet / JSON / JSONL file, or a folder holding such files (read in sorted order)."""
+    """A parquet / JSON / JSONL file or a folder of them (read in sorted order); a `save_to_disk` folder;
+    webdataset tar shards (a tar, a folder of tars, brace notation `shards/{00000..00127}.tar`); an
+    `http(s)://`, `s3://`, `gs://` or `hf://` URL of shards; or a hub dataset id `owner/name[:config]`."""
     format: str | None = None
-    """`minimind` (parquet with `image_bytes`) or `llava` (JSON/JSONL with image paths); None detects it."""
+    """`minimind` (parquet with `conversations`, `image_bytes`), `cauldron` (The Cauldron / FineVision:
+    `texts`, `images`), `llava` (JSON/JSONL with image paths) or `webdataset`; None detects it."""
+    split: str | None = None
+    """The split of a hub dataset or of a saved DatasetDict (default `train`)."""
+    caption_prompt: str = DEFAULT_CAPTION_PROMPT
+    """The user turn a webdataset `.txt` caption answers (LLaVA's pretraining prompt); `<image>` marks
+    where the image goes (put first when absent)."""
     image_root: str | None = None
     """Folder that LLaVA `image` paths are relative to; None means the folder of each JSON file."""
     weight: float = 1.0
@@ -54,6 +63,11 @@ class DataConfig:
     """Shuffle the order of samples each epoch (deterministically from the seed and the epoch)."""
     row_group_cache: int = 2
     """Parquet row groups each worker keeps decoded (random access reads a whole row group)."""
+    streaming: bool | str = "auto"
+    """Read the sources as streams of shards split over processes and workers (crossvlm.data.streaming)
+    instead of by random access. `auto`: streamed when a source can only be (tar shards, URLs)."""
+    shuffle_buffer: int = 1000
+    """Records each streaming worker holds to shuffle (raw bytes; 0 keeps the shards' order)."""
 
     @classmethod
     def from_dict(cls, raw: dict) -> "DataConfig":
@@ -88,8 +102,8 @@ class DataConfig:
             where = f"data.sources[{i}]"
             if not src.path:
                 problems.append(f"{where}.path is empty")
-            elif not Path(src.path).expanduser().exists():
-                problems.append(f"{where}.path {src.path} does not exist")
+            elif not _may_exist(src.path):
+                problems.append(f"{where}.path {src.path} does not exist (nor is it a URL or owner/name[:config])")
             if src.format is not None and src.format not in FORMATS:
                 problems.append(f"{where}.format {src.format!r} is not one of {list(FORMATS)}")
             if src.image_root is not None and not Path(src.image_root).expanduser().is_dir():
@@ -106,7 +120,23 @@ class DataConfig:
             problems.append(f"data.max_image_pixels must be positive, got {self.max_image_pixels}")
         if self.num_workers < 0:
             problems.append(f"data.num_workers must be >= 0, got {self.num_workers}")
+        if self.streaming not in (True, False, "auto"):
+            problems.append(f"data.streaming must be true, false or auto, got {self.streaming!r}")
+        if self.shuffle_buffer < 0:
+            problems.append(f"data.shuffle_buffer must be >= 0, got {self.shuffle_buffer}")
         if self.row_group_cache < 1:
             problems.append(f"data.row_group_cache must be >= 1, got {self.row_group_cache}")
         if problems:
             raise ConfigError("invalid data config: " + "; ".join(problems))
+
+
+def _may_exist(path: str) -> bool:
+    """A local path, a URL, brace notation or a hub id: what `crossvlm.data.sources` can open (checked
+    fully there; here only a plain local path that is missing is refused)."""
+    path = str(path)
+    if "://" in path or "{" in path or Path(path).expanduser().exists():
+        return True
+    from crossvlm.data.sources import looks_like_hub_id
+
+    repo = path.rpartition(":")[0] if ":" in path else path
+    return Path(repo).expanduser().is_dir() or looks_like_hub_id(repo)

@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
+from itertools import islice
 from pathlib import Path
 
 import numpy as np
 
 from crossvlm.data.badrecords import BadRecordTracker
 from crossvlm.data.images import load_image
-from crossvlm.data.readers import ParquetReader, find_files, open_reader
+from crossvlm.data.config import DEFAULT_CAPTION_PROMPT
+from crossvlm.data.readers import ParquetReader
 from crossvlm.data.records import BadRecord, RecordError, normalize
 from crossvlm.data.render import IGNORE_INDEX, EncodedSample, TemplateMismatch, encode_conversation, truncate
+from crossvlm.data.sources import resolve_source
 from crossvlm.model.tokens import VisionTokenIds
 
 # Row groups larger than this make random access slow (a read decodes the whole group).
@@ -22,7 +26,7 @@ LARGE_ROW_GROUP = 50_000
 class Inspection:
     """What `inspect_data` found; `usable` is False when training on it would fail."""
 
-    files: list[tuple[Path, str, int]] = field(default_factory=list)
+    files: list[tuple[Path | str, str, int | None]] = field(default_factory=list)
     checked: int = 0
     images: int = 0
     lengths: list[int] = field(default_factory=list)
@@ -31,8 +35,10 @@ class Inspection:
     notes: list[str] = field(default_factory=list)
 
     @property
-    def rows(self) -> int:
-        return sum(n for _, _, n in self.files)
+    def rows(self) -> int | None:
+        """Rows in all files; None when a remote shard's count is unknown."""
+        counts = [n for _, _, n in self.files]
+        return None if None in counts else sum(counts)
 
     @property
     def usable(self) -> bool:
@@ -42,26 +48,29 @@ class Inspection:
 def inspect_data(path: str | Path, *, fmt: str | None = None, image_root: str | Path | None = None,
                  tokenizer=None, num_image_tokens: int = 64, limit: int = 1000, max_length: int | None = None,
                  max_image_pixels: int = 64_000_000, max_bad_fraction: float = 0.01,
-                 system_prompt: str | None = None, enable_thinking: bool = False) -> Inspection:
-    """Open every file under `path`, check up to `limit` rows spread evenly over them (all rows when
-    fewer), decode their images, and with a tokenizer render them and measure token lengths."""
+                 system_prompt: str | None = None, enable_thinking: bool = False, split: str | None = None,
+                 caption_prompt: str = DEFAULT_CAPTION_PROMPT) -> Inspection:
+    """Open every file under `path` (any source `crossvlm.data.sources` opens), check up to `limit`
+    rows — spread evenly over random-access files (all rows when fewer), the first ones of streamed
+    shards — decode their images, and with a tokenizer render them and measure token lengths."""
     result = Inspection()
-    readers = [open_reader(f, fmt, image_root) for f in find_files(path)]
-    for r in readers:
-        result.files.append((r.path, r.format, len(r)))
-        if isinstance(r, ParquetReader) and r.max_group_rows > LARGE_ROW_GROUP:
-            result.notes.append(f"{r.path}: row groups of up to {r.max_group_rows} rows; random access decodes a "
-                                "whole group, so rewrite it with smaller groups (e.g. row_group_size=1024)")
-    total = result.rows
-    picks = np.unique(np.linspace(0, total - 1, min(limit, total)).astype(np.int64)) if total else []
-    result.tracker = BadRecordTracker(max_bad_fraction, expected_total=len(picks))
+    source = resolve_source(str(path), fmt=fmt, image_root=image_root, split=split)
+    if source.readers is not None:
+        records = _spread(source.readers, limit, result)
+    else:
+        for shard in source.shards:
+            result.files.append((shard.name, "webdataset" if shard.kind == "tar" else "parquet shard", shard.count()))
+        records = _located(islice((r for shard in source.shards for r in shard.records(caption_prompt=caption_prompt)),
+                                  limit))
+        result.notes.append(f"streamed shards: the first {limit} records were checked")
+    result.tracker = BadRecordTracker(max_bad_fraction, expected_total=min(limit, result.rows or limit))
     vision = VisionTokenIds.from_tokenizer(tokenizer) if tokenizer is not None else None
-    starts = np.cumsum([0] + [len(r) for r in readers])
-    for index in picks:
-        f = int(np.searchsorted(starts, index, side="right") - 1)
-        reader, row = readers[f], int(index - starts[f])
+    for location, read in records:
         try:
-            conv = normalize(reader.read(row))
+            record = read()
+            if isinstance(record, BadRecord):
+                raise RecordError(record.kind, record.detail)
+            conv = normalize(record)
             images = conv.images
             if tokenizer is not None:
                 encoded = encode_conversation(conv.messages, tokenizer, num_image_tokens,
@@ -78,14 +87,37 @@ def inspect_data(path: str | Path, *, fmt: str | None = None, image_root: str | 
             for src in images:
                 load_image(src, max_image_pixels)
         except RecordError as err:
-            result.tracker.add(BadRecord(err.kind, reader.location(row), err.detail))
+            result.tracker.add(BadRecord(err.kind, location, err.detail))
         except TemplateMismatch as err:
-            result.tracker.add(BadRecord("error", reader.location(row), str(err)))
+            result.tracker.add(BadRecord("error", location, str(err)))
         else:
             result.tracker.add_good()
             result.images += len(images)
         result.checked += 1
     return result
+
+
+def _spread(readers: list, limit: int, result: Inspection) -> list:
+    """(location, read) of up to `limit` rows spread evenly over random-access readers."""
+    for r in readers:
+        result.files.append((r.path, r.format, len(r)))
+        if isinstance(r, ParquetReader) and r.max_group_rows > LARGE_ROW_GROUP:
+            result.notes.append(f"{r.path}: row groups of up to {r.max_group_rows} rows; random access decodes a "
+                                "whole group, so rewrite it with smaller groups (e.g. row_group_size=1024)")
+    total = result.rows
+    picks = np.unique(np.linspace(0, total - 1, min(limit, total)).astype(np.int64)) if total else []
+    starts = np.cumsum([0] + [len(r) for r in readers])
+    found = []
+    for index in picks:
+        f = int(np.searchsorted(starts, index, side="right") - 1)
+        reader, row = readers[f], int(index - starts[f])
+        found.append((reader.location(row), functools.partial(reader.read, row)))
+    return found
+
+
+def _located(records):
+    for record in records:
+        yield record.location, lambda record=record: record
 
 
 def show_labels(sample: EncodedSample, tokenizer, vision: VisionTokenIds) -> str:
@@ -134,8 +166,9 @@ def histogram(lengths: list[int], bins: int = 10, width: int = 40) -> str:
 
 def format_inspection(result: Inspection, tokenized: bool) -> str:
     lines = ["files:"]
-    lines += [f"  {path}  format={fmt}  rows={n}" for path, fmt, n in result.files]
-    lines.append(f"rows: {result.rows}  checked: {result.checked}  images in good checked rows: {result.images}")
+    lines += [f"  {path}  format={fmt}  rows={'?' if n is None else n}" for path, fmt, n in result.files]
+    rows = "? (remote shards are not counted)" if result.rows is None else result.rows
+    lines.append(f"rows: {rows}  checked: {result.checked}  images in good checked rows: {result.images}")
     lines.append("token lengths:" if tokenized else "token lengths: (give --llm DIR to render and count tokens)")
     if tokenized:
         lines.append(histogram(result.lengths))

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
@@ -17,10 +18,13 @@ from crossvlm.data.badrecords import BadRecordTracker
 from crossvlm.data.collate import Collator, Sample
 from crossvlm.data.config import DataConfig
 from crossvlm.data.images import ImageTransform, load_image
-from crossvlm.data.readers import find_files, open_reader
-from crossvlm.data.records import BadRecord, RecordError, normalize
+from crossvlm.data.readers import TableReader
+from crossvlm.data.sources import resolve_source
+from crossvlm.data.records import BadRecord, RawRecord, RecordError, normalize
 from crossvlm.data.render import TemplateMismatch, encode_conversation, truncate
 from crossvlm.data.sampler import ShardedBatchSampler
+from crossvlm.data.streaming import StreamingData, StreamLoader, StreamSource
+from crossvlm.data.workers import counted, ignore_sigterm
 from crossvlm.errors import DataError
 from crossvlm.model.tokens import IMAGE_MARK, VisionTokenIds
 
@@ -37,36 +41,25 @@ class SourceSpan:
     weight: float
 
 
-class VLMDataset:
-    """Map-style data set over all files of all sources; item i is a `Sample` or a `BadRecord`."""
+class SampleMaker:
+    """A record -> a `Sample` (checked, rendered, truncated, images decoded) or, for any problem, a
+    `BadRecord` — never an exception: it runs in DataLoader workers, for random access and streams."""
 
-    def __init__(self, readers: list, spans: list[SourceSpan], cfg: DataConfig, tokenizer, image_processor,
-                 num_image_tokens: int):
-        self.readers = readers
-        self.spans = spans
+    def __init__(self, cfg: DataConfig, tokenizer, image_processor, num_image_tokens: int):
         self.cfg = cfg
         self.tokenizer = tokenizer
         self.transform = ImageTransform(image_processor) if image_processor is not None else None
         self.num_image_tokens = num_image_tokens
         self.vision = VisionTokenIds.from_tokenizer(tokenizer)
-        self.file_starts = np.cumsum([0] + [len(r) for r in readers])  # (F+1,)
 
-    def __len__(self) -> int:
-        return int(self.file_starts[-1])
+    def __call__(self, record: RawRecord | BadRecord) -> Sample | BadRecord:
+        if isinstance(record, BadRecord):
+            return record
+        return self.make(lambda: record, record.location)
 
-    def locate(self, index: int) -> tuple[object, int]:
-        f = int(np.searchsorted(self.file_starts, index, side="right") - 1)
-        return self.readers[f], index - int(self.file_starts[f])
-
-    @property
-    def source_ranges(self) -> list[tuple[int, int, float]]:
-        return [(s.start, s.stop, s.weight) for s in self.spans]
-
-    def __getitem__(self, index: int) -> Sample | BadRecord:
-        reader, row = self.locate(index)
-        location = reader.location(row)
+    def make(self, read: Callable[[], RawRecord], location: str) -> Sample | BadRecord:
         try:
-            return self.load(reader, row)
+            return self.load(read())
         except RecordError as err:
             return BadRecord(err.kind, location, err.detail)
         except TemplateMismatch as err:
@@ -74,10 +67,10 @@ class VLMDataset:
         except Exception as err:  # noqa: BLE001 — a worker must report, not die; counted as "error"
             return BadRecord("error", location, f"{type(err).__name__}: {err}")
 
-    def load(self, reader, row: int) -> Sample:
+    def load(self, raw: RawRecord) -> Sample:
         import torch
 
-        conv = normalize(reader.read(row))
+        conv = normalize(raw)
         encoded = encode_conversation(conv.messages, self.tokenizer, self.num_image_tokens,
                                       system_prompt=self.cfg.system_prompt, enable_thinking=self.cfg.enable_thinking)
         result = truncate(encoded, self.cfg.max_length, self.vision)
@@ -96,6 +89,39 @@ class VLMDataset:
             truncated=cut,
         )
 
+
+class VLMDataset:
+    """Map-style data set over all files of all sources; item i is a `Sample` or a `BadRecord`."""
+
+    def __init__(self, readers: list, spans: list[SourceSpan], cfg: DataConfig, tokenizer, image_processor,
+                 num_image_tokens: int):
+        self.readers = readers
+        self.spans = spans
+        self.cfg = cfg
+        self.maker = SampleMaker(cfg, tokenizer, image_processor, num_image_tokens)
+        self.tokenizer = tokenizer
+        self.num_image_tokens = num_image_tokens
+        self.file_starts = np.cumsum([0] + [len(r) for r in readers])  # (F+1,)
+
+    @property
+    def transform(self) -> ImageTransform | None:
+        return self.maker.transform
+
+    def __len__(self) -> int:
+        return int(self.file_starts[-1])
+
+    def locate(self, index: int) -> tuple[object, int]:
+        f = int(np.searchsorted(self.file_starts, index, side="right") - 1)
+        return self.readers[f], index - int(self.file_starts[f])
+
+    @property
+    def source_ranges(self) -> list[tuple[int, int, float]]:
+        return [(s.start, s.stop, s.weight) for s in self.spans]
+
+    def __getitem__(self, index: int) -> Sample | BadRecord:
+        reader, row = self.locate(index)
+        return self.maker.make(lambda: reader.read(row), reader.location(row))
+
     def length_estimates(self) -> np.ndarray:
         """Estimated token length of every item, from text sizes and image marks (no rendering)."""
         per_image = self.num_image_tokens + 2 - len(IMAGE_MARK) / CHARS_PER_TOKEN
@@ -107,36 +133,41 @@ class VLMDataset:
 
 
 def build_dataset(cfg: DataConfig, tokenizer, image_processor, num_image_tokens: int, split: str | None = None
-                  ) -> VLMDataset:
-    """Open the configured sources (lazily) as one data set.
+                  ) -> "VLMDataset | StreamingData":
+    """Open the configured sources (lazily) as one data set: random access (`VLMDataset`) when every
+    source allows it, else streamed (`StreamingData`); `data.streaming` forces either.
 
     `split` ("train", "test", ...) keeps, in every folder source, only files whose name contains it;
     file sources are used as given.
     """
     cfg.validate()
-    readers, spans = [], []
-    for src in cfg.sources:
-        files = find_files(src.path)
-        if split and Path(src.path).is_dir():
-            files = [f for f in files if split in f.stem]
-            if not files:
+    resolved = []
+    for i, src in enumerate(cfg.sources):
+        source = resolve_source(src.path, fmt=src.format, image_root=src.image_root, split=src.split,
+                                streaming=cfg.streaming is True, row_group_cache=cfg.row_group_cache)
+        if split and source.readers is not None and Path(src.path).is_dir() and not isinstance(
+                source.readers[0], TableReader):  # the files of a folder; a saved dataset has `split` of its own
+            source.readers = [r for r in source.readers if split in Path(str(r.path)).stem]
+            source.shards = [sh for sh in source.shards if sh.reader in source.readers]
+            if not source.readers:
                 raise DataError(f"{src.path}: no data file with {split!r} in its name")
+        resolved.append(source)
+    streamed = [r.name for r in resolved if r.readers is None]
+    if cfg.streaming is False and streamed:
+        raise DataError(f"data.streaming is false, but {streamed[0]} can only be streamed (tar shards or a URL)")
+    maker = SampleMaker(cfg, tokenizer, image_processor, num_image_tokens)
+    if cfg.streaming is True or streamed:
+        sources = [StreamSource.of(r, src.weight, src.caption_prompt) for r, src in zip(resolved, cfg.sources)]
+        return StreamingData(sources, cfg, maker)
+    readers, spans = [], []
+    for source, src in zip(resolved, cfg.sources):
         start = sum(len(r) for r in readers)
-        for path in files:
-            readers.append(open_reader(path, src.format, src.image_root, row_group_cache=cfg.row_group_cache))
+        readers += source.readers
         stop = sum(len(r) for r in readers)
         if stop == start:
             raise DataError(f"{src.path}: no records")
         spans.append(SourceSpan(start, stop, src.weight))
     return VLMDataset(readers, spans, cfg, tokenizer, image_processor, num_image_tokens)
-
-
-def _ignore_sigterm(worker_id: int) -> None:
-    """SLURM signals every process of a job step: a SIGTERM is the trainer's to act on (it finishes the
-    step and checkpoints), and a worker that died of it would fail that step."""
-    import signal
-
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 class Loader:
@@ -179,21 +210,9 @@ class Loader:
             self.dataset, batch_sampler=self.sampler(), collate_fn=self.collator, num_workers=workers,
             pin_memory=torch.cuda.is_available() if self.pin_memory is None else self.pin_memory,
             prefetch_factor=self.prefetch_factor if workers else None, persistent_workers=False,
-            worker_init_fn=_ignore_sigterm,
+            worker_init_fn=ignore_sigterm,
         )
-        batches = iter(loader)
-        try:
-            for batch in batches:
-                self.step += 1
-                self.tracker.update(batch)
-                yield batch
-        finally:
-            # Stop the worker processes now, not whenever the iterator is collected: they ignore
-            # SIGTERM (see _ignore_sigterm), so multiprocessing's exit-time terminate() cannot stop
-            # one left behind, and the interpreter would wait for it forever.
-            shutdown = getattr(batches, "_shutdown_workers", None)
-            if shutdown is not None:
-                shutdown()
+        yield from counted(self, iter(loader))
 
     def state_dict(self) -> dict:
         """The data position as (epoch, samples of its order consumed): the same whatever the number of
@@ -204,6 +223,9 @@ class Loader:
                 "global_batch": global_batch, "bad_records": self.tracker.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
+        if state.get("streaming"):
+            raise DataError("cannot resume the data position: the checkpoint streamed its data, this run reads "
+                            "it by random access (set data.streaming: true as before)")
         global_batch = self.batch_size * self.world_size
         samples, problem = int(state["samples_in_epoch"]), None
         if state["seed"] != self.seed:
@@ -220,13 +242,18 @@ class Loader:
         self.tracker.load_state_dict(state["bad_records"])
 
 
-def build_loader(dataset: VLMDataset, cfg: DataConfig, batch_size: int, *, seed: int, rank: int = 0,
-                 world_size: int = 1, start_step: int = 0, epochs: int | None = None, drop_last: bool = True
-                 ) -> Loader:
+def build_loader(dataset: "VLMDataset | StreamingData", cfg: DataConfig, batch_size: int, *, seed: int,
+                 rank: int = 0, world_size: int = 1, start_step: int = 0, epochs: int | None = None,
+                 drop_last: bool = True) -> "Loader | StreamLoader":
     """Batches of `batch_size` samples for `rank` of `world_size`, from global step `start_step` on.
 
     `epochs=None` repeats the data forever (the loop stops at its step budget); evaluation passes
     `epochs=1, drop_last=False` and `cfg.shuffle=False`.
     """
+    if isinstance(dataset, StreamingData):
+        if start_step:
+            raise DataError("a streamed data set resumes from its saved state (load_state_dict), not a step")
+        return StreamLoader(dataset, cfg, batch_size, seed=seed, rank=rank, world_size=world_size, epochs=epochs,
+                            drop_last=drop_last)
     return Loader(dataset, cfg, batch_size, seed=seed, rank=rank, world_size=world_size,
                   start_step=start_step, epochs=epochs, drop_last=drop_last)

@@ -33,7 +33,7 @@ def find_files(path: str | Path) -> list[Path]:
     if path.is_dir():
         files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in SUFFIXES)
         if not files:
-            raise DataError(f"{path}: folder holds no .parquet, .json or .jsonl file")
+            raise DataError(f"{path}: folder holds no .parquet, .json, .jsonl or .tar file, nor a save_to_disk dataset")
         return files
     raise DataError(f"{path}: no such file or folder")
 
@@ -50,20 +50,120 @@ def detect_format(path: Path) -> str:
 def open_reader(path: Path, fmt: str | None = None, image_root: str | Path | None = None, *,
                 row_group_cache: int = 2) -> "ParquetReader | JsonReader":
     """Open one file for random access; `fmt` forces the format instead of detecting it."""
-    fmt = fmt or detect_format(path)
-    if fmt == "minimind":
-        return ParquetReader(path, row_group_cache=row_group_cache)
-    if fmt == "llava":
+    kind = fmt or detect_format(path)
+    if kind in TABLE_SCHEMAS:  # which of the two, the columns say unless `fmt` forces it
+        return ParquetReader(path, row_group_cache=row_group_cache, schema=fmt)
+    if kind == "llava":
         return JsonReader(path, image_root=image_root)
-    raise DataError(f"{path}: unknown format {fmt!r}; choose minimind or llava")
+    raise DataError(f"{path}: unknown format {kind!r}; choose minimind, cauldron or llava")
+
+
+# Column tables: MiniMind-V's (`conversations` JSON or turns, `image_bytes`) and The Cauldron's /
+# FineVision's (`texts`: a list of {user, assistant} turns, `images`: a list of HF Image structs).
+TABLE_SCHEMAS = {"minimind": ("conversations", "image_bytes"), "cauldron": ("texts", "images")}
+
+
+def detect_schema(names, where: str, forced: str | None = None) -> str:
+    """`minimind` or `cauldron` from a table's column names (`forced` is checked against them)."""
+    names = set(names)
+    for schema in ([forced] if forced else TABLE_SCHEMAS):
+        text, images = TABLE_SCHEMAS[schema]
+        if text in names and (schema == "minimind" or images in names):
+            return schema
+    raise DataError(f"{where}: neither MiniMind-V columns (`conversations`, `image_bytes`) nor The Cauldron's / "
+                    f"FineVision's (`texts`, `images`) (columns: {sorted(names)[:12]})")
+
+
+def schema_columns(schema: str, names) -> list[str]:
+    text, images = TABLE_SCHEMAS[schema]
+    return [text] + ([images] if images in set(names) else [])
+
+
+def image_value(value) -> bytes | Path:
+    """An encoded image as a table stores it: bytes, or an HF `Image` struct {bytes, path}."""
+    if isinstance(value, dict):
+        if value.get("bytes") is not None:
+            return value["bytes"]
+        if value.get("path"):
+            return Path(value["path"])
+        raise RecordError("bad_image", "an image struct holds neither bytes nor a path")
+    if isinstance(value, (bytes, bytearray)):
+        return bytes(value)
+    raise RecordError("bad_image", f"an image is a {type(value).__name__}, not bytes")
+
+
+def cauldron_turns(texts, num_images: int):
+    """The Cauldron's / FineVision's `texts` ({user, assistant} per turn) as {role, content} messages.
+
+    Their texts carry no `<image>` mark: the images go first, before the first question (as nanoVLM
+    and SmolVLM train on them). Anything but a list of turns is returned as is for `normalize` to judge.
+    """
+    if not isinstance(texts, list) or not all(isinstance(t, dict) for t in texts):
+        return texts
+    messages = []
+    for turn in texts:
+        messages += [{"role": "user", "content": turn.get("user")},
+                     {"role": "assistant", "content": turn.get("assistant")}]
+    marks = sum(m["content"].count(IMAGE_MARK) for m in messages if isinstance(m["content"], str))
+    if messages and marks == 0 and num_images and isinstance(messages[0]["content"], str):
+        messages[0]["content"] = IMAGE_MARK * num_images + "\n" + messages[0]["content"]
+    return messages
+
+
+def table_record(schema: str, row: dict, location: str) -> RawRecord:
+    """One table row (column name -> Python value) as a RawRecord."""
+    text, images_column = TABLE_SCHEMAS[schema]
+    images = row.get(images_column)
+    if images is None:
+        images = []
+    elif not isinstance(images, list):
+        images = [images]
+    images = [image_value(v) for v in images]
+    conversations = row.get(text)
+    if schema == "cauldron":
+        conversations = cauldron_turns(conversations, len(images))
+    return RawRecord(conversations, images, location)
+
+
+def text_estimates(column) -> tuple[np.ndarray, np.ndarray]:
+    """(text characters, <image> marks) per row of a text column: strings, lists of strings or lists
+    of structs (every string field of a turn counted)."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    n = len(column)
+    if pa.types.is_list(column.type) or pa.types.is_large_list(column.type):
+        flat = pc.list_flatten(column)
+        parents = pc.list_parent_indices(column).to_numpy()
+        fields = [flat]
+        if pa.types.is_struct(flat.type):  # the turns' text: {role, content} or Cauldron's {user, assistant}
+            names = [f.name for f in flat.type if pa.types.is_string(f.type)]
+            names = [n for n in ("content", "value") if n in names][:1] or [n for n in ("user", "assistant") if n in names]
+            fields = [pc.struct_field(flat, n) for n in names]
+        chars, marks = np.zeros(n), np.zeros(n)
+        for content in fields:
+            chars += np.bincount(parents, pc.utf8_length(content).fill_null(0).to_numpy(), n)
+            marks += np.bincount(parents, pc.count_substring(content, IMAGE_MARK).fill_null(0).to_numpy(), n)
+        return chars, marks
+    return (pc.utf8_length(column).fill_null(0).to_numpy().astype(np.float64),
+            pc.count_substring(column, IMAGE_MARK).fill_null(0).to_numpy().astype(np.float64))
+
+
+def image_counts(column) -> np.ndarray:
+    """Images per row of an images column (a list per row, or one image)."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    if pa.types.is_list(column.type) or pa.types.is_large_list(column.type):
+        return pc.list_value_length(column).fill_null(0).to_numpy().astype(np.float64)
+    return pc.is_valid(column).to_numpy(zero_copy_only=False).astype(np.float64)
 
 
 class ParquetReader:
-    """MiniMind-V parquet: `conversations` (JSON string or list of turns), optional `image_bytes`."""
+    """A parquet file of MiniMind-V rows (`conversations` JSON string or list of turns, optional
+    `image_bytes`) or of The Cauldron's / FineVision's (`texts`, `images`), told apart by its columns."""
 
-    format = "minimind"
-
-    def __init__(self, path: Path, row_group_cache: int = 2):
+    def __init__(self, path: Path, row_group_cache: int = 2, schema: str | None = None):
         import pyarrow.parquet as pq
 
         self.path = Path(path)
@@ -72,11 +172,9 @@ class ParquetReader:
         except Exception as err:  # pyarrow raises several types for unreadable files
             raise DataError(f"{self.path}: not a readable parquet file ({err})") from None
         meta = pf.metadata
-        names = set(pf.schema_arrow.names)
-        if "conversations" not in names:
-            raise DataError(f"{self.path}: no `conversations` column (columns: {sorted(names)}); "
-                            "is it a MiniMind-V parquet file?")
-        self.columns = ["conversations"] + (["image_bytes"] if "image_bytes" in names else [])
+        names = pf.schema_arrow.names
+        self.format = detect_schema(names, str(self.path), schema)
+        self.columns = schema_columns(self.format, names)
         rows = np.array([meta.row_group(g).num_rows for g in range(meta.num_row_groups)], dtype=np.int64)
         self.group_starts = np.concatenate([[0], np.cumsum(rows)])  # (G+1,)
         self.max_group_rows = int(rows.max()) if len(rows) else 0
@@ -113,41 +211,61 @@ class ParquetReader:
         g = int(np.searchsorted(self.group_starts, row, side="right") - 1)
         group = self._group(g)
         i = row - int(self.group_starts[g])
-        conversations = group["conversations"][i].as_py()
-        images = group["image_bytes"][i].as_py() if "image_bytes" in group else None
-        if images is None:
-            images = []
-        elif not isinstance(images, list):
-            images = [images]
-        return RawRecord(conversations, images, self.location(row))
+        return table_record(self.format, {name: column[i].as_py() for name, column in group.items()},
+                            self.location(row))
 
     def location(self, row: int) -> str:
         return f"{self.path} row {row}"
 
     def length_estimates(self) -> tuple[np.ndarray, np.ndarray]:
-        """(text characters, <image> marks) per row, from the `conversations` column alone."""
-        import pyarrow as pa
-        import pyarrow.compute as pc
+        """(text characters, <image> marks) per row, from the text column (and Cauldron's image lists)."""
         import pyarrow.parquet as pq
 
-        chars, marks = [], []
         pf = pq.ParquetFile(self.path)
-        for g in range(pf.num_row_groups):
-            col = pf.read_row_group(g, columns=["conversations"]).column(0).combine_chunks()
-            if pa.types.is_list(col.type) or pa.types.is_large_list(col.type):
-                # list<struct{role, content}>: sum the turn contents of each row.
-                flat = pc.list_flatten(col)
-                content = pc.struct_field(flat, "content") if pa.types.is_struct(flat.type) else flat
-                parents = pc.list_parent_indices(col).to_numpy()
-                n = len(col)
-                chars.append(np.bincount(parents, pc.utf8_length(content).fill_null(0).to_numpy(), n))
-                marks.append(np.bincount(parents, pc.count_substring(content, IMAGE_MARK).fill_null(0).to_numpy(), n))
-            else:
-                chars.append(pc.utf8_length(col).fill_null(0).to_numpy().astype(np.float64))
-                marks.append(pc.count_substring(col, IMAGE_MARK).fill_null(0).to_numpy().astype(np.float64))
-        if not chars:
+        parts = [table_estimates(self.format, pf.read_row_group(g, columns=self.columns))
+                 for g in range(pf.num_row_groups)]
+        if not parts:
             return np.zeros(0), np.zeros(0)
-        return np.concatenate(chars), np.concatenate(marks)
+        return np.concatenate([c for c, _ in parts]), np.concatenate([m for _, m in parts])
+
+
+def table_estimates(schema: str, table) -> tuple[np.ndarray, np.ndarray]:
+    """(text characters, images) per row of a table in `schema`, from its columns alone."""
+    text, images = TABLE_SCHEMAS[schema]
+    chars, marks = text_estimates(table.column(text).combine_chunks())
+    if schema == "cauldron" and images in table.column_names:  # Cauldron's texts carry no marks
+        marks = image_counts(table.column(images).combine_chunks())
+    return chars, marks
+
+
+class TableReader:
+    """A Hugging Face `datasets.Dataset` (a `save_to_disk` folder, or a hub id's download): its Arrow
+    table is memory-mapped by `datasets`, and a row is sliced from it without decoding its images."""
+
+    def __init__(self, dataset, name: str, schema: str | None = None):
+        self.dataset = dataset.with_format("arrow")
+        self.path = name
+        self.format = detect_schema(dataset.column_names, name, schema)
+        self.columns = schema_columns(self.format, dataset.column_names)
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def read(self, row: int) -> RawRecord:
+        table = self.dataset[int(row)].select(self.columns)  # one row as a pyarrow Table
+        return table_record(self.format, table.to_pylist()[0], self.location(row))
+
+    def location(self, row: int) -> str:
+        return f"{self.path} row {row}"
+
+    def length_estimates(self) -> tuple[np.ndarray, np.ndarray]:
+        chars, marks = [], []
+        for start in range(0, len(self.dataset), 10_000):
+            part = self.dataset[start : start + 10_000].select(self.columns)
+            c, m = table_estimates(self.format, part)
+            chars.append(c)
+            marks.append(m)
+        return (np.concatenate(chars), np.concatenate(marks)) if chars else (np.zeros(0), np.zeros(0))
 
 
 class JsonReader:
@@ -159,7 +277,7 @@ class JsonReader:
         self.path = Path(path)
         self.image_root = Path(image_root).expanduser() if image_root else self.path.parent
         with open(self.path, "rb") as f:
-            head = f.read(4096).lstrip()
+            head = f.read(4096).removeprefix(b"\xef\xbb\xbf").lstrip()  # a UTF-8 BOM (Windows editors) is no content
         if not head:
             raise DataError(f"{self.path}: file is empty")
         if head[:1] == b"[":

@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 from crossvlm.data.images import ImageTransform
 from crossvlm.data.loader import build_dataset, build_loader
-from crossvlm.errors import CheckpointError, TrainingError
+from crossvlm.errors import CheckpointError, ConfigError, TrainingError
 from crossvlm.train.checkpoint import find_resume, load_checkpoint, save_checkpoint
 from crossvlm.train.config import TrainConfig
 from crossvlm.train.loggers import build_logger, read_metrics
@@ -180,7 +180,10 @@ class Trainer:
         self.eval_dataset = (build_dataset(cfg.eval_data, tok, improc, model.num_image_tokens)
                              if cfg.eval_data else None)
         accum = cfg.optim.accumulation_steps
-        self.steps_per_epoch = max(1, self.loader.steps_per_epoch // accum)
+        if self.loader.steps_per_epoch is None and not cfg.run.max_steps:
+            raise ConfigError("run.max_steps is needed: the streamed data's size is unknown (remote tar shards "
+                              "are not read ahead to count them), so run.epochs cannot say how many steps")
+        self.steps_per_epoch = max(1, (self.loader.steps_per_epoch or cfg.run.max_steps * accum) // accum)
         self.total_steps = cfg.run.max_steps or max(1, math.ceil(cfg.run.epochs * self.steps_per_epoch))
         self.optimizer = build_optimizer(model, cfg.optim, rt.device)
         self.scheduler = build_scheduler(self.optimizer, cfg.optim, self.total_steps)
