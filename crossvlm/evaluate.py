@@ -65,14 +65,17 @@ class _Metadata:
 
     def __init__(self, reader):
         self.reader, self.table = reader, None
-        if reader.format == "minimind":
+        from crossvlm.data.readers import ParquetReader
+
+        self.columnar = isinstance(reader, ParquetReader)  # MiniMind-V or Cauldron schema
+        if self.columnar:
             import pyarrow.parquet as pq
 
             columns = [k for k in _META_KEYS if k in pq.read_schema(reader.path).names]
             self.table = pq.read_table(reader.path, columns=columns) if columns else None
 
     def __call__(self, row: int) -> dict:
-        if self.reader.format == "minimind":
+        if self.columnar:
             return self.table.slice(row, 1).to_pylist()[0] if self.table is not None else {}
         record = self.reader.record(row)
         return {k: record.get(k) for k in _META_KEYS}

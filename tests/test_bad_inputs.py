@@ -236,7 +236,7 @@ CASES = [
     ("inspect-llm-without-tokenizer", ["data", "inspect", "data/some_broken.jsonl", "--llm", "m/vision"],
      "--llm m/vision: m/vision has no tokenizer", FAST),
     ("train-data-folder-without-data", [*TRAIN[:6], "--data.sources", "nothing_here", *TRAIN[8:], "--run.out_dir",
-                                        "new_run"], "data.sources[0]: nothing_here: folder holds no .parquet, .json or .jsonl file", TORCH),
+                                        "new_run"], "data.sources[0]: nothing_here: folder holds no .parquet, .json, .jsonl or .tar file", TORCH),
     ("synth-out-under-a-file", ["data", "synth", "--out", "afile/shapes"], "--out afile/shapes is under afile", FAST),
     ("eval-data-missing", ["eval", "--model", "vlm", "--data", "data/nothing.jsonl", "--out", "keep.jsonl"],
      "data/nothing.jsonl: no such file or folder", TORCH),

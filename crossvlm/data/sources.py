@@ -33,8 +33,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
-from crossvlm.data.readers import (TABLE_SCHEMAS, TableReader, cauldron_turns, detect_schema, find_files,
-                                   open_reader, schema_columns, table_record)
+from crossvlm.data.readers import (TABLE_SCHEMAS, TableReader, cauldron_turns, detect_format, detect_schema,
+                                   find_files, open_reader, schema_columns, table_record)
 from crossvlm.data.records import BadRecord, RawRecord, RecordError
 from crossvlm.errors import DataError
 from crossvlm.model.tokens import IMAGE_MARK
@@ -150,6 +150,32 @@ def resolve_source(path: str, *, fmt: str | None = None, image_root: str | None 
     if file_fmt and source.readers is None and any(s.kind == "tar" for s in source.shards):
         raise DataError(f"{path}: format {fmt}, but it holds webdataset tar shards")
     return source
+
+
+def check_source(path: str, fmt: str | None = None) -> None:
+    """The quick part of `resolve_source`, for a run's checks before models load: local files and
+    shards exist and have a known format. URLs and hub ids are not contacted here (they are opened,
+    and refused with the same kind of message, when training starts)."""
+    path = str(path)
+    names = expand_braces(path)
+    local = [Path(n).expanduser() for n in names]
+    repo = path.rpartition(":")[0] if _looks_like_config(path) else path
+    if is_remote(path) or (len(names) == 1 and not local[0].exists() and (
+            Path(repo).expanduser().is_dir() or looks_like_hub_id(repo))):
+        return
+    missing = [str(p) for p in local if not p.exists()]
+    if len(names) > 1 and missing:
+        raise DataError(f"{path}: {len(missing)} of {len(local)} shards do not exist (first: {missing[0]})")
+    if len(names) > 1 or local[0].name.endswith(TAR_SUFFIXES) or (
+            local[0].is_dir() and any((local[0] / m).exists() for m in HF_DISK_MARKERS)):
+        return
+    if not local[0].exists():
+        raise DataError(f"{path}: no such file or folder, and not a hub dataset id (owner/name[:config])")
+    if local[0].is_dir() and any(p.name.endswith(TAR_SUFFIXES) for p in local[0].rglob("*")):
+        return
+    for file in find_files(local[0]):
+        if fmt is None:
+            detect_format(file)
 
 
 def _files(path: str, names: list[str], local: list[Path], fmt: str | None, image_root: str | None,

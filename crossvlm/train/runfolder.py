@@ -50,14 +50,12 @@ def preflight(cfg) -> None:
     if changed:
         raise ConfigError(refused_changes(f"--resume {cfg.run.resume}: its checkpoint", changed))
     sources.check_writable(out, "run.out_dir")
-    from crossvlm.data.readers import detect_format, find_files  # (imports transformers: after the quick checks)
+    from crossvlm.data.sources import check_source  # (imports transformers: after the quick checks)
 
     for name, data in (("data", cfg.data), ("eval_data", cfg.eval_data)):
         for i, source in enumerate(data.sources if data is not None else ()):
-            try:  # a folder without data files, a file of no known format
-                for file in find_files(source.path):
-                    if source.format is None:
-                        detect_format(file)
+            try:  # a missing file, a folder without data files, a file of no known format
+                check_source(source.path, source.format)
             except DataError as err:
                 raise DataError(f"{name}.sources[{i}]: {err}") from None
 
