@@ -14,6 +14,7 @@ from torch import nn
 from crossvlm.errors import ConfigError
 from crossvlm.model.modeling import CrossVLM
 from crossvlm.model.processor import CrossVLMProcessor
+from crossvlm.model.tiling import Tiling
 from crossvlm.train.config import ModelSection, TrainableSection
 
 
@@ -26,9 +27,11 @@ def build_model(cfg: ModelSection, dtype: torch.dtype = torch.float32) -> tuple[
     projector = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg) if f.name.startswith("projector_")}
     model = CrossVLM.from_base_models(
         cfg.llm, cfg.vision, dtype=dtype, num_queries=cfg.num_queries,
-        vision_feature_layer=cfg.vision_feature_layer, **projector,
+        vision_feature_layer=cfg.vision_feature_layer, max_tiles=cfg.max_tiles, tile_queries=cfg.tile_queries,
+        **projector,
     )
-    processor = CrossVLMProcessor.from_base_models(cfg.llm, cfg.vision, model.num_image_tokens)
+    processor = CrossVLMProcessor.from_base_models(cfg.llm, cfg.vision, model.num_image_tokens,
+                                                   Tiling.from_config(model.config))
     return model, processor
 
 
