@@ -271,3 +271,23 @@ def test_tiles_read_a_mark_a_single_view_cannot(tiny_models):
     assert one["tokens_per_image"] == 16 and four["tokens_per_image"] == 16 + 4 * 16 and four["grid"] == [2, 2]
     assert one["accuracy"] < 0.5
     assert four["accuracy"] > 0.85
+
+
+def test_bench_train_samples_carry_every_view_and_grid(tiled_dir, tmp_path):
+    """`crossvlm bench train --max-tiles N`'s fixed-length samples: each JPEG's views, one length for all."""
+    from crossvlm.bench.batches import FixedLengthSamples, SampleShape, collate, jpeg_pool
+    from crossvlm.bench.train import TrainBenchConfig
+    from crossvlm.model.tiling import select_grid
+
+    processor = CrossVLMProcessor.from_pretrained(tiled_dir)
+    jpegs = jpeg_pool(tmp_path, (4 * SIDE, 2 * SIDE), count=2)
+    tokens = processor.tiling.tokens(select_grid(4 * SIDE, 2 * SIDE, 4, SIDE))
+    assert tokens == 16 + 2 * 4  # a 2:1 picture of 4 x 2 tiles' pixels: four tiles keep no more of it than 1 x 2
+    samples = FixedLengthSamples(jpegs, processor.image_processor, processor.vision_ids, tokens, SampleShape(10, 4),
+                                 text_vocab=100, length=2, tiling=processor.tiling)
+    batch = collate([samples[0], samples[1]])
+    assert batch["input_ids"].shape == (2, tokens + 10) and batch["pixel_values"].shape[0] == 2 * 3
+    assert batch["image_grids"].tolist() == [[1, 2], [1, 2]]
+    CrossVLM.from_pretrained(tiled_dir).check_image_tokens(batch["input_ids"], 10, batch["image_grids"].tolist())
+    with pytest.raises(ConfigError, match="--variants ours"):
+        TrainBenchConfig(preset="tiny", max_tiles=4).validate()
