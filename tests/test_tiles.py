@@ -127,6 +127,13 @@ def test_settings_are_checked():
     assert "max_tiles=0" in str(err.value) and "tile_queries=5" in str(err.value)
     with pytest.raises(ConfigError, match="needs projector_type='cross_attn'"):
         CrossVLMConfig(max_tiles=4, projector_type="mlp")
+    with pytest.raises(ConfigError, match="needs max_tiles > 1"):
+        CrossVLMConfig(tile_queries=16)
+    from crossvlm.train.config import ModelSection
+
+    assert ModelSection(max_tiles=0, tile_queries=8).problems() == [
+        "model.max_tiles 0 must be a whole number >= 1 (1: no tiles)", "model.tile_queries 8 must be a square number"]
+    assert ModelSection(tile_queries=16).problems() == ["model.tile_queries needs model.max_tiles > 1"]
 
 
 def test_save_load_round_trip_keeps_tiling_and_outputs(tiled_dir, tmp_path):

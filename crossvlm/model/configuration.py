@@ -175,6 +175,8 @@ class CrossVLMConfig(PretrainedConfig):
         elif self.max_tiles > 1 and self.projector_type != "cross_attn":
             problems.append(f"max_tiles={self.max_tiles} needs projector_type='cross_attn' (its queries carry a tile's place)")
         if self.tile_queries is not None:
+            if self.max_tiles == 1:
+                problems.append(f"tile_queries={self.tile_queries} needs max_tiles > 1 (a model of single views has no tiles)")
             if not isinstance(self.tile_queries, int) or self.tile_queries < 1 or math.isqrt(self.tile_queries) ** 2 != self.tile_queries:
                 problems.append(f"tile_queries={self.tile_queries} must be a square number (queries sit on a grid)")
             elif self.projector_locality == "cell" and self.tile_queries > self.num_patches:

@@ -158,7 +158,7 @@ class CrossAttentionProjector(nn.Module):
         # sin-cos position. Only with tiles, so single-view checkpoints keep their keys.
         self.max_tiles = max_tiles
         self.tile_queries = (nn.Parameter(torch.randn(t_grid**2, dim) * 0.02)
-                             if tile_queries and tile_queries != num_queries else None)
+                             if max_tiles > 1 and tile_queries and tile_queries != num_queries else None)
         if max_tiles > 1:
             self.place_rows = nn.Parameter(torch.randn(max_tiles + 1, dim) * 0.02)
             self.place_cols = nn.Parameter(torch.randn(max_tiles + 1, dim) * 0.02)

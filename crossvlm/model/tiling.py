@@ -111,6 +111,8 @@ class TileLayout:
 
 def tile_layout(grids, image_tokens: int, tile_tokens: int) -> TileLayout:
     """The layout of the views of images with `grids` ((N, 2) rows, columns; a tensor, array or list)."""
+    if hasattr(grids, "cpu"):  # a tensor; on a device only if a caller moved it there (a sync: keep it on the host)
+        grids = grids.cpu()
     grids = np.asarray(grids, dtype=np.int64).reshape(-1, 2)
     places, is_tile, tokens = [], [], []
     thumbs_total = len(grids) * image_tokens

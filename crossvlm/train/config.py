@@ -81,6 +81,8 @@ class ModelSection:
         if self.tile_queries is not None and (not isinstance(self.tile_queries, int) or self.tile_queries < 1
                                               or math.isqrt(self.tile_queries) ** 2 != self.tile_queries):
             p.append(f"model.tile_queries {self.tile_queries!r} must be a square number")
+        if self.tile_queries is not None and self.max_tiles == 1:
+            p.append("model.tile_queries needs model.max_tiles > 1")
         if self.attention not in ("auto", "flex_attention", "varlen", "sdpa"):
             p.append(f"model.attention {self.attention!r} is not one of auto, flex_attention, varlen, sdpa")
         if self.init_from is None and not (self.llm and self.vision):
