@@ -19,6 +19,7 @@ from crossvlm.errors import ConfigError, ImageTokenMismatch
 from crossvlm.model import CrossVLM
 from crossvlm.model.processor import CrossVLMProcessor
 from crossvlm.model.tiling import Tiling, select_grid, tile_layout
+from serving import data_url, live_server
 
 SIDE = 64  # the tiny tower's input side
 
@@ -298,3 +299,21 @@ def test_bench_train_samples_carry_every_view_and_grid(tiled_dir, tmp_path):
     CrossVLM.from_pretrained(tiled_dir).check_image_tokens(batch["input_ids"], 10, batch["image_grids"].tolist())
     with pytest.raises(ConfigError, match="--variants ours"):
         TrainBenchConfig(preset="tiny", max_tiles=4).validate()
+
+
+def test_the_server_answers_with_a_tiled_image(tiled_dir):
+    """`crossvlm serve` through the OpenAI client: a 2 × 2 image's prompt counts its tiles' tokens."""
+    from openai import OpenAI
+
+    from crossvlm.inference import ChatModel
+    from crossvlm.serve.app import create_app
+
+    chat = ChatModel.load(tiled_dir, device="cpu", engine=EngineConfig(slots=2, max_len=512))
+    big = _image(2 * SIDE, 2 * SIDE)
+    expected = len(chat.prompt([{"role": "user", "content": "<image>what is it?"}], [big]).input_ids)
+    with live_server(create_app(chat)) as base:
+        client = OpenAI(base_url=f"{base}/v1", api_key="none")
+        out = client.chat.completions.create(model="crossvlm", max_tokens=3, messages=[{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": data_url(big)}}, {"type": "text", "text": "what is it?"}]}])
+    assert out.choices[0].finish_reason in ("stop", "length")
+    assert out.usage.prompt_tokens == expected and expected > 16 + 4 * 4  # the thumbnail's 16 and four tiles' 4 each
