@@ -317,3 +317,14 @@ def test_the_server_answers_with_a_tiled_image(tiled_dir):
             {"type": "image_url", "image_url": {"url": data_url(big)}}, {"type": "text", "text": "what is it?"}]}])
     assert out.choices[0].finish_reason in ("stop", "length")
     assert out.usage.prompt_tokens == expected and expected > 16 + 4 * 4  # the thumbnail's 16 and four tiles' 4 each
+
+
+def test_tile_codes_and_queries_get_no_weight_decay(tiled_dir):
+    from crossvlm.train.config import OptimSection
+    from crossvlm.train.optim import param_groups
+
+    model = CrossVLM.from_pretrained(tiled_dir)
+    names = {id(p): n for n, p in model.named_parameters()}
+    undecayed = {names[id(p)] for g in param_groups(model, OptimSection(weight_decay=0.1)) if g["weight_decay"] == 0
+                 for p in g["params"]}
+    assert {"projector.place_rows", "projector.place_cols", "projector.tile_queries"} <= undecayed
