@@ -328,3 +328,17 @@ def test_tile_codes_and_queries_get_no_weight_decay(tiled_dir):
     undecayed = {names[id(p)] for g in param_groups(model, OptimSection(weight_decay=0.1)) if g["weight_decay"] == 0
                  for p in g["params"]}
     assert {"projector.place_rows", "projector.place_cols", "projector.tile_queries"} <= undecayed
+
+
+def test_a_tiled_models_images_without_grids_are_thumbnails(tiled_dir):
+    model = CrossVLM.from_pretrained(tiled_dir).eval()
+    processor = CrossVLMProcessor.from_pretrained(tiled_dir)
+    images = [_image(2 * SIDE, 2 * SIDE, seed=9), _image(SIDE, SIDE, seed=10)]
+    pixels = processor.preprocess_images(images)  # one view each
+    with torch.no_grad():
+        plain = model.encode_images(pixels)
+        as_grids = model.encode_images(pixels, torch.tensor([[1, 1], [1, 1]]))
+        model.projector.place_rows.zero_()  # the thumbnail's place code was in the plain path's tokens too
+        changed = model.encode_images(pixels)
+    torch.testing.assert_close(plain, as_grids)
+    assert plain.shape == (2 * 16, model.config.text_config.hidden_size) and not torch.allclose(plain, changed)

@@ -92,7 +92,8 @@ class ModelRunner:
         # A lone prompt's prefill and the image path, replayed too (see the module's docstring); a graph's
         # output lives in the pool: it is read before the next replay
         self.prefill_buckets = ladder(min(PREFILL_GRAPH_TOKENS, cache.max_len), 128) if graphs else []
-        self.image_rungs = ladder(IMAGE_GRAPH_IMAGES, 1) if graphs else []
+        # (a tiled model's image path stays eager: its views and their places vary per request)
+        self.image_rungs = ladder(IMAGE_GRAPH_IMAGES, 1) if graphs and model.config.max_tiles == 1 else []
         self.prefill_graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor, dict]] = {}  # graph, output, inputs
         self.image_graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor]] = {}  # graph, output, input
         # Sizes stay symbolic (dynamic=True), so the rungs and prompt lengths share one compilation. The

@@ -283,9 +283,12 @@ class CrossVLM(PreTrainedModel):
         crossvlm.model.tiling), `pixel_values` holds every image's views (V, 3, H, W), its thumbnail
         then its tiles: all views go through the tower in one call, the thumbnails through the
         projector in one and all tiles in another (each view's queries carrying its place), and the
-        result is every image's tokens in order, (sum of tokens, D_llm).
+        result is every image's tokens in order, (sum of tokens, D_llm). A tiled model's images given
+        without grids are single views: thumbnails, as a (1, 1) grid makes them.
         """
         features = self.vision_features(pixel_values).to(self._projector_dtype)  # (V, P, Dv)
+        if image_grids is None and self.config.max_tiles > 1:  # a tiled model's images without grids: thumbnails
+            image_grids = [(1, 1)] * features.shape[0]
         if image_grids is None:
             return self.projector(features)
         layout = self.tile_layout(image_grids)
