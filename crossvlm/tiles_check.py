@@ -124,11 +124,17 @@ def run_check(models: Path, max_tiles: int, *, steps: int = 150, batch_size: int
     import torch
 
     from crossvlm.data.collate import Collator
+    from crossvlm.errors import ConfigError
     from crossvlm.model import CrossVLM
     from crossvlm.model.processor import CrossVLMProcessor
     from crossvlm.model.tiling import Tiling
     from crossvlm.train.runtime import seed_everything
 
+    problems = [f"question {question!r} is not one of {sorted(QUESTIONS)}"] if question not in QUESTIONS else []
+    problems += [f"{name} must be at least 1, not {value}" for name, value in
+                 (("steps", steps), ("batch size", batch_size), ("test images", n_test)) if value < 1]
+    if problems:
+        raise ConfigError("tiles check: " + "; ".join(problems))
     seed_everything(seed)
     model = CrossVLM.from_base_models(models / "llm", models / "vision", num_queries=num_queries, projector_heads=4,
                                       max_tiles=max_tiles, tile_queries=tile_queries, **{**PROJECTOR, **projector})
@@ -194,12 +200,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--question", choices=sorted(QUESTIONS), default="colour")
     parser.add_argument("--no-place-codes", action="store_true", help="hold the tiles' place codes at zero")
     args = parser.parse_args(argv)
+    from crossvlm.errors import CrossVLMError
     from crossvlm.make_model import write_random_models
 
-    if not (args.out / "llm").is_dir():
-        write_random_models(args.out, "tiny", seed=args.seed)
-    results = compare(args.out, tuple(args.tiles), steps=args.steps, batch_size=args.batch_size, seed=args.seed,
-                      tile_queries=args.tile_queries, question=args.question, place_codes=not args.no_place_codes)
+    try:
+        if not (args.out / "llm").is_dir():
+            write_random_models(args.out, "tiny", seed=args.seed)
+        results = compare(args.out, tuple(args.tiles), steps=args.steps, batch_size=args.batch_size, seed=args.seed,
+                          tile_queries=args.tile_queries, question=args.question, place_codes=not args.no_place_codes)
+    except CrossVLMError as err:  # a bad setting: one line, no traceback
+        parser.exit(2, f"{parser.prog}: error: {err}\n")
     for r in results:
         print(f"{r['question']}, max_tiles {r['max_tiles']}{'' if r['place_codes'] else ' (no place codes)'}: grid {r['grid']}, {r['tokens_per_image']} visual tokens per image, "
               f"held-out accuracy {r['accuracy']:.1%} (chance {r['chance']:.1%}), {r['steps']} steps in {r['train_s']} s")
