@@ -52,12 +52,14 @@ class InputError(CrossVLMError, ValueError):
 class Prompt:
     """A conversation ready for the model: token ids (image spans expanded), its RGB images and their
     pixel values (N, 3, H, W), made by the processor in the thread that prepared the prompt, so the
-    engine's loop never waits for image preprocessing."""
+    engine's loop never waits for image preprocessing. A tiled model's prompt has each image's grid
+    (`image_grids`, crossvlm.model.tiling) and every image's views in `pixel_values`."""
 
     input_ids: list[int]
     images: list[Image.Image]
     enable_thinking: bool = False
     pixel_values: torch.Tensor | None = None
+    image_grids: list[tuple[int, int]] | None = None
 
 
 def pick_device(device: str = "auto") -> torch.device:
@@ -149,6 +151,8 @@ class ChatModel:
 
         self.draft_size = target_side(processor.image_processor)
         """JPEGs given as bytes or paths decode at the scale the training loader uses (`open_image`)."""
+        if processor.tiling is not None and self.draft_size:  # as the loader: the tiles' resolution kept
+            self.draft_size = processor.tiling.side * processor.tiling.max_tiles
         self.engine_config = engine or EngineConfig()
         self.context_length = self.engine_config.max_len_for(model.config.text_config)
         eos = model.llm.generation_config.eos_token_id
@@ -185,7 +189,10 @@ class ChatModel:
             model = CrossVLM.from_pretrained(str(model_dir), dtype=dtype)
         elif llm is not None and vision is not None:
             model = CrossVLM.from_base_models(llm, vision, dtype=dtype, **projector_kwargs)
-            processor = CrossVLMProcessor.from_base_models(llm, vision, model.num_image_tokens)
+            from crossvlm.model.tiling import Tiling
+
+            processor = CrossVLMProcessor.from_base_models(llm, vision, model.num_image_tokens,
+                                                           Tiling.from_config(model.config))
         else:
             raise CrossVLMError("give a saved model directory, or both a base LLM and a vision tower")
         return cls(model.to(dev), processor, engine=engine)
@@ -230,19 +237,29 @@ class ChatModel:
             raise InputError(f"the conversation's {chars} characters need more tokens than the context's "
                              f"{self.context_length}; shorten it", "context_length_exceeded", "messages")
         flat, imgs = collect_images(messages, images, self.max_image_pixels, self.draft_size)
-        try:  # rendered exactly as training renders a conversation (docs/DATA.md)
-            ids = encode_prompt(flat, self.tokenizer, self.processor.num_image_tokens, enable_thinking=enable_thinking)
-        except TemplateMismatch as err:
-            raise CrossVLMError(str(err)) from err
-        except ValueError as err:
-            raise InputError(f"cannot render the conversation: {err}", "invalid_content", "messages") from err
+        grids = self.processor.image_grids(imgs)  # tiled models: each image's grid (None: one view each)
+
+        def render(grids):
+            try:  # rendered exactly as training renders a conversation (docs/DATA.md)
+                return encode_prompt(flat, self.tokenizer, self.processor.image_token_counts(grids),
+                                     enable_thinking=enable_thinking)
+            except TemplateMismatch as err:
+                raise CrossVLMError(str(err)) from err
+            except ValueError as err:
+                raise InputError(f"cannot render the conversation: {err}", "invalid_content", "messages") from err
+
+        ids = render(grids)
+        if len(ids) >= self.context_length and grids and any(g != (1, 1) for g in grids):
+            grids = [(1, 1)] * len(grids)  # the tiles do not fit the context: every image's thumbnail alone
+            ids = render(grids)
         if len(ids) >= self.context_length:
             raise InputError(
                 f"the prompt takes {len(ids)} tokens (images included) but the context is "
                 f"{self.context_length} tokens; shorten the conversation or send fewer images",
                 "context_length_exceeded", "messages",
             )
-        return Prompt(ids, imgs, enable_thinking, self.processor.preprocess_images(imgs) if imgs else None)
+        return Prompt(ids, imgs, enable_thinking, self.processor.preprocess_images(imgs, grids) if imgs else None,
+                      grids if imgs else None)
 
     def matcher(self, sampling: SamplingParams, thinking: bool = False) -> Matcher | None:
         """The grammar matcher of a structured-output request (None without `json_schema`); raises
@@ -266,8 +283,8 @@ class ChatModel:
         sampling = sampling or SamplingParams()
         if matcher is None:
             matcher = self.matcher(sampling, prompt.enable_thinking)
-        request = Request(prompt.input_ids, prompt.pixel_values, sampling, on_event,
-                          thinking=prompt.enable_thinking, stream=stream, matcher=matcher)
+        request = Request(prompt.input_ids, prompt.pixel_values, sampling, on_event, thinking=prompt.enable_thinking,
+                          stream=stream, matcher=matcher, image_grids=prompt.image_grids)
         return self.engine.submit(request, max_waiting)
 
     def generate_prompts(self, prompts: list[Prompt], sampling: SamplingParams | list[SamplingParams] | None = None,

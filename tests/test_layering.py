@@ -27,10 +27,11 @@ LAYERS = (
     ("crossvlm.engine", "crossvlm.train"),
     # The product on top of the engine and the loop: the Python API (crossvlm.load in the package's
     # __init__, inference.py), the server, evaluation; the random base models (make_model.py, built
-    # through train's constructors, used by the demo, the benchmarks and `crossvlm init`); the CPU demo;
-    # the lmms-eval model (it wraps inference and evaluate).
+    # through train's constructors, used by the demo, the benchmarks and `crossvlm init`); the CPU demo
+    # and the tiles learning check (tiles_check.py, built like the demo); the lmms-eval model (it wraps
+    # inference and evaluate).
     ("crossvlm", "crossvlm.inference", "crossvlm.serve", "crossvlm.evaluate", "crossvlm.make_model",
-     "crossvlm.demo", "crossvlm.integrations"),
+     "crossvlm.demo", "crossvlm.tiles_check", "crossvlm.integrations"),
     ("crossvlm.bench",),
     # The console script and one module per subcommand: they may import anything.
     ("crossvlm.commands", "crossvlm.cli"),

@@ -45,13 +45,17 @@ class FixedLengthSamples(torch.utils.data.Dataset):
     """`length` samples of one shape; sample i is the same in every run (seeded by i)."""
 
     def __init__(self, jpegs: list[bytes], image_processor, vision_ids: VisionTokenIds, num_image_tokens: int,
-                 shape: SampleShape, text_vocab: int, length: int, seed: int = 0, float_pixels: bool = False):
+                 shape: SampleShape, text_vocab: int, length: int, seed: int = 0, float_pixels: bool = False,
+                 tiling=None):
         if shape.text_tokens < 3 or not 0 < shape.labelled <= shape.text_tokens - 2:
             raise ValueError(f"{shape} leaves no room for the vision start/end tokens and the labels")
         self.jpegs, self.vision_ids, self.num_image_tokens = jpegs, vision_ids, num_image_tokens
         self.transform = ImageTransform(image_processor)
         self.shape, self.text_vocab, self.length, self.seed = shape, text_vocab, length, seed
         self.float_pixels = float_pixels  # the processor's float32 pixels (the naive baseline's), not uint8 crops
+        self.tiling = tiling  # a tiled model's: the image's views and their tokens (crossvlm.model.tiling)
+        if tiling is not None:
+            self.transform.draft_size = tiling.side * tiling.max_tiles  # as the real loader: tiles keep their pixels
 
     def __len__(self) -> int:
         return self.length
@@ -65,6 +69,13 @@ class FixedLengthSamples(torch.utils.data.Dataset):
         labels = torch.full_like(input_ids, IGNORE_INDEX)
         labels[-self.shape.labelled:] = input_ids[-self.shape.labelled:]
         image = load_image(self.jpegs[i % len(self.jpegs)], MAX_IMAGE_PIXELS, self.transform.draft_size)
+        if self.tiling is not None:
+            grid = self.tiling.grid(image)
+            if self.tiling.tokens(grid) != self.num_image_tokens:
+                raise ValueError(f"image {i} takes {self.tiling.tokens(grid)} tokens, not {self.num_image_tokens}")
+            pixels = self.transform(self.tiling.views(image, grid))  # (V, 3, H, W)
+            return Sample(input_ids, labels, pixels, location=f"fixed-length sample {i}",
+                          image_grids=torch.tensor([grid]))
         pixels = self.transform([image])
         if self.float_pixels:
             pixels = self.transform.normalize(pixels)

@@ -82,6 +82,11 @@ class TrainBenchConfig:
     """With `data`: which of crossvlm.bench.catalog.DATA_VARIANTS to run."""
     max_length: int | None = None
     """With `data`: `data.max_length` (the packed row length); None: the stage config's."""
+    max_tiles: int = 1
+    """`model.max_tiles` of `ours` (docs/TRAINING.md, "Tiles"): each sample's JPEG cut into the grid of at
+    most this many tiles that fits it, plus its thumbnail; 1: one view."""
+    tile_queries: int | None = None
+    """`model.tile_queries` of `ours` with tiles; None: num_queries."""
 
     def validate(self) -> None:
         from crossvlm.make_model import PRESETS
@@ -111,6 +116,12 @@ class TrainBenchConfig:
             p.append(f"--data {self.data}: no such file")
         if self.workers is not None and self.workers < 0:
             p.append("workers must be >= 0")
+        if self.max_tiles != 1 or self.tile_queries is not None:
+            if self.max_tiles < 1:
+                p.append("--max-tiles must be >= 1")
+            if self.data is not None or set(self.variants) - {"ours"} or self.levers:
+                p.append("--max-tiles and --tile-queries time the fixed-length `ours` step: give --variants ours, "
+                         "no --data and no --levers")
         if p:
             raise ConfigError("invalid bench train arguments:\n  - " + "\n  - ".join(p))
 
@@ -134,6 +145,8 @@ class Runner:
     """FLOPs of one step as the variant runs it (its own sequence, logits and projector)."""
     close: Callable[[], None] = lambda: None
     compiled_graphs: Callable[[], int | None] = lambda: None
+    tiling: object = None
+    """A tiled model's `Tiling`: each sample's image becomes its views (FLOPs still count one view)."""
 
 
 @dataclass
@@ -209,6 +222,8 @@ def _stage_overrides(ctx: _Context, v: Variant) -> dict:
                           "weight": math.ceil(v.batch_size * ctx.rt.world_size / len(ctx.jpegs))}],
     }
     overrides.update({"model.projector_type": v.design, "run.batch_size": v.batch_size, "run.compile": v.compile})
+    if v.design == "cross_attn":
+        overrides.update({"model.max_tiles": cfg.max_tiles, "model.tile_queries": cfg.tile_queries})
     if "bf16-allreduce" in v.levers:
         overrides["run.ddp_bf16_grads"] = True
     if "cudagraphs" in v.levers:
@@ -232,7 +247,11 @@ def _build_ours(ctx: _Context, v: Variant) -> Runner:
     def step(batch: dict) -> float:
         return trainer.train_step([batch])["loss"]
 
-    m, shape = model.num_image_tokens, ctx.shape
+    m, shape, tiling = model.num_image_tokens, ctx.shape, trainer.processor.tiling
+    if tiling is not None:  # every JPEG has the same size: one grid, one length
+        from crossvlm.model.tiling import select_grid
+
+        m = tiling.tokens(select_grid(*ctx.cfg.jpeg_size, tiling.max_tiles, tiling.side))
     seq = m + shape.text_tokens
     work = Workload(seq_len=seq, logits=seq - 1 if "full-logits" in v.levers else shape.labelled)
     llm, vision = LLMShape.from_config(model.config.text_config), VisionShape.from_config(model.config.vision_config)
@@ -249,7 +268,7 @@ def _build_ours(ctx: _Context, v: Variant) -> Runner:
         def close() -> None:
             torch.backends.cuda.enable_cudnn_sdp(cudnn_was)
             trainer.logger.close()
-    return Runner(step, m, executed, close=close, compiled_graphs=compiled_graphs)
+    return Runner(step, m, executed, close=close, compiled_graphs=compiled_graphs, tiling=tiling)
 
 
 def _build_naive(ctx: _Context, v: Variant) -> Runner:
@@ -312,7 +331,7 @@ def _measure(ctx: _Context, v: Variant, runner: Runner) -> dict:
     dataset = FixedLengthSamples(ctx.jpegs, ctx.image_processor, _vision_ids(ctx), runner.num_image_tokens,
                                  ctx.shape, _text_vocab(ctx), length=total * v.batch_size,
                                  seed=cfg.seed + 7919 * rt.rank,  # each process its own samples
-                                 float_pixels=v.design == "naive")
+                                 float_pixels=v.design == "naive", tiling=runner.tiling)
     batches = iter(batch_loader(dataset, v.batch_size, ctx.workers, ctx.tokenizer.pad_token_id, PREFETCH_FACTOR))
     waits, computes, losses = [], [], []
     for i in range(warm + cfg.steps):

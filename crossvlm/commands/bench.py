@@ -75,6 +75,7 @@ def _train_config(args: argparse.Namespace, stage: str, levers_default: tuple[st
                   else args.variants),  # "none": levers only
         levers=args.levers if args.levers is not None else levers_default, workers=args.workers,
         jpeg_size=args.jpeg_size, profile=args.profile, **_data_options_of(args),
+        max_tiles=getattr(args, "max_tiles", 1), tile_queries=getattr(args, "tile_queries", None),
     )
 
 
@@ -108,6 +109,9 @@ def register(sub) -> None:
                    "the fixed-length step of the same shapes; --data alone generates a variable-length set")
     p.add_argument("--max-length", type=int, help="with --data: data.max_length, the packed row length "
                    "(default: the stage config's)")
+    p.add_argument("--max-tiles", type=int, default=1, help="model.max_tiles of ours: each JPEG cut into the "
+                   "best-fitting grid of at most this many tiles plus a thumbnail (docs/TRAINING.md, Tiles)")
+    p.add_argument("--tile-queries", type=int, help="model.tile_queries of ours with tiles (default: num_queries)")
     _train_options(p)
     p.set_defaults(func=_train)
 

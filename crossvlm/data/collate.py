@@ -13,7 +13,10 @@ A batch is a dict:
 - pixel_values (N, 3, H, W): the batch's images in the order their spans appear in the row-major
   flattened input_ids (absent when the batch has no image), as the image processor's uint8 crops
   (`ImageTransform.normalize` makes them its float32 pixels, on the GPU in training) or, for a
-  processor that cannot hand them over so, its float32 pixels;
+  processor that cannot hand them over so, its float32 pixels; for a tiled model every image's views
+  (its thumbnail, then its tiles: crossvlm.model.tiling), with
+- image_grids (N_images, 2) long: each image's (rows, columns) of tiles (tiled models only). A span's
+  tokens, and so the row lengths packing fills, already count its tiles';
 - lengths: every sample's token count (the FLOP count of the step reads them);
 - num_tokens: labelled tokens; num_samples: good samples; num_truncated; bad_records: list[BadRecord].
 """
@@ -38,6 +41,7 @@ class Sample:
     pixel_values: torch.Tensor | None  # (n_images, 3, H, W) uint8 crops (see ImageTransform)
     location: str = ""
     truncated: bool = False
+    image_grids: torch.Tensor | None = None  # (n_images, 2) long: tiled images' grids (their views are in pixel_values)
 
     def __len__(self) -> int:
         return self.input_ids.numel()
@@ -67,7 +71,7 @@ class Collator:
         positions = torch.zeros((len(rows), width), dtype=torch.long)  # (B, T)
         mask = torch.zeros((len(rows), width), dtype=torch.long)  # (B, T)
         documents = torch.zeros((len(rows), width), dtype=torch.long)  # (B, T)
-        images = []
+        images, grids = [], []
         for r, row in enumerate(rows):
             t = 0
             for d, s in enumerate(row):
@@ -79,6 +83,8 @@ class Collator:
                 documents[r, t : t + n] = d
                 if s.pixel_values is not None and len(s.pixel_values):
                     images.append(s.pixel_values)
+                if s.image_grids is not None and len(s.image_grids):
+                    grids.append(s.image_grids)
                 t += n
             # Padding gets positions 0, 1, ... of its own, so it forms a separate "sample" when packed.
             positions[r, t:] = torch.arange(width - t)
@@ -100,6 +106,8 @@ class Collator:
             batch["attention_mask"] = mask
         if images:
             batch["pixel_values"] = torch.cat(images)  # (N, 3, H, W)
+        if grids:
+            batch["image_grids"] = torch.cat(grids)  # (N_images, 2)
         return batch
 
 

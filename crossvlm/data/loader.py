@@ -45,11 +45,15 @@ class SampleMaker:
     """A record -> a `Sample` (checked, rendered, truncated, images decoded) or, for any problem, a
     `BadRecord` — never an exception: it runs in DataLoader workers, for random access and streams."""
 
-    def __init__(self, cfg: DataConfig, tokenizer, image_processor, num_image_tokens: int):
+    def __init__(self, cfg: DataConfig, tokenizer, image_processor, num_image_tokens: int, tiling=None):
         self.cfg = cfg
         self.tokenizer = tokenizer
         self.transform = ImageTransform(image_processor) if image_processor is not None else None
         self.num_image_tokens = num_image_tokens
+        self.tiling = tiling if tiling is not None and tiling.enabled else None
+        """A tiled model's `Tiling` (crossvlm.model.tiling): each image's span and views follow its grid."""
+        if self.tiling is not None and self.transform is not None:  # JPEG drafts keep the tiles' resolution
+            self.transform.draft_size = self.tiling.side * self.tiling.max_tiles
         self.vision = VisionTokenIds.from_tokenizer(tokenizer)
 
     def __call__(self, record: RawRecord | BadRecord) -> Sample | BadRecord:
@@ -71,15 +75,25 @@ class SampleMaker:
         import torch
 
         conv = normalize(raw)
-        encoded = encode_conversation(conv.messages, self.tokenizer, self.num_image_tokens,
+        draft = self.transform and self.transform.draft_size
+        counts, grids, images = self.num_image_tokens, None, None
+        if self.tiling is not None:  # each image's span follows its grid: decoded before rendering
+            images = [load_image(src, self.cfg.max_image_pixels, draft) for src in conv.images]
+            grids = [self.tiling.grid(im) for im in images]
+            counts = [self.tiling.tokens(g) for g in grids]
+        encoded = encode_conversation(conv.messages, self.tokenizer, counts,
                                       system_prompt=self.cfg.system_prompt, enable_thinking=self.cfg.enable_thinking)
         result = truncate(encoded, self.cfg.max_length, self.vision)
         if result is None:
             raise RecordError("too_long", f"{len(encoded.input_ids)} tokens > max_length {self.cfg.max_length}")
         encoded, cut = result
         # Spans appear in mark order, so the kept images are the first ones.
-        images = [load_image(src, self.cfg.max_image_pixels, self.transform and self.transform.draft_size)
-                  for src in conv.images[: encoded.num_images]]
+        if images is None:
+            images = [load_image(src, self.cfg.max_image_pixels, draft) for src in conv.images[: encoded.num_images]]
+        images = images[: encoded.num_images]
+        grids = grids and grids[: encoded.num_images]
+        if grids:  # every image's views: its thumbnail, then its tiles
+            images = [view for im, grid in zip(images, grids) for view in self.tiling.views(im, grid)]
         pixel_values = self.transform(images) if images and self.transform else None  # (n, 3, H, W)
         return Sample(
             input_ids=torch.tensor(encoded.input_ids, dtype=torch.long),
@@ -87,6 +101,7 @@ class SampleMaker:
             pixel_values=pixel_values,
             location=conv.location,
             truncated=cut,
+            image_grids=torch.tensor(grids, dtype=torch.long) if grids else None,
         )
 
 
@@ -94,11 +109,12 @@ class VLMDataset:
     """Map-style data set over all files of all sources; item i is a `Sample` or a `BadRecord`."""
 
     def __init__(self, readers: list, spans: list[SourceSpan], cfg: DataConfig, tokenizer, image_processor,
-                 num_image_tokens: int):
+                 num_image_tokens: int, tiling=None):
         self.readers = readers
         self.spans = spans
         self.cfg = cfg
-        self.maker = SampleMaker(cfg, tokenizer, image_processor, num_image_tokens)
+        self.maker = SampleMaker(cfg, tokenizer, image_processor, num_image_tokens, tiling)
+        self.tiling = self.maker.tiling
         self.tokenizer = tokenizer
         self.num_image_tokens = num_image_tokens
         self.file_starts = np.cumsum([0] + [len(r) for r in readers])  # (F+1,)
@@ -124,7 +140,8 @@ class VLMDataset:
 
     def length_estimates(self) -> np.ndarray:
         """Estimated token length of every item, from text sizes and image marks (no rendering)."""
-        per_image = self.num_image_tokens + 2 - len(IMAGE_MARK) / CHARS_PER_TOKEN
+        most = self.tiling.tokens((1, self.tiling.max_tiles)) if self.tiling else self.num_image_tokens
+        per_image = most + 2 - len(IMAGE_MARK) / CHARS_PER_TOKEN  # tiled: as if every image took its most
         parts = []
         for reader in self.readers:
             chars, marks = reader.length_estimates()
@@ -132,13 +149,13 @@ class VLMDataset:
         return np.concatenate(parts) if parts else np.zeros(0)
 
 
-def build_dataset(cfg: DataConfig, tokenizer, image_processor, num_image_tokens: int, split: str | None = None
-                  ) -> "VLMDataset | StreamingData":
+def build_dataset(cfg: DataConfig, tokenizer, image_processor, num_image_tokens: int, split: str | None = None,
+                  tiling=None) -> "VLMDataset | StreamingData":
     """Open the configured sources (lazily) as one data set: random access (`VLMDataset`) when every
     source allows it, else streamed (`StreamingData`); `data.streaming` forces either.
 
     `split` ("train", "test", ...) keeps, in every folder source, only files whose name contains it;
-    file sources are used as given.
+    file sources are used as given. `tiling`: a tiled model's `Tiling` (None: one view per image).
     """
     cfg.validate()
     resolved = []
@@ -155,7 +172,7 @@ def build_dataset(cfg: DataConfig, tokenizer, image_processor, num_image_tokens:
     streamed = [r.name for r in resolved if r.readers is None]
     if cfg.streaming is False and streamed:
         raise DataError(f"data.streaming is false, but {streamed[0]} can only be streamed (tar shards or a URL)")
-    maker = SampleMaker(cfg, tokenizer, image_processor, num_image_tokens)
+    maker = SampleMaker(cfg, tokenizer, image_processor, num_image_tokens, tiling)
     if cfg.streaming is True or streamed:
         sources = [StreamSource.of(r, src.weight, src.caption_prompt) for r, src in zip(resolved, cfg.sources)]
         return StreamingData(sources, cfg, maker)
@@ -167,7 +184,7 @@ def build_dataset(cfg: DataConfig, tokenizer, image_processor, num_image_tokens:
         if stop == start:
             raise DataError(f"{src.path}: no records")
         spans.append(SourceSpan(start, stop, src.weight))
-    return VLMDataset(readers, spans, cfg, tokenizer, image_processor, num_image_tokens)
+    return VLMDataset(readers, spans, cfg, tokenizer, image_processor, num_image_tokens, tiling)
 
 
 class Loader:

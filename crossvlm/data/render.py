@@ -19,6 +19,7 @@ and separate tokenization agree (a test checks the required property on the real
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Sequence
 
 from crossvlm.model.tokens import VisionTokenIds, expand_image_marks
 
@@ -39,9 +40,13 @@ class EncodedSample:
     num_images: int
 
 
-def prepare_messages(messages: list[dict], num_image_tokens: int, system_prompt: str | None) -> list[dict]:
-    """Expand image marks and put `system_prompt` first when the conversation has no system turn."""
-    out = [{"role": m["role"], "content": expand_image_marks(m["content"], num_image_tokens)} for m in messages]
+def prepare_messages(messages: list[dict], num_image_tokens: int | Sequence[int], system_prompt: str | None) -> list[dict]:
+    """Expand image marks and put `system_prompt` first when the conversation has no system turn.
+
+    `num_image_tokens`: the visual tokens of every image, or of each image in order of appearance
+    (tiled images: `Tiling.tokens`)."""
+    counts = num_image_tokens if isinstance(num_image_tokens, int) else iter(num_image_tokens)
+    out = [{"role": m["role"], "content": expand_image_marks(m["content"], counts)} for m in messages]
     if system_prompt and not any(m["role"] == "system" for m in out):
         out.insert(0, {"role": "system", "content": system_prompt})
     return out
@@ -103,7 +108,7 @@ class _Renderer:
         return pieces, (anchor, base, messages[start:])
 
 
-def encode_conversation(messages: list[dict], tokenizer, num_image_tokens: int, *,
+def encode_conversation(messages: list[dict], tokenizer, num_image_tokens: int | Sequence[int], *,
                         system_prompt: str | None = None, enable_thinking: bool = False) -> EncodedSample:
     """Token ids and labels for a conversation of `{role, content}` messages (roles system/user/assistant).
 
@@ -128,7 +133,7 @@ def encode_conversation(messages: list[dict], tokenizer, num_image_tokens: int, 
     return EncodedSample(input_ids, labels, input_ids.count(vision.start))
 
 
-def encode_prompt(messages: list[dict], tokenizer, num_image_tokens: int, *,
+def encode_prompt(messages: list[dict], tokenizer, num_image_tokens: int | Sequence[int], *,
                   system_prompt: str | None = None, enable_thinking: bool = False) -> list[int]:
     """Token ids of a chat ready for generation, rendered exactly as training renders its history.
 

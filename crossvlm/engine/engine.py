@@ -309,7 +309,8 @@ class Engine:
     def _embed(self, requests: list[Request]) -> None:
         images = [r.pixel_values for r in requests if r.pixel_values is not None]
         pixels = torch.cat(images) if images else None  # (N, 3, H, W), the prompts' images in order
-        for request, embeds in zip(requests, self.runner.embed([r.input_ids for r in requests], pixels)):
+        grids = [g for r in requests if r.image_grids is not None for g in r.image_grids] or None  # tiled images
+        for request, embeds in zip(requests, self.runner.embed([r.input_ids for r in requests], pixels, grids)):
             request.embeds = embeds
 
     def _prefill(self, work: list[tuple[Request, int, int]]) -> list[_Launch]:

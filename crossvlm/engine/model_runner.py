@@ -92,7 +92,8 @@ class ModelRunner:
         # A lone prompt's prefill and the image path, replayed too (see the module's docstring); a graph's
         # output lives in the pool: it is read before the next replay
         self.prefill_buckets = ladder(min(PREFILL_GRAPH_TOKENS, cache.max_len), 128) if graphs else []
-        self.image_rungs = ladder(IMAGE_GRAPH_IMAGES, 1) if graphs else []
+        # (a tiled model's image path stays eager: its views and their places vary per request)
+        self.image_rungs = ladder(IMAGE_GRAPH_IMAGES, 1) if graphs and model.config.max_tiles == 1 else []
         self.prefill_graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor, dict]] = {}  # graph, output, inputs
         self.image_graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor]] = {}  # graph, output, input
         # Sizes stay symbolic (dynamic=True), so the rungs and prompt lengths share one compilation. The
@@ -121,19 +122,21 @@ class ModelRunner:
 
     # -- prompts ---------------------------------------------------------------------------------
     @torch.inference_mode()
-    def embed(self, prompts: list[list[int]], pixel_values: torch.Tensor | None) -> list[torch.Tensor]:
+    def embed(self, prompts: list[list[int]], pixel_values: torch.Tensor | None,
+              image_grids: list | None = None) -> list[torch.Tensor]:
         """Embeddings (T_i, D) of each prompt, visual tokens merged; `pixel_values` (N, 3, H, W) holds
-        the prompts' images in order."""
+        the prompts' images in order (tiled, with `image_grids`: every image's views, crossvlm.model.tiling)."""
         longest = max(map(len, prompts))
         ids = torch.zeros(len(prompts), longest, dtype=torch.long)  # (n, T), right-padded with id 0 (not an image)
         for i, p in enumerate(prompts):
             ids[i, :len(p)] = torch.tensor(p)
-        self.model.check_image_tokens(ids, 0 if pixel_values is None else pixel_values.shape[0])  # on the host
+        self.model.check_image_tokens(ids, 0 if pixel_values is None else pixel_values.shape[0], image_grids)  # on the host
         pixels = positions = features = None
         if pixel_values is not None:  # where the visual tokens go, found on the host: no mask ops on the device
             pixels = to_device(pixel_values, self.device)
             positions = to_device(image_positions_of(ids, self.model.config.image_token_id), self.device)
-            features = self._encode(pixels)
+            # Tiled images run eagerly: their views' places vary, so no graph of a fixed rung replays them.
+            features = self._encode(pixels) if image_grids is None else self.model.encode_images(pixels, image_grids)
         embeds = self.model.embed(to_device(ids, self.device), pixels, positions, features)  # (n, T, D)
         return [embeds[i, :len(p)] for i, p in enumerate(prompts)]
 

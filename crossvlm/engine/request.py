@@ -166,6 +166,9 @@ class Request:
     on_event: Callable[[Event], None]
     thinking: bool = False
     stream: bool = False
+    image_grids: object = None
+    """A tiled model's images' (rows, columns) of tiles, a list (crossvlm.model.tiling); `pixel_values`
+    then holds every image's views. None: one view per image."""
     # -- engine state ----------------------------------------------------------------------------
     max_new_tokens: int = 0
     """The budget after the engine clipped it to the slot's length."""

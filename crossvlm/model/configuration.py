@@ -97,6 +97,11 @@ class CrossVLMConfig(PretrainedConfig):
             each region and learns from there.
         projector_output_scale: the projector's output starts at this multiple of the LLM's
             token-embedding std (1: the embeddings' own scale).
+        max_tiles: N, the most tiles a large image is cut into (crossvlm.model.tiling): the grid of
+            at most N tower-sized tiles that fits the image best, plus a thumbnail (the single view).
+            1 (the default): one view per image, no tiles. More than 1 needs the "cross_attn" projector.
+        tile_queries: the visual tokens (queries) of one tile, a square number; default: num_queries.
+            Fewer than num_queries keeps an image's token cost down (M + tiles x tile_queries).
         vision_feature_layer: which hidden state of the vision tower feeds the projector
             (-2 = penultimate); CLIP's CLS token is always dropped (SigLIP has none).
         freeze_vision: keep the vision tower frozen and in eval mode.
@@ -121,6 +126,8 @@ class CrossVLMConfig(PretrainedConfig):
         projector_kv_norm: bool = True,
         projector_init: str = "default",
         projector_output_scale: float = 1.0,
+        max_tiles: int = 1,
+        tile_queries: int | None = None,
         vision_feature_layer: int = -2,
         freeze_vision: bool = True,
         image_token_id: int | None = None,
@@ -151,6 +158,8 @@ class CrossVLMConfig(PretrainedConfig):
         self.projector_kv_norm = projector_kv_norm
         self.projector_init = projector_init
         self.projector_output_scale = projector_output_scale
+        self.max_tiles = max_tiles
+        self.tile_queries = tile_queries
         self.vision_feature_layer = vision_feature_layer
         self.freeze_vision = freeze_vision
         self.image_token_id = image_token_id
@@ -185,6 +194,11 @@ class CrossVLMConfig(PretrainedConfig):
         """Visual tokens per image: M for the cross-attention projector, one per patch for the MLP."""
         return self.num_queries if self.projector_type == "cross_attn" else self.num_patches
 
+    @property
+    def tile_tokens(self) -> int:
+        """Visual tokens per tile (`tile_queries`, else M)."""
+        return self.tile_queries or self.num_image_tokens
+
     def get_text_config(self, *args, **kwargs):
         return self.text_config
 
@@ -214,6 +228,18 @@ class CrossVLMConfig(PretrainedConfig):
                 problems.append(f"projector_output_scale={self.projector_output_scale} must be > 0")
             if self.projector_layers < 1:
                 problems.append(f"projector_layers={self.projector_layers} must be at least 1")
+        if not isinstance(self.max_tiles, int) or self.max_tiles < 1:
+            problems.append(f"max_tiles={self.max_tiles} must be a whole number >= 1 (1: no tiles)")
+        elif self.max_tiles > 1 and self.projector_type != "cross_attn":
+            problems.append(f"max_tiles={self.max_tiles} needs projector_type='cross_attn' (its queries carry a tile's place)")
+        if self.tile_queries is not None:
+            if self.max_tiles == 1:
+                problems.append(f"tile_queries={self.tile_queries} needs max_tiles > 1 (a model of single views has no tiles)")
+            if not isinstance(self.tile_queries, int) or self.tile_queries < 1 or math.isqrt(self.tile_queries) ** 2 != self.tile_queries:
+                problems.append(f"tile_queries={self.tile_queries} must be a square number (queries sit on a grid)")
+            elif self.projector_locality == "cell" and self.tile_queries > self.num_patches:
+                problems.append(f"projector_locality='cell' needs tile_queries ({self.tile_queries}) <= "
+                                f"patches per image ({self.num_patches})")
         n_layers = self.vision_config.num_hidden_layers
         if not -n_layers <= self.vision_feature_layer <= n_layers or self.vision_feature_layer == 0:
             problems.append(

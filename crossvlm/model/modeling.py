@@ -26,6 +26,7 @@ from crossvlm.errors import ImageTokenMismatch, ModelLoadError
 from crossvlm.model.configuration import CrossVLMConfig
 from crossvlm.model.packing import packed_attention_kwargs
 from crossvlm.model.projector import CrossAttentionProjector, MLPProjector
+from crossvlm.model.tiling import TileLayout, tile_layout
 from crossvlm.model.vision import cut_tower, dropped_prefixes, kind_of, tower_kind
 
 IGNORE_INDEX = -100
@@ -188,6 +189,7 @@ class CrossVLM(PreTrainedModel):
                 num_layers=config.projector_layers, num_heads=config.projector_heads,
                 hidden_dim=config.projector_hidden_size, locality=config.projector_locality,
                 position=config.projector_position, kv_norm=config.projector_kv_norm, init=config.projector_init,
+                max_tiles=config.max_tiles, tile_queries=config.tile_queries,
             )
         else:
             self.projector = MLPProjector(vision_dim, llm_dim, config.num_patches)
@@ -325,17 +327,53 @@ class CrossVLM(PreTrainedModel):
         first_patch = 1 if kind_of(self.vision).class_token else 0
         return out.last_hidden_state[:, first_patch:]
 
-    def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """Visual tokens for every image in the batch at once: (N, M, D_llm)."""
-        features = self.vision_features(pixel_values)
-        return self.projector(features.to(self._projector_dtype))
+    def tile_layout(self, image_grids) -> TileLayout:
+        """Where the views of images with `image_grids` ((N, 2) rows, columns, on the host) go."""
+        return tile_layout(image_grids, self.num_image_tokens, self.config.tile_tokens)
 
-    def check_image_tokens(self, input_ids: torch.Tensor, num_images: int) -> None:
+    def encode_images(self, pixel_values: torch.Tensor, image_grids: torch.Tensor | None = None) -> torch.Tensor:
+        """Visual tokens for every image in the batch at once: (N, M, D_llm).
+
+        With `image_grids` ((N, 2) rows and columns of each image's tiles, a host tensor:
+        crossvlm.model.tiling), `pixel_values` holds every image's views (V, 3, H, W), its thumbnail
+        then its tiles: all views go through the tower in one call, the thumbnails through the
+        projector in one and all tiles in another (each view's queries carrying its place), and the
+        result is every image's tokens in order, (sum of tokens, D_llm). A tiled model's images given
+        without grids are single views: thumbnails, as a (1, 1) grid makes them.
+        """
+        features = self.vision_features(pixel_values).to(self._projector_dtype)  # (V, P, Dv)
+        if image_grids is None and self.config.max_tiles > 1:  # a tiled model's images without grids: thumbnails
+            image_grids = [(1, 1)] * features.shape[0]
+        if image_grids is None:
+            return self.projector(features)
+        layout = self.tile_layout(image_grids)
+        if len(layout.is_tile) != features.shape[0]:
+            raise ImageTokenMismatch(f"the images' grids make {len(layout.is_tile)} views but {features.shape[0]} "
+                                     "were given; make pixel values and grids with the same processor")
+        device = features.device
+        places = torch.from_numpy(layout.places).to(device, non_blocking=True)  # (V, 2)
+        tile = torch.from_numpy(layout.is_tile)
+        thumbs, tiles = (torch.from_numpy(np.flatnonzero(m)).to(device, non_blocking=True) for m in (~tile, tile))
+        parts = [self.projector(features.index_select(0, thumbs), places.index_select(0, thumbs))]  # (N, M, D)
+        if len(tiles):
+            parts.append(self.projector(features.index_select(0, tiles), places.index_select(0, tiles), tiles=True))  # (K, T, D)
+        elif self.training and torch.is_grad_enabled():  # the tiles' own parameters join the graph all the same
+            parts[0] = parts[0] + 0.0 * sum(p.sum() for p in self._tile_only_parameters())
+        flat = torch.cat([part.flatten(0, 1) for part in parts])  # (N·M + K·T, D): thumbnails' tokens, then tiles'
+        return flat.index_select(0, torch.from_numpy(layout.order).to(device, non_blocking=True))
+
+    def _tile_only_parameters(self) -> list[nn.Parameter]:
+        return [p for p in (self.projector.tile_queries,) if p is not None]
+
+    def check_image_tokens(self, input_ids: torch.Tensor, num_images: int, image_grids=None) -> None:
         """Raise ImageTokenMismatch unless every sample holds whole image spans, one per image.
 
         Reads the ids on the host: callers with host copies of the batch (the trainer, the chat
-        model) run it there, so the forward on a GPU needs no host sync for it.
+        model) run it there, so the forward on a GPU needs no host sync for it. With `image_grids`
+        (tiled images) each image's span holds the tokens its grid gives it.
         """
+        if image_grids is not None:
+            return self._check_tiled_tokens(input_ids, self.tile_layout(image_grids).tokens)
         m = self.num_image_tokens
         # numpy, not torch: on the host torch's intra-op threads compete with a loader's workers, which
         # made this count take 20-30 ms a step in training (docs/PERFORMANCE.md, run 5)
@@ -354,8 +392,25 @@ class CrossVLM(PreTrainedModel):
                 f"the batch has {sum(spans)} image spans ({desc or 'none'}) but {num_images} images were given"
             )
 
+    def _check_tiled_tokens(self, input_ids: torch.Tensor, tokens: list[int]) -> None:
+        ids = input_ids.numpy()
+        pads = np.count_nonzero(ids == self.config.image_token_id, axis=1)  # (B,)
+        spans = np.count_nonzero(ids == self.config.vision_start_token_id, axis=1)  # (B,)
+        if spans.sum() != len(tokens):
+            desc = ", ".join(f"sample {i}: {s}" for i, s in enumerate(spans.tolist()) if s)
+            raise ImageTokenMismatch(f"the batch has {spans.sum()} image spans ({desc or 'none'}) but "
+                                     f"{len(tokens)} images were given")
+        ends = np.cumsum(spans).tolist()
+        expected = [sum(tokens[end - n:end]) for n, end in zip(spans.tolist(), ends)]  # each sample's images' tokens
+        bad = [(i, n, e) for i, (n, e) in enumerate(zip(pads.tolist(), expected)) if n != e]
+        if bad:
+            desc = ", ".join(f"sample {i} has {n} where its images' tiles take {e}" for i, n, e in bad)
+            raise ImageTokenMismatch(f"<|image_pad|> tokens do not match the tiled images: {desc}; expand every "
+                                     "<image> mark with the processor's token count for that image")
+
     def embed(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None,
-              image_positions: torch.Tensor | None = None, image_features: torch.Tensor | None = None) -> torch.Tensor:
+              image_positions: torch.Tensor | None = None, image_features: torch.Tensor | None = None,
+              image_grids: torch.Tensor | None = None) -> torch.Tensor:
         """Token embeddings with visual tokens scattered into the <|image_pad|> positions: (B, T, D).
 
         `image_positions` (the flat indices of those positions, `image_positions_of`), when the caller
@@ -363,27 +418,34 @@ class CrossVLM(PreTrainedModel):
         scatter finds its positions with `nonzero`, which waits for the GPU twice a step. A caller that
         passes them has checked the host ids (`check_image_tokens`), as the trainer and the engine do.
         `image_features`: the images' visual tokens (N, M, D) when the caller has encoded them already
-        (the engine replays the image path as a CUDA graph)."""
+        (the engine replays the image path as a CUDA graph). `image_grids`: the tiled images' grids
+        (`encode_images`), on the host."""
         embeds = self.llm.get_input_embeddings()(input_ids)  # (B, T, D)
         num_images = 0 if pixel_values is None else pixel_values.shape[0]
         if image_positions is None and input_ids.device.type == "cpu":  # (a caller with positions checked)
-            self.check_image_tokens(input_ids, num_images)
+            self.check_image_tokens(input_ids, num_images, image_grids)
         elif image_positions is None:  # here without a host sync
-            torch._assert_async((input_ids == self.config.image_token_id).sum() == num_images * self.num_image_tokens,
+            expected = (num_images * self.num_image_tokens if image_grids is None
+                        else sum(self.tile_layout(image_grids).tokens))
+            torch._assert_async((input_ids == self.config.image_token_id).sum() == expected,
                                 "the number of <|image_pad|> tokens does not match the images given")
         if num_images:
-            visual = (self.encode_images(pixel_values) if image_features is None else image_features).to(embeds.dtype)  # (N, M, D)
+            visual = (self.encode_images(pixel_values, image_grids) if image_features is None
+                      else image_features).to(embeds.dtype)  # (N, M, D), or (tokens, D) tiled
+            visual = visual.reshape(-1, visual.shape[-1])  # (N·M, D)
             if image_positions is not None:
-                return embeds.flatten(0, 1).index_copy(0, image_positions, visual.flatten(0, 1)).view_as(embeds)
+                return embeds.flatten(0, 1).index_copy(0, image_positions, visual).view_as(embeds)
             is_pad = input_ids == self.config.image_token_id  # (B, T)
             embeds = embeds.masked_scatter(is_pad.unsqueeze(-1), visual)
         elif self.training and any(p.requires_grad for p in chain(self.vision.parameters(),
                                                                   self.projector.parameters())):
             # A batch without images still runs a blank image through the trainable image path (with
             # zero effect), so data-parallel ranks agree on which parameters have gradients.
-            size = self.config.vision_config.image_size
-            blank = torch.zeros(1, 3, size, size, device=embeds.device)
-            embeds = embeds + 0.0 * self.encode_images(blank).sum().to(embeds.dtype)
+            size, grids = self.config.vision_config.image_size, None
+            if self.config.max_tiles > 1:  # a thumbnail and two tiles: every tile parameter takes part
+                grids = torch.tensor([[1, 2]])
+            blank = torch.zeros(1 if grids is None else 3, 3, size, size, device=embeds.device)
+            embeds = embeds + 0.0 * self.encode_images(blank, grids).sum().to(embeds.dtype)
         return embeds
 
     # -- forward ----------------------------------------------------------------------------------
@@ -402,6 +464,7 @@ class CrossVLM(PreTrainedModel):
         document_ids: torch.LongTensor | None = None,
         image_positions: torch.LongTensor | None = None,
         label_positions: torch.LongTensor | None = None,
+        image_grids: torch.LongTensor | None = None,
         **kwargs,
     ) -> CausalLMOutputWithPast:
         """Causal-LM forward. With `labels`, returns the loss over labelled positions and no logits.
@@ -411,13 +474,14 @@ class CrossVLM(PreTrainedModel):
         weight every token equally. `document_ids` (B, T) marks packed rows (crossvlm.model.packing):
         each token then attends only within its own document, through the LLM's attention implementation.
         `image_positions` and `label_positions` (`image_positions_of`, `label_positions_of`), made on
-        the host, spare the GPU step its host syncs (the trainer passes them).
+        the host, spare the GPU step its host syncs (the trainer passes them). `image_grids` (N, 2), on
+        the host: the tiled images' grids, `pixel_values` then holding their views (`encode_images`).
         """
         cache = kwargs.pop("cache", None) if past_key_values is None else past_key_values
         if inputs_embeds is None:
             if cache is not None and cache.get_seq_length() > 0:
                 pixel_values = None  # images are merged at prefill only
-            inputs_embeds = self.embed(input_ids, pixel_values, image_positions)
+            inputs_embeds = self.embed(input_ids, pixel_values, image_positions, image_grids=image_grids)
         if cache is not None:
             kwargs[_CACHE_KWARG] = cache
         if document_ids is not None:
@@ -450,14 +514,15 @@ class CrossVLM(PreTrainedModel):
     # -- generation -------------------------------------------------------------------------------
     @torch.no_grad()
     def generate(self, input_ids: torch.LongTensor, pixel_values: torch.Tensor | None = None,
-                 attention_mask: torch.Tensor | None = None, **generate_kwargs) -> torch.LongTensor:
+                 attention_mask: torch.Tensor | None = None, image_grids: torch.Tensor | None = None,
+                 **generate_kwargs) -> torch.LongTensor:
         """Generate with images: the image-merged embeddings are the prefill, then the stock
         Qwen3 `generate()` (KV cache, sampling, streamers, stopping) takes over.
 
         Returns the prompt ids followed by the new tokens, like `transformers` does. Use left
         padding for batches.
         """
-        embeds = self.embed(input_ids, pixel_values)
+        embeds = self.embed(input_ids, pixel_values, image_grids=image_grids)
         return self.llm.generate(
             input_ids=input_ids, inputs_embeds=embeds, attention_mask=attention_mask, **generate_kwargs
         )

@@ -1,7 +1,9 @@
 """`CrossVLMProcessor`: the LLM's tokenizer and chat template plus the vision model's image processor.
 
 Prompts are rendered with the tokenizer's own chat template (Qwen3 ChatML; thinking off by default),
-then every `<image>` mark becomes `<|vision_start|><|image_pad|>×M<|vision_end|>`.
+then every `<image>` mark becomes `<|vision_start|><|image_pad|>×M<|vision_end|>`. With tiles
+(`max_tiles` > 1 in the model's config, crossvlm.model.tiling) an image's span holds its thumbnail's
+and its tiles' tokens, and its pixel values are all its views.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import torch
 from PIL import Image, ImageOps
 
 from crossvlm.errors import ModelLoadError
+from crossvlm.model.tiling import Tiling
 from crossvlm.model.tokens import IMAGE_MARK, IMAGE_PAD, VISION_END, VISION_START, VisionTokenIds, expand_image_marks
 
 
@@ -74,13 +77,15 @@ class CrossVLMProcessor:
     Args:
         tokenizer: the LLM's tokenizer (with its chat template).
         image_processor: the vision model's image processor.
-        num_image_tokens: M, the visual tokens one image takes in the sequence.
+        num_image_tokens: M, the visual tokens one image (or thumbnail) takes in the sequence.
+        tiling: the model's tiling settings (`Tiling.from_config`); None: one view per image.
     """
 
-    def __init__(self, tokenizer, image_processor, num_image_tokens: int):
+    def __init__(self, tokenizer, image_processor, num_image_tokens: int, tiling: Tiling | None = None):
         self.tokenizer = tokenizer
         self.image_processor = image_processor
         self.num_image_tokens = num_image_tokens
+        self.tiling = tiling if tiling is not None and tiling.enabled else None
         self.vision_ids = VisionTokenIds.from_tokenizer(tokenizer)
 
     @classmethod
@@ -91,7 +96,7 @@ class CrossVLMProcessor:
         from crossvlm.model.configuration import CrossVLMConfig
 
         config = CrossVLMConfig.from_pretrained(str(path))
-        processor = cls.from_parts(path, path, config.num_image_tokens)
+        processor = cls.from_parts(path, path, config.num_image_tokens, Tiling.from_config(config))
         ids = processor.vision_ids
         wrong = [f"{key} {getattr(config, key)} is not the tokenizer's {token} ({want})"
                  for key, token, want in (("image_token_id", IMAGE_PAD, ids.pad),
@@ -104,7 +109,8 @@ class CrossVLMProcessor:
         return processor
 
     @classmethod
-    def from_parts(cls, llm: str | Path, vision: str | Path, num_image_tokens: int) -> "CrossVLMProcessor":
+    def from_parts(cls, llm: str | Path, vision: str | Path, num_image_tokens: int,
+                   tiling: Tiling | None = None) -> "CrossVLMProcessor":
         """The tokenizer saved in `llm` and the image processor saved in `vision`; a file that does not
         load is named in a ModelLoadError, not left to a library's traceback."""
         from transformers import AutoTokenizer
@@ -120,14 +126,15 @@ class CrossVLMProcessor:
             raise ModelLoadError(f"cannot load the image processor saved in {vision} (preprocessor_config.json): "
                                  f"{type(err).__name__}: {' '.join(str(err).split())[:300]}") from err
         try:
-            return cls(tokenizer, image_processor, num_image_tokens)
+            return cls(tokenizer, image_processor, num_image_tokens, tiling)
         except ValueError as err:  # the tokenizer lacks the vision tokens
             raise ModelLoadError(str(err)) from err
 
     @classmethod
-    def from_base_models(cls, llm: str | Path, vision: str | Path, num_image_tokens: int) -> "CrossVLMProcessor":
+    def from_base_models(cls, llm: str | Path, vision: str | Path, num_image_tokens: int,
+                         tiling: Tiling | None = None) -> "CrossVLMProcessor":
         """The tokenizer of a base LLM and the image processor of a base vision tower."""
-        return cls.from_parts(llm, vision, num_image_tokens)
+        return cls.from_parts(llm, vision, num_image_tokens, tiling)
 
     def save_pretrained(self, path: str | Path) -> None:
         self.tokenizer.save_pretrained(str(path))
@@ -141,6 +148,9 @@ class CrossVLMProcessor:
             messages, tokenize=False, add_generation_prompt=add_generation_prompt,
             enable_thinking=enable_thinking,
         )
+        if self.tiling is not None:
+            raise ValueError("a tiled model's image spans depend on each image: render with "
+                             "crossvlm.data.render.encode_prompt and `image_token_counts`")
         return expand_image_marks(text, self.num_image_tokens)
 
     @staticmethod
@@ -148,19 +158,39 @@ class CrossVLMProcessor:
         return sum(str(m.get("content", "")).count(IMAGE_MARK) for m in messages)
 
     # -- images -----------------------------------------------------------------------------------
-    def preprocess_images(self, images: list[Image.Image]) -> torch.Tensor:
-        """Images to the vision tower's input: (N, 3, H, W) float32."""
-        out = self.image_processor(images=[to_rgb(im) for im in images], return_tensors="pt")
+    def image_grids(self, images: list[Image.Image]) -> list[tuple[int, int]] | None:
+        """Each image's (rows, columns) of tiles, or None for a model without tiles."""
+        return None if self.tiling is None else [self.tiling.grid(im) for im in images]
+
+    def image_token_counts(self, grids: list[tuple[int, int]] | None) -> int | list[int]:
+        """The visual tokens of each image with these grids (M for all without tiles)."""
+        return self.num_image_tokens if grids is None else [self.tiling.tokens(g) for g in grids]
+
+    def image_views(self, images: list[Image.Image], grids: list[tuple[int, int]] | None = None) -> list[Image.Image]:
+        """The RGB images the image processor gets: each image, then (tiled) its tiles."""
+        images = [to_rgb(im) for im in images]
+        if grids is None:
+            return images
+        return [view for im, grid in zip(images, grids, strict=True) for view in self.tiling.views(im, grid)]
+
+    def preprocess_images(self, images: list[Image.Image], grids: list[tuple[int, int]] | None = None) -> torch.Tensor:
+        """Images to the vision tower's input: (N, 3, H, W) float32; tiled (`grids` from `image_grids`),
+        every image's views, (V, 3, H, W)."""
+        out = self.image_processor(images=self.image_views(images, grids), return_tensors="pt")
         return out["pixel_values"].float()
 
     def __call__(self, texts: list[str], images: list[Image.Image] | None = None,
                  padding_side: str = "left") -> dict[str, torch.Tensor]:
         """Tokenize rendered prompts (left-padded for generation) and preprocess their images.
 
-        `images` lists the images of all prompts in order of appearance.
+        `images` lists the images of all prompts in order of appearance. Tiled, the texts' spans must
+        hold `image_token_counts` tokens; `image_grids` (N, 2) joins the batch.
         """
         self.tokenizer.padding_side = padding_side
         batch = dict(self.tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False))
         if images:
-            batch["pixel_values"] = self.preprocess_images(images)
+            grids = self.image_grids(images)
+            batch["pixel_values"] = self.preprocess_images(images, grids)
+            if grids is not None:
+                batch["image_grids"] = torch.tensor(grids, dtype=torch.long)
         return batch

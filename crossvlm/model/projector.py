@@ -129,6 +129,8 @@ class CrossAttentionProjector(nn.Module):
         position: str = "residual",
         kv_norm: bool = True,
         init: str = "default",
+        max_tiles: int = 1,
+        tile_queries: int | None = None,
     ):
         super().__init__()
         dim = hidden_dim or vision_dim
@@ -143,16 +145,33 @@ class CrossAttentionProjector(nn.Module):
             raise ValueError(f"position {position!r} is not one of {POSITIONS}")
         if locality == "cell" and q_grid > k_grid:
             raise ValueError(f"cell locality needs at most one query per patch ({num_queries} > {num_patches})")
+        t_grid = math.isqrt(tile_queries or num_queries)
+        if t_grid**2 != (tile_queries or num_queries) or (locality == "cell" and t_grid > k_grid):
+            raise ValueError(f"tile queries ({tile_queries}) must be a square number, at most one per patch with cell locality")
         self.num_queries = num_queries
         self.num_heads = num_heads
         self.kv_in = nn.Linear(vision_dim, dim)
         self.queries = nn.Parameter(torch.randn(num_queries, dim) * 0.02)
+        # Tiles (crossvlm.model.tiling): a tile's own, smaller query set when `tile_queries` differs
+        # from M, and a learned 2D code of a view's place, row and column (0: the thumbnail; r + 1,
+        # c + 1: the tile at row r, column c), added to every query of the view beside the in-tile
+        # sin-cos position. Only with tiles, so single-view checkpoints keep their keys.
+        self.max_tiles = max_tiles
+        self.tile_queries = (nn.Parameter(torch.randn(t_grid**2, dim) * 0.02)
+                             if max_tiles > 1 and tile_queries and tile_queries != num_queries else None)
+        if max_tiles > 1:
+            self.place_rows = nn.Parameter(torch.randn(max_tiles + 1, dim) * 0.02)
+            self.place_cols = nn.Parameter(torch.randn(max_tiles + 1, dim) * 0.02)
+        else:
+            self.register_parameter("place_rows", None)
+            self.register_parameter("place_cols", None)
         # Fixed codes, a function of the shapes only: not parameters, not saved. Queries and patches
         # share one coordinate system, so query (i, j) and the patches under it have similar codes.
         # Kept out of the module's buffers so that loading (which leaves unsaved buffers empty) and
         # device moves cannot touch them; `_fixed()` caches one copy per device.
         self._grids = (q_grid, k_grid, dim)
-        self._fixed_cache: dict[torch.device, tuple[torch.Tensor, ...]] = {}
+        self._tile_grid = t_grid
+        self._fixed_cache: dict[tuple[torch.device, int], tuple[torch.Tensor, ...]] = {}
         self.locality_kind = locality
         self.position = position
         if locality == "gaussian":
@@ -180,27 +199,30 @@ class CrossAttentionProjector(nn.Module):
         # Make the cached fixed tensors eagerly first: under CUDA graphs (mode="reduce-overhead") a
         # tensor made inside the compiled forward is a graph output, overwritten by the next replay.
         for device in {p.device for p in self.parameters()}:
-            self._fixed(device)
+            for q_grid in {self._grids[0], self._tile_grid}:
+                self._fixed(device, q_grid)
         super().compile(*args, **kwargs)
 
-    def _fixed(self, device: torch.device) -> tuple[torch.Tensor, ...]:
-        """(pos_q (M, D), pos_k (P, D), dist2 (M, P), outside_cell (1, M, P)) on `device`, float32.
+    def _fixed(self, device: torch.device, q_grid: int | None = None) -> tuple[torch.Tensor, ...]:
+        """(pos_q (M, D), pos_k (P, D), dist2 (M, P), outside_cell (1, M, P)) on `device`, float32, for
+        a q_grid x q_grid query grid (default: the M queries'; tiles may have their own).
 
         `outside_cell` is the "cell" locality's additive mask: 0 where the patch's centre lies in the
         query's grid cell, -inf elsewhere (every cell holds at least one patch centre).
         """
-        if device not in self._fixed_cache:
-            q_grid, k_grid, dim = self._grids
+        _, k_grid, dim = self._grids
+        q_grid = q_grid or self._grids[0]
+        if (device, q_grid) not in self._fixed_cache:
             own = grid_cells(q_grid, k_grid)[None, :] == torch.arange(q_grid**2)[:, None]  # (M, P)
-            self._fixed_cache[device] = tuple(t.to(device) for t in (
+            self._fixed_cache[device, q_grid] = tuple(t.to(device) for t in (
                 sincos_2d(q_grid, dim, extent=k_grid),
                 sincos_2d(k_grid, dim, extent=k_grid),
                 grid_sq_distances(q_grid, k_grid),
                 torch.zeros(own.shape).masked_fill(~own, float("-inf"))[None],
             ))
-        return self._fixed_cache[device]
+        return self._fixed_cache[device, q_grid]
 
-    def attention_bias(self, dtype: torch.dtype) -> torch.Tensor | None:
+    def attention_bias(self, dtype: torch.dtype, q_grid: int | None = None) -> torch.Tensor | None:
         """Additive attention bias, or None without locality.
 
         gaussian: (H, M, P), minus a learned per-head multiple of the squared distance; cell: (1, M, P),
@@ -209,31 +231,42 @@ class CrossAttentionProjector(nn.Module):
         if self.locality_kind == "none":
             return None
         if self.locality_kind == "cell":
-            return self._fixed(self.queries.device)[3].to(dtype)
-        dist2 = self._fixed(self.locality.device)[2]
+            return self._fixed(self.queries.device, q_grid)[3].to(dtype)
+        dist2 = self._fixed(self.locality.device, q_grid)[2]
         return (-F.softplus(self.locality)[:, None, None] * dist2[None]).to(dtype)
 
-    def _start(self, features: torch.Tensor):
+    def _start(self, features: torch.Tensor, places: torch.Tensor | None = None, tiles: bool = False):
         """Keys/values (N, P, D), the starting queries (N, M, D) and the position codes the blocks add.
 
         position "residual": the codes are added here, to the patch features and to the queries, so
         they travel in the values and in the queries' residual stream. "keys": they are left to the
         blocks, which add them where attention scores are formed (codes returned, cast to the dtype).
+        `places` (N, 2) long, each view's (row, column) code (crossvlm.model.tiling), joins the queries'
+        residual stream either way, so the visual tokens say which tile they came from. `tiles`: the
+        views are tiles, read by the tiles' own queries (when `tile_queries` differs from M).
         """
-        pos_q, pos_k = self._fixed(features.device)[:2]
+        queries = self.tile_queries if tiles and self.tile_queries is not None else self.queries
+        pos_q, pos_k = self._fixed(features.device, math.isqrt(queries.shape[0]))[:2]
         kv = self.kv_in(features)  # (N, P, D)
         if self.position == "residual":
             kv = kv + pos_k.to(features.dtype)
-            x = (self.queries + pos_q.to(self.queries.dtype)).to(kv.dtype)  # (M, D)
+            x = (queries + pos_q.to(queries.dtype)).to(kv.dtype)  # (M, D)
             codes = None
         else:
-            x = self.queries.to(kv.dtype)
+            x = queries.to(kv.dtype)
             codes = (pos_q.to(kv.dtype), pos_k.to(kv.dtype))
-        return kv, x.unsqueeze(0).expand(features.shape[0], -1, -1), codes
+        x = x.unsqueeze(0).expand(features.shape[0], -1, -1)  # (N, M, D)
+        if places is not None:
+            if self.place_rows is None:
+                raise ValueError("this projector was built for single views (max_tiles 1): it has no tile places")
+            place = self.place_rows[places[:, 0]] + self.place_cols[places[:, 1]]  # (N, D)
+            x = x + place.to(kv.dtype)[:, None, :]
+        return kv, x, codes
 
-    def forward(self, features: torch.Tensor) -> torch.Tensor:
-        kv, x, codes = self._start(features)  # features: (N, P, Dv)
-        bias = self.attention_bias(kv.dtype)
+    def forward(self, features: torch.Tensor, places: torch.Tensor | None = None, tiles: bool = False) -> torch.Tensor:
+        """Visual tokens (N, M, D_llm) of views' patch features (N, P, Dv); `places` and `tiles` as in `_start`."""
+        kv, x, codes = self._start(features, places, tiles)  # features: (N, P, Dv)
+        bias = self.attention_bias(kv.dtype, math.isqrt(x.shape[1]))
         for block in self.blocks:
             x = block(x, kv, bias, codes)
         return self.out(self.norm_out(x))  # (N, M, D_llm)

@@ -7,6 +7,7 @@ the projector's number of visual tokens. Ids are always read from the tokenizer.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Iterator
 
 IMAGE_MARK = "<image>"
 VISION_START = "<|vision_start|>"
@@ -19,9 +20,22 @@ def image_placeholder(num_image_tokens: int) -> str:
     return VISION_START + IMAGE_PAD * num_image_tokens + VISION_END
 
 
-def expand_image_marks(text: str, num_image_tokens: int) -> str:
-    """Replace each `<image>` mark in `text` with the image's token span."""
-    return text.replace(IMAGE_MARK, image_placeholder(num_image_tokens))
+def expand_image_marks(text: str, num_image_tokens: int | Iterator[int]) -> str:
+    """Replace each `<image>` mark in `text` with the image's token span.
+
+    `num_image_tokens`: the tokens of every image, or an iterator giving each mark's in turn (tiled
+    images differ: crossvlm.model.tiling); it must not run out before the marks do.
+    """
+    if isinstance(num_image_tokens, int):
+        return text.replace(IMAGE_MARK, image_placeholder(num_image_tokens))
+    pieces = text.split(IMAGE_MARK)
+    out = [pieces[0]]
+    for piece in pieces[1:]:
+        count = next(num_image_tokens, None)
+        if count is None:
+            raise ValueError(f"more {IMAGE_MARK} marks than image token counts given")
+        out += [image_placeholder(count), piece]
+    return "".join(out)
 
 
 @dataclass(frozen=True)

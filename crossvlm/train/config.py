@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -58,6 +59,11 @@ class ModelSection:
     through unit-gain maps (queries and MLP branches zero) and learns from there."""
     projector_output_scale: float = 1.0
     """The projector's output starts at this multiple of the LLM's token-embedding std."""
+    max_tiles: int = 1
+    """High-resolution images (docs/TRAINING.md, "Tiles"): the most tower-sized tiles an image is cut
+    into, the grid that fits its shape best, plus a thumbnail; 1: one view per image. `cross_attn` only."""
+    tile_queries: int | None = None
+    """Visual tokens per tile (a square number); default: `num_queries`."""
     vision_feature_layer: int = -2
     """Vision hidden state fed to the projector (-2 = penultimate)."""
     attention: str = "auto"
@@ -69,6 +75,15 @@ class ModelSection:
         p = []
         if self.projector_type not in ("cross_attn", "mlp"):
             p.append(f"model.projector_type {self.projector_type!r} is not cross_attn or mlp")
+        if not isinstance(self.max_tiles, int) or self.max_tiles < 1:
+            p.append(f"model.max_tiles {self.max_tiles!r} must be a whole number >= 1 (1: no tiles)")
+        elif self.max_tiles > 1 and self.projector_type != "cross_attn":
+            p.append("model.max_tiles > 1 needs model.projector_type cross_attn")
+        if self.tile_queries is not None and (not isinstance(self.tile_queries, int) or self.tile_queries < 1
+                                              or math.isqrt(self.tile_queries) ** 2 != self.tile_queries):
+            p.append(f"model.tile_queries {self.tile_queries!r} must be a square number")
+        if self.tile_queries is not None and self.max_tiles == 1:
+            p.append("model.tile_queries needs model.max_tiles > 1")
         if self.attention not in ("auto", "flex_attention", "varlen", "sdpa"):
             p.append(f"model.attention {self.attention!r} is not one of auto, flex_attention, varlen, sdpa")
         if self.init_from is None and not (self.llm and self.vision):

@@ -173,11 +173,12 @@ class Trainer:
         self.num_trainable, self.num_total = count_parameters(model)
         self.llm_grad = llm_grad_of(cfg.trainable.llm)
         tok, improc = self.processor.tokenizer, self.processor.image_processor
-        self.dataset = build_dataset(cfg.data, tok, improc, model.num_image_tokens)
+        tiling = self.processor.tiling  # a tiled model's (crossvlm.model.tiling), else None
+        self.dataset = build_dataset(cfg.data, tok, improc, model.num_image_tokens, tiling=tiling)
         self.pixels = ImageTransform(improc)  # the loader's uint8 crops to the processor's floats, on the device
         self.loader = build_loader(self.dataset, cfg.data, cfg.run.batch_size, seed=cfg.run.seed,
                                    rank=rt.rank, world_size=rt.world_size)
-        self.eval_dataset = (build_dataset(cfg.eval_data, tok, improc, model.num_image_tokens)
+        self.eval_dataset = (build_dataset(cfg.eval_data, tok, improc, model.num_image_tokens, tiling=tiling)
                              if cfg.eval_data else None)
         accum = cfg.optim.accumulation_steps
         if self.loader.steps_per_epoch is None and not cfg.run.max_steps:
@@ -281,7 +282,9 @@ class Trainer:
             batch = {"input_ids": torch.tensor([[pad]]), "attention_mask": torch.ones(1, 1, dtype=torch.long),
                      "labels": torch.tensor([[-100]])}
         pixels = batch.get("pixel_values")
-        self.model.check_image_tokens(batch["input_ids"], 0 if pixels is None else len(pixels))  # on the host copy
+        grids = batch.get("image_grids")  # tiled images' (rows, columns): stay on the host, as a list (DDP moves tensors)
+        grids = None if grids is None else grids.tolist()
+        self.model.check_image_tokens(batch["input_ids"], 0 if pixels is None else len(pixels), grids)  # on the host copy
         # use_cache=False: no KV cache in training, and packed rows need it off for transformers to
         # derive the per-sample attention mask from the restarting position ids.
         batch = dict(batch)
@@ -297,6 +300,8 @@ class Trainer:
         inputs = {k: batch[k].to(self.rt.device, non_blocking=True) for k in MODEL_INPUTS if batch.get(k) is not None}
         if "pixel_values" in inputs:
             inputs["pixel_values"] = self.pixels.normalize(inputs["pixel_values"])
+        if grids is not None:
+            inputs["image_grids"] = grids
         return {"use_cache": False, **inputs}
 
     def _autocast(self):

@@ -9,13 +9,14 @@ from torch import nn
 
 from crossvlm.train.config import OptimSection
 
-_NO_DECAY_NAMES = ("embed", "norm", "queries", "locality", "position")
+_NO_DECAY_NAMES = ("embed", "norm", "queries", "locality", "position", "place_")  # place_: tile codes
 
 
 def param_groups(model: nn.Module, cfg: OptimSection) -> list[dict]:
     """Groups by (projector or not) × (decay or not).
 
-    No weight decay on norms, biases, embeddings and the projector's queries / locality strengths:
+    No weight decay on norms, biases, embeddings and the projector's queries / locality strengths /
+    tile place codes:
     any 0- or 1-dimensional tensor, or a name that marks an embedding.
     """
     groups: dict[tuple[bool, bool], list[nn.Parameter]] = {}

@@ -14,6 +14,7 @@ from torch import nn
 from crossvlm.errors import ConfigError
 from crossvlm.model.modeling import CrossVLM
 from crossvlm.model.processor import CrossVLMProcessor
+from crossvlm.model.tiling import Tiling
 from crossvlm.train.config import ModelSection, TrainableSection
 
 
@@ -24,14 +25,16 @@ def build_model(cfg: ModelSection, dtype: torch.dtype = torch.float32) -> tuple[
         processor = CrossVLMProcessor.from_pretrained(cfg.init_from)
         return model, processor
     model = CrossVLM.from_base_models(cfg.llm, cfg.vision, dtype=dtype, **model_options(cfg))
-    processor = CrossVLMProcessor.from_base_models(cfg.llm, cfg.vision, model.num_image_tokens)
+    processor = CrossVLMProcessor.from_base_models(cfg.llm, cfg.vision, model.num_image_tokens,
+                                                   Tiling.from_config(model.config))
     return model, processor
 
 
 def model_options(cfg: ModelSection) -> dict:
-    """The `CrossVLMConfig` fields a model section sets: the projector's and the vision feature layer."""
+    """The `CrossVLMConfig` fields a model section sets: the projector's, the vision feature layer and tiling."""
     projector = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg) if f.name.startswith("projector_")}
-    return {"num_queries": cfg.num_queries, "vision_feature_layer": cfg.vision_feature_layer, **projector}
+    return {"num_queries": cfg.num_queries, "vision_feature_layer": cfg.vision_feature_layer,
+            "max_tiles": cfg.max_tiles, "tile_queries": cfg.tile_queries, **projector}
 
 
 def apply_trainable(model: CrossVLM, cfg: TrainableSection) -> None:
