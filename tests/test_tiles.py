@@ -237,7 +237,7 @@ def test_packing_counts_each_images_tile_tokens(tiled_dir, tmp_path):
     cfg = DataConfig.from_dict({"sources": [str(data)], "max_length": 104, "packing": True})
     dataset = build_dataset(cfg, processor.tokenizer, processor.image_processor, 16, tiling=processor.tiling)
     samples = [dataset[i] for i in range(len(sizes))]
-    pads = [int((s.input_ids == dataset.vision.pad).sum()) for s in samples]
+    pads = [int((s.input_ids == dataset.maker.vision.pad).sum()) for s in samples]
     assert pads == [16 + 4 * 4, 16, 16 + 4 * 4, 16 + 2 * 4]
     assert [len(s.pixel_values) for s in samples] == [5, 1, 5, 3]
     text = {len(s) - p for s, p in zip(samples, pads)}
@@ -285,7 +285,8 @@ def test_tiles_read_a_mark_a_single_view_cannot(tiny_models):
 
 def test_bench_train_samples_carry_every_view_and_grid(tiled_dir, tmp_path):
     """`crossvlm bench train --max-tiles N`'s fixed-length samples: each JPEG's views, one length for all."""
-    from crossvlm.bench.batches import FixedLengthSamples, SampleShape, collate, jpeg_pool
+    from crossvlm.bench.batches import FixedLengthSamples, SampleShape, jpeg_pool
+    from crossvlm.data.collate import Collator
     from crossvlm.bench.train import TrainBenchConfig
     from crossvlm.model.tiling import select_grid
 
@@ -295,7 +296,7 @@ def test_bench_train_samples_carry_every_view_and_grid(tiled_dir, tmp_path):
     assert tokens == 16 + 2 * 4  # a 2:1 picture of 4 x 2 tiles' pixels: four tiles keep no more of it than 1 x 2
     samples = FixedLengthSamples(jpegs, processor.image_processor, processor.vision_ids, tokens, SampleShape(10, 4),
                                  text_vocab=100, length=2, tiling=processor.tiling)
-    batch = collate([samples[0], samples[1]])
+    batch = Collator(processor.tokenizer.pad_token_id)([samples[0], samples[1]])  # as bench's batch_loader
     assert batch["input_ids"].shape == (2, tokens + 10) and batch["pixel_values"].shape[0] == 2 * 3
     assert batch["image_grids"].tolist() == [[1, 2], [1, 2]]
     CrossVLM.from_pretrained(tiled_dir).check_image_tokens(batch["input_ids"], 10, batch["image_grids"].tolist())
