@@ -108,6 +108,31 @@ class _Launch:
     ready: torch.cuda.Event | None = None
 
 
+def kv_blocks(cfg: EngineConfig, text, dtype: torch.dtype, max_len: int, slots: int, free: int | None) -> int:
+    """The KV cache's size in blocks for `free` bytes of device memory (None: a CPU, sized by the rows'
+    `max_len`); refused in one line where the rows or the cache cannot fit."""
+    per_block = PagedCache.bytes_per_token(text, dtype) * cfg.block_size
+    per_request = -(-max_len // cfg.block_size)
+    if free is None:
+        return cfg.kv_blocks or slots * per_request + 1
+    rows = slots * text.vocab_size * ROW_BYTES_PER_VOCAB
+    if rows > free:
+        raise ConfigError(f"{slots} slots: their logits and sampling state need {rows / 1e9:.1f} GB; this device "
+                          f"has {free / 1e9:.1f} GB free (a slot is a request running; KV memory goes by tokens, "
+                          "so a few hundred to a few thousand slots is the useful range)")
+    if cfg.kv_blocks is not None:
+        if cfg.kv_blocks * per_block + rows > free:
+            raise ConfigError(f"the KV cache needs {cfg.kv_blocks * per_block / 1e9:.1f} GB for {cfg.kv_blocks} blocks "
+                              f"(and {slots} slots {rows / 1e9:.1f} GB); this device has {free / 1e9:.1f} GB free")
+        return cfg.kv_blocks
+    blocks = int((free - rows) * cfg.kv_memory // per_block)
+    if blocks < per_request + 1:
+        raise ConfigError(f"the KV cache needs {(per_request + 1) * per_block / 1e9:.2f} GB for one request of "
+                          f"{max_len} tokens; {cfg.kv_memory:.0%} of the {(free - rows) / 1e9:.1f} GB this device "
+                          "has free beside the slots gives less (lower --max-len or --slots, or raise --kv-memory)")
+    return blocks
+
+
 class Engine:
     """Generation for one CrossVLM: `submit` requests, receive their events on their callbacks."""
 
@@ -136,7 +161,8 @@ class Engine:
                               f"blocks of {cfg.block_size} (it needs a CUDA GPU of the Ampere generation or later, "
                               f"bf16 or fp16, a torch whose kernel takes a block table, and blocks of a multiple of "
                               f"{FLASH_BLOCK}); use auto or sdpa")
-        blocks = self._kv_blocks(cfg, text, device, slots)
+        free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else None
+        blocks = kv_blocks(cfg, text, model.llm.dtype, self.max_len, slots, free)
         use_engine_attention(model.llm)
         self.cache = PagedCache(text, blocks, cfg.block_size, model.llm.dtype, device)
         self.blocks = BlockManager(blocks, cfg.block_size)
@@ -156,30 +182,6 @@ class Engine:
         """Counts and seconds since the start (`TIMERS` says what each timer holds); `/health` shows them.
         `cached_tokens`: prompt tokens found in the prefix cache; `preempted`: requests that gave their
         blocks back to be recomputed."""
-
-    def _kv_blocks(self, cfg: EngineConfig, text, device: torch.device, slots: int) -> int:
-        """The KV cache's size in blocks; on a GPU, refused in one line if it (or the rows) cannot fit."""
-        per_block = PagedCache.bytes_per_token(text, self.model.llm.dtype) * cfg.block_size
-        per_request = -(-self.max_len // cfg.block_size)
-        if device.type != "cuda":
-            return cfg.kv_blocks or slots * per_request + 1
-        free, _ = torch.cuda.mem_get_info(device)
-        rows = slots * text.vocab_size * ROW_BYTES_PER_VOCAB
-        if rows > free:
-            raise ConfigError(f"{slots} slots: their logits and sampling state need {rows / 1e9:.1f} GB; this device "
-                              f"has {free / 1e9:.1f} GB free (a slot is a request running; KV memory goes by "
-                              "tokens, so a few hundred to a few thousand slots is the useful range)")
-        if cfg.kv_blocks is not None:
-            if cfg.kv_blocks * per_block + rows > free:
-                raise ConfigError(f"the KV cache needs {cfg.kv_blocks * per_block / 1e9:.1f} GB for {cfg.kv_blocks} "
-                                  f"blocks (and {slots} slots {rows / 1e9:.1f} GB); this device has {free / 1e9:.1f} GB free")
-            return cfg.kv_blocks
-        blocks = int((free - rows) * cfg.kv_memory // per_block)
-        if blocks < per_request + 1:
-            raise ConfigError(f"the KV cache needs {(per_request + 1) * per_block / 1e9:.2f} GB for one request of "
-                              f"{self.max_len} tokens; {cfg.kv_memory:.0%} of this device's {(free - rows) / 1e9:.1f} GB "
-                              "free gives less (lower max_len or slots, or raise kv_memory)")
-        return blocks
 
     def warm_up(self, say=None) -> bool:
         """Record every decode step's CUDA graph now (and, with `compile`, compile the steps), which

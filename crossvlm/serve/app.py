@@ -323,7 +323,7 @@ async def _stream(job: Job, first, events, ids: ResponseIds, include_usage: bool
                 finished = True
                 yield _sse(ids.chunk({}, event.finish_reason))
                 if include_usage:
-                    yield _sse(ids.chunk({}, usage_=usage(event.prompt_tokens, event.completion_tokens)))
+                    yield _sse(ids.chunk({}, usage_=usage(event)))
             else:
                 delta = {}
                 if event.reasoning:
