@@ -1,6 +1,7 @@
 """The engine's decode step alone on a GPU: its time per step at a batch and a context length, and its
 kernels (docs/PERFORMANCE.md, "Generation engine"). The step as the engine replays it (its CUDA
-graph, FlashAttention where it runs), every row's slot filled to the same context, without
+graph, FlashAttention's paged kernel where it runs), every row given blocks of its own up to the same
+context, without
 `--compile` (the matrix products and attention kernels are the same; compiling fuses the
 elementwise ones). Usage: python3 bench/decode_step.py MODELS_DIR [ROWS,...] [CONTEXT,...]
 """
@@ -31,6 +32,10 @@ def main() -> None:
     runner = engine.runner
     print(f"attention: {'flash' if runner.flash else 'sdpa'}; slots {engine.slots}")
     kinds = dict(greedy=True, penalty=False, min_tokens=False)
+    per_row = engine.blocks.needed(max(contexts) + 60)
+    table = torch.arange(1, 1 + max(rows_list) * per_row, dtype=torch.int32).view(-1, per_row)  # distinct blocks
+    runner.block_table[:, :per_row] = table.to(runner.block_table.device)
+    runner.live[:] = True
     for rows in rows_list:
         for context in contexts:
             runner.position[:rows] = context

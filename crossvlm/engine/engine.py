@@ -1,12 +1,14 @@
-"""`Engine`: continuous batching over a slot KV cache, driven by one worker thread.
+"""`Engine`: continuous batching over a paged KV cache, driven by one worker thread.
 
 `submit` queues a request from any thread; the worker loops: take new requests and cancellations,
-schedule (admission, prefill chunks), launch the prefill and then one decode step for every request
+schedule (room for the decoding requests, preempting the newest when blocks run out; admission by
+free slots and blocks, prefix-cache lookups; prefill chunks), launch the prefill and then one decode step for every request
 whose prompt is in the cache, and only then read back the tokens of the *previous* launch and hand
 them to their requests. The host's bookkeeping (detokenizing, stop strings, streaming) thus runs
 while the device computes the next step, and the only host sync per step is that read-back of one
 token per row, which streaming needs anyway. A request that finished while its next token was
-already being computed gets that token thrown away; its slot is free from the next step on.
+already being computed gets that token thrown away; its slot and blocks are free from the next step
+on, the full blocks it wrote kept in the prefix cache.
 
 Faults stay with the request that caused them: logits that are not finite fail only their row;
 an exception in a prefill (an out-of-memory on a large batch, say) retries each of its requests
