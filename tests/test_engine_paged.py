@@ -198,3 +198,11 @@ def test_the_server_reports_cached_prompt_tokens_as_openai_does(paged):
             events = [line for line in response.iter_lines() if line.startswith("data: {")]
         usage = json.loads(events[-1][len("data: "):])["usage"]
         assert usage["prompt_tokens_details"]["cached_tokens"] == (prompt_tokens - 1) // BLOCK * BLOCK > 0
+
+
+def test_serve_refuses_a_bad_kv_memory_in_one_line(tiny_vlm_dir, capsys):
+    from crossvlm.cli import main
+
+    assert main(["serve", "--model", str(tiny_vlm_dir), "--kv-memory", "1.5", "--device", "cpu"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--kv-memory must be in (0, 1], got 1.5" in err[0]

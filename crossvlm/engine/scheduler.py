@@ -131,7 +131,9 @@ class Scheduler:
                 pixels = request.pixel_values
                 request.images = [] if pixels is None else [image_digest(p) for p in pixels]
             bs = self.blocks.block_size
-            request.hashes = block_hashes(context, self._spans(request), request.images, bs, len(context))
+            # (a context only grows, by the tokens generated before a preemption: the known hashes stay)
+            request.hashes = block_hashes(context, self._spans(request), request.images, bs, len(context),
+                                          request.hashes[:len(context) // bs])
             # Whole blocks only, and never the last position: its logits give the first token.
             found = self.blocks.lookup(request.hashes[:(len(context) - 1) // bs])
             fresh = self.blocks.needed(len(context) + 1) - len(found)
