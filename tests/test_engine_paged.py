@@ -206,3 +206,45 @@ def test_serve_refuses_a_bad_kv_memory_in_one_line(tiny_vlm_dir, capsys):
     assert main(["serve", "--model", str(tiny_vlm_dir), "--kv-memory", "1.5", "--device", "cpu"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--kv-memory must be in (0, 1], got 1.5" in err[0]
+
+
+def _request(ids: list[int]):
+    from crossvlm.engine import Request
+
+    return Request(ids, None, SamplingParams(max_new_tokens=8), lambda event: None, max_new_tokens=8)
+
+
+def test_the_scheduler_shares_only_written_blocks_and_preempts_the_newest():
+    """Bookkeeping alone (no model): a request cancelled after its first prefill chunk leaves only the
+    blocks it wrote in the prefix cache; when a decoding request needs a block and none is free, the
+    newest running request gives its blocks back and waits at the head of the line."""
+    from crossvlm.engine.blocks import BlockManager
+    from crossvlm.engine.scheduler import Scheduler
+
+    blocks = BlockManager(blocks=8, block_size=4)  # 7 usable
+    scheduler = Scheduler(slots=3, blocks=blocks, prefill_tokens=4, image_token_id=99)
+    cut = _request(list(range(10)))
+    scheduler.add(cut)
+    schedule = scheduler.schedule()
+    assert schedule.admitted == [cut] and schedule.prefill == [(cut, 0, 4)] and len(cut.blocks) == 3  # 10 + 1 positions
+    cut.prefilled = 4  # (the engine launched that chunk)
+    scheduler.release(cut, written=cut.prefilled)
+    assert blocks.available == 7 and len(blocks.lookup(cut.hashes)) == 1 == len(blocks.cached)
+
+    old, new = _request([1] * 7), _request([2] * 7)
+    for request in (old, new):
+        scheduler.add(request)
+    scheduler.watermark = 0
+    scheduler.schedule()
+    assert scheduler.running == [old, new] and blocks.available == 3
+    for request in (old, new):  # prompts in the cache, two tokens out: the next writes position 7 + 2 - 1 = 8
+        request.prefilled, request.launched, request.generated = 7, 2, 2
+    filler = _request([3] * 7)
+    scheduler.add(filler)
+    scheduler.schedule()  # old and new grow to 3 blocks each; the filler needs 2 and 1 is left
+    assert [len(r.blocks) for r in (old, new)] == [3, 3] and filler.slot is None and blocks.available == 1
+    old.launched = old.generated = new.launched = new.generated = 6  # position 12: a fourth block each, one left
+    schedule = scheduler.schedule()
+    assert [r for r, _ in schedule.preempted] == [new] and list(scheduler.waiting) == [new, filler]
+    assert len(old.blocks) == 4 and new.blocks == [] and new.slot is None and new.context is None
+    assert new.preemptions == 1 and blocks.available == 3 and schedule.admitted == [], "no admission while preempting"

@@ -59,10 +59,11 @@ class Scheduler:
         blocks are registered for the prefix cache)."""
         if request.slot is not None:
             self.running.remove(request)
-            if written:
+            if written:  # (only blocks whose every position was written: a cancelled prefill's later ones were not)
                 ids = request.input_ids + request.tokens
+                full = min(written, len(ids)) // self.blocks.block_size
                 request.hashes = block_hashes(ids, self._spans(request), request.images or [], self.blocks.block_size,
-                                              min(written, len(ids)), request.hashes)
+                                              full * self.blocks.block_size, request.hashes[:full])
                 self.blocks.register(request.blocks, request.hashes)
             self._give_back(request)
         elif request in self.waiting:
