@@ -198,6 +198,10 @@ def test_the_server_reports_cached_prompt_tokens_as_openai_does(paged):
             events = [line for line in response.iter_lines() if line.startswith("data: {")]
         usage = json.loads(events[-1][len("data: "):])["usage"]
         assert usage["prompt_tokens_details"]["cached_tokens"] == (prompt_tokens - 1) // BLOCK * BLOCK > 0
+        health = httpx.get(base + "/health").json()["engine"]
+    engine = paged.engine
+    assert health["kv_blocks"] == engine.blocks.blocks - 1 and health["kv_block_size"] == BLOCK
+    assert health["kv_blocks_free"] == engine.blocks.available and health["cached_tokens"] >= 2 * ((prompt_tokens - 1) // BLOCK * BLOCK)
 
 
 def test_serve_refuses_a_bad_kv_memory_in_one_line(tiny_vlm_dir, capsys):

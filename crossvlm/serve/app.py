@@ -232,7 +232,9 @@ def create_app(chat: ChatModel, settings: ServerSettings | None = None) -> FastA
         engine = chat.engine
         return {"status": "ok", "model": settings.model_name, "server": dict(app.state.stats),
                 "engine": {"slots": engine.slots, "running": engine.running(), "waiting": engine.waiting(),
-                           "max_len": engine.max_len, **engine.stats}}
+                           "max_len": engine.max_len, "kv_blocks": engine.blocks.blocks - 1,
+                           "kv_blocks_free": engine.blocks.available, "kv_block_size": engine.blocks.block_size,
+                           **engine.stats}}
 
     @app.get("/v1/models", dependencies=[Depends(authorize)])
     async def models():
