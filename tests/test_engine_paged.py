@@ -166,7 +166,8 @@ def test_kv_cache_sizing_refuses_in_one_line_what_the_device_cannot_hold(tiny_vl
     per_block = 2 * text.num_hidden_layers * text.num_key_value_heads * text.head_dim * 4 * 256  # fp32, 256 positions
     row = text.vocab_size * ROW_BYTES_PER_VOCAB
     cfg = EngineConfig(kv_memory=0.5)
-    assert kv_blocks(cfg, text, torch.float32, 512, 8, 8 * row + 100 * per_block) == 50
+    assert kv_blocks(cfg, text, torch.float32, 512, 64, 64 * row + 100 * per_block) == 50
+    assert kv_blocks(cfg, text, torch.float32, 512, 8, 8 * row + 100 * per_block) == 8 * 2 + 1, "at most every slot's max_len"
     with pytest.raises(ConfigError, match=r"^100000 slots: .* need .* GB; this device has .* GB free"):
         kv_blocks(cfg, text, torch.float32, 512, 100_000, 10**9)
     with pytest.raises(ConfigError, match=r"^the KV cache needs .* GB for 1000 blocks .* this device has"):

@@ -64,7 +64,8 @@ class EngineConfig:
     (docs/PERFORMANCE.md, "Generation engine")."""
     kv_memory: float = 0.7
     """Share of the device memory left free after the model and the rows' buffers that the KV cache
-    takes (a GPU; measured when the engine starts), when `kv_blocks` is not given."""
+    takes (a GPU; measured when the engine starts), when `kv_blocks` is not given; never more than
+    every slot at `max_len` would need."""
     kv_blocks: int | None = None
     """KV-cache blocks of `block_size` positions (one of them scratch). Default: from `kv_memory` on a
     GPU; on a CPU enough for every row's `max_len`."""
@@ -112,7 +113,7 @@ class _Launch:
 
 def kv_blocks(cfg: EngineConfig, text, dtype: torch.dtype, max_len: int, slots: int, free: int | None) -> int:
     """The KV cache's size in blocks for `free` bytes of device memory (None: a CPU, sized by the rows'
-    `max_len`); refused in one line where the rows or the cache cannot fit."""
+    `max_len`, as is the most a GPU's takes); refused in one line where the rows or the cache cannot fit."""
     per_block = PagedCache.bytes_per_token(text, dtype) * cfg.block_size
     per_request = -(-max_len // cfg.block_size)
     if free is None:
@@ -127,7 +128,8 @@ def kv_blocks(cfg: EngineConfig, text, dtype: torch.dtype, max_len: int, slots: 
             raise ConfigError(f"the KV cache needs {cfg.kv_blocks * per_block / 1e9:.1f} GB for {cfg.kv_blocks} blocks "
                               f"(and {slots} slots {rows / 1e9:.1f} GB); this device has {free / 1e9:.1f} GB free")
         return cfg.kv_blocks
-    blocks = int((free - rows) * cfg.kv_memory // per_block)
+    # Never more than every slot at `max_len` needs (a small model would otherwise take most of the device)
+    blocks = min(int((free - rows) * cfg.kv_memory // per_block), slots * per_request + 1)
     if blocks < per_request + 1:
         raise ConfigError(f"the KV cache needs {(per_request + 1) * per_block / 1e9:.2f} GB for one request of "
                           f"{max_len} tokens; {cfg.kv_memory:.0%} of the {(free - rows) / 1e9:.1f} GB this device "
