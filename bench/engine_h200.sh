@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The generation engine's measurements on one GPU (docs/PERFORMANCE.md, "Generation engine"), run from
 # the repository root: the engine's CUDA-graph test, `bench generate`, `bench serve`, the decode step alone
-# (bench/decode_step.py) and `crossvlm eval` on 1,000 short answers. Reports go to $OUT (default runs/engine).
+# (bench/decode_step.py), 3-turn chats (bench/chat_turns.py) and `crossvlm eval` on 1,000 short answers. Reports go to $OUT (default runs/engine).
 set -uo pipefail
 OUT=${OUT:-runs/engine}
 PY=${PYTHON:-python3}
@@ -14,7 +14,7 @@ EXAMPLES=${EXAMPLES:-1000}
 # compiles its own engine (Inductor's on-disk cache may make that second start shorter), so one call each, e.g.
 #   PARTS=serve SERVE_ARGS="--compile --no-offline --concurrency 1 8 64 --baseline-requests 8"
 #   PARTS=serve SERVE_ARGS="--compile --no-server --baseline-requests 0"
-PARTS=${PARTS:-test preprocess generate serve decode eval}
+PARTS=${PARTS:-test preprocess generate serve decode turns eval}
 has() { [[ " $PARTS " == *" $1 "* ]]; }
 WORK=$(mktemp -d)
 mkdir -p "$OUT"
@@ -54,6 +54,10 @@ has serve && $PY -m crossvlm.cli bench serve --preset $PRESET --models "$MODELS"
 if has decode; then  # the decode step alone: ms a step and its kernels at each batch (bench/decode_step.py)
     [ -d "$MODELS/llm" ] || $PY -m crossvlm.cli make-model --preset $PRESET --out "$MODELS" > /dev/null
     PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" $PY bench/decode_step.py "$MODELS" ${DECODE_ROWS:-1,64,256} ${DECODE_CONTEXT:-1100} 2>&1 | tee "$OUT/decode_step.txt"
+fi
+if has turns; then  # 3-turn chats with an image: each turn's first token, the prefix cache's share (bench/chat_turns.py)
+    [ -d "$MODELS/llm" ] || $PY -m crossvlm.cli make-model --preset $PRESET --out "$MODELS" > /dev/null
+    PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" $PY bench/chat_turns.py "$MODELS" ${TURN_WORDS:-300} 2>&1 | tee "$OUT/chat_turns.txt"
 fi
 has eval || exit 0
 # crossvlm eval, default settings, $EXAMPLES (1,000) short answers of 16 tokens; `--limit 1` times loading and start-up alone.

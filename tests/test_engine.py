@@ -95,7 +95,8 @@ def test_long_prompts_prefilled_in_chunks_beside_running_answers(tiny_vlm_dir, r
     # Prefill at most 16 tokens a step. A one-token request takes slot 0 and leaves; a long answer
     # decodes in slot 1; then a long prompt is prefilled into slot 0 over several steps, while every
     # decode step also covers slot 0 (the first two slots): its prefilled keys must stay untouched.
-    chunked = crossvlm.load(tiny_vlm_dir, device="cpu", engine=EngineConfig(slots=2, max_len=512, prefill_tokens=16))
+    chunked = crossvlm.load(tiny_vlm_dir, device="cpu",
+                            engine=EngineConfig(slots=2, max_len=512, prefill_tokens=16, block_size=16))
     try:
         prompts = [chunked.prompt(m, i) for m, i in (CASES[0], CASES[4], CASES[2])]
         assert len(prompts[2].input_ids) > 3 * 16
@@ -110,6 +111,7 @@ def test_long_prompts_prefilled_in_chunks_beside_running_answers(tiny_vlm_dir, r
 
         requests = _run(chunked, prompts, sampling, start=third_when_second_decodes)
         assert [r.slot for r in requests] == [None] * 3 and requests[1].generated == 80
+        assert all(r.blocks == [] for r in requests) and chunked.engine.blocks.available == chunked.engine.blocks.blocks - 1
         for request, prompt, n in zip(requests, prompts, budgets):
             assert request.tokens == _hf_tokens(reference, chunked, prompt, n)
         assert chunked.engine.stats["prefills"] >= 5
@@ -120,12 +122,17 @@ def test_long_prompts_prefilled_in_chunks_beside_running_answers(tiny_vlm_dir, r
         alone = _run(chunked, prompts[2:], [seeded])[0].tokens
         beside = _run(chunked, prompts, [*sampling[:2], seeded], start=third_when_second_decodes)[2].tokens
         assert beside == alone
-        # Every layer's keys of the chunked prompt, in slot 0, are those of one uncached forward.
+        # Every layer's keys of the chunked prompt, in the blocks its full blocks are registered under,
+        # are those of one uncached forward.
         ids = torch.tensor([prompts[2].input_ids])
+        found = chunked.engine.blocks.lookup(requests[2].hashes)[:ids.shape[1] // 16]  # (the prompt's)
+        n = len(found) * 16
+        assert n >= 3 * 16
         with torch.no_grad():
             cache = reference(ids, prompts[2].pixel_values, use_cache=True).past_key_values
         for layer, keys in enumerate(chunked.engine.cache.keys):
-            torch.testing.assert_close(keys[0, :ids.shape[1]].transpose(0, 1), cache.layers[layer].keys[0], atol=1e-4, rtol=1e-4)
+            torch.testing.assert_close(keys[found].flatten(0, 1).transpose(0, 1), cache.layers[layer].keys[0, :, :n],
+                                       atol=1e-4, rtol=1e-4)
     finally:
         chunked.close()
 
@@ -138,13 +145,13 @@ def test_cancelled_stream_frees_its_slot_at_once(tiny_vlm_dir):
         pieces = iter(stream)
         next(pieces), next(pieces)
         engine = one_slot.engine
-        assert engine.running() == 1 and engine.cache.free == 0
+        assert engine.running() == 1 and engine.free_slots == 0
         steps = engine.stats["steps"]
         stream.cancel()
         deadline = time.monotonic() + 10
-        while engine.cache.free == 0 and time.monotonic() < deadline:
+        while engine.free_slots == 0 and time.monotonic() < deadline:
             time.sleep(0.001)
-        assert engine.cache.free == 1 and engine.running() == 0
+        assert engine.free_slots == 1 and engine.running() == 0 and engine.blocks.available == engine.blocks.blocks - 1
         assert engine.stats["steps"] - steps <= 2, "the slot is free by the next step"
         assert stream.request.finish_reason == "cancelled" and stream.request.generated < 100
         # The freed slot serves the next request.
@@ -177,7 +184,7 @@ def test_a_failing_callback_fails_its_requests_and_the_engine_goes_on(chat):
     prompt = chat.prompt(_user("hello"))
     with pytest.raises(GenerationError, match="callback broke"):
         chat.generate_prompts([prompt], SamplingParams(max_new_tokens=5, greedy=True), on_delta=broken)
-    assert chat.engine.running() == 0 and chat.engine.cache.free == chat.engine.slots
+    assert chat.engine.running() == 0 and chat.engine.free_slots == chat.engine.slots
     assert chat.chat(_user("hello"), sampling=SamplingParams(max_new_tokens=5, greedy=True)).completion_tokens >= 1
 
 
@@ -310,12 +317,14 @@ def test_compiled_decode_step_gives_the_same_tokens(tiny_vlm_dir, reference):
     try:
         assert compiled.engine.warm_up()
         assert compilations() == [1, 1]
-        assert (compiled.engine.runner.position == 511).all(), "warming up leaves every slot parked"
+        runner = compiled.engine.runner
+        assert not runner.live.any() and (runner.block_table == 0).all(), "warming up leaves every row idle"
         # A prefill of 3 and of 4 prompts after a warm-up of 2 rows (a GPU server stalled for minutes
         # on a recompilation here once: a stride of 3 was tied to the warm-up's 2 rows).
         runner, width = compiled.engine.runner, compiled.model.llm.get_input_embeddings().embedding_dim
         for lengths in ((5, 9, 3), (4, 2, 7, 1)):
-            runner.prefill([Chunk(slot, 0, torch.zeros(n, width), last=True) for slot, n in enumerate(lengths)],
+            runner.prefill([Chunk(slot, 0, torch.zeros(n, width), last=True, blocks=[1 + slot])
+                            for slot, n in enumerate(lengths)],
                            greedy=True, penalty=False, min_tokens=False)
         runner.park_all()
         assert compilations() == [1, 1]
@@ -335,15 +344,17 @@ def test_compiled_decode_step_gives_the_same_tokens(tiny_vlm_dir, reference):
 
 
 def _flash_forward_on_the_host(query, key, value, cu_q, cu_k, max_q, max_k, dropout, causal, debug, *,
-                               scale=None, seqused_k=None):
-    """FlashAttention's variable-length forward written out in torch, as its documentation states it:
-    sequence b's queries are rows cu_q[b] … cu_q[b+1]-1, its keys seqused_k[b] rows from cu_k[b], a
-    query head attends with key/value head h // (Hq / Hkv), causal masks aligned at the sequences' ends."""
+                               scale=None, seqused_k=None, block_table=None):
+    """FlashAttention's variable-length forward with a paged cache written out in torch, as its
+    documentation states it: sequence b's queries are rows cu_q[b] … cu_q[b+1]-1, its keys the first
+    seqused_k[b] positions of its blocks `block_table[b]` in order, a query head attends with key/value
+    head h // (Hq / Hkv), causal masks aligned at the sequences' ends."""
     out = torch.zeros_like(query)
-    hq, hkv = query.shape[1], key.shape[1]
+    hq, hkv = query.shape[1], key.shape[2]
     for b in range(len(cu_q) - 1):
         q = query[cu_q[b]:cu_q[b + 1]].transpose(0, 1)  # (Hq, n, D)
-        k, v = (x[cu_k[b]:cu_k[b] + seqused_k[b]].transpose(0, 1).repeat_interleave(hq // hkv, 0) for x in (key, value))
+        k, v = (x[block_table[b].long()].flatten(0, 1)[:seqused_k[b]].transpose(0, 1).repeat_interleave(hq // hkv, 0)
+                for x in (key, value))
         n, used = q.shape[1], k.shape[1]
         mask = torch.arange(used)[None, :] <= torch.arange(n)[:, None] + used - n
         out[cu_q[b]:cu_q[b + 1]] = torch.nn.functional.scaled_dot_product_attention(
@@ -353,14 +364,15 @@ def _flash_forward_on_the_host(query, key, value, cu_q, cu_k, max_q, max_k, drop
 
 def test_flash_attention_path_gives_generates_tokens(tiny_vlm_dir, reference, monkeypatch):
     """`EngineConfig(attention="flash")`, with the kernel written out in torch (this machine has no
-    GPU): the packed prefill, the slot offsets and each request's own read length give generate()'s
-    tokens, requests joining late and past a length the SDPA path's first rung would cover."""
+    GPU): the packed prefill, the block tables and each request's own read length give generate()'s
+    tokens, requests joining late and past a block's end."""
     from crossvlm.engine import cache
 
     monkeypatch.setattr(cache, "_flash_forward", _flash_forward_on_the_host)
     flash = crossvlm.load(tiny_vlm_dir, device="cpu", engine=EngineConfig(slots=3, max_len=512, attention="flash"))
     try:
-        assert flash.engine.runner.flash and flash.engine.runner.kv_ladder == [flash.engine.cache.length]  # one rung
+        runner = flash.engine.runner
+        assert runner.flash and runner.kv_ladder == [runner.width * 256]  # one rung
         prompts = [flash.prompt(m, i) for m, i in CASES]
         budgets = [280, 17, 30, 9, 21]
         sampling = [SamplingParams(max_new_tokens=n, greedy=True, ignore_eos=True) for n in budgets]
@@ -415,26 +427,28 @@ def test_flash_asked_where_it_cannot_run_is_a_clear_error(tiny_vlm_dir, monkeypa
 
 
 @pytest.mark.gpu
-def test_flash_varlen_equals_the_reference_on_cuda():
-    """The real kernel against `reference_varlen` on a bf16 cache: a packed prefill of sequences in
-    slots out of order (one a one-token chunk at the end of a long prefix), and a decode step."""
-    from crossvlm.engine.cache import Plan, flash_varlen, reference_varlen
+def test_flash_paged_equals_the_reference_on_cuda():
+    """The real kernel against `reference_paged` on a bf16 cache of 256-position blocks: a packed
+    prefill of sequences whose blocks lie out of order (one a one-token chunk at the end of a long
+    prefix), and a decode step with idle rows (all scratch, one position)."""
+    from crossvlm.engine.cache import Plan, flash_paged, reference_paged
 
     cuda = torch.device("cuda")
     g = torch.Generator(device=cuda).manual_seed(0)
-    keys, values = (torch.randn(5, 300, 2, 64, generator=g, device=cuda, dtype=torch.bfloat16) for _ in "kv")
-    lengths, slots, used = [7, 1, 30], [3, 0, 4], [7, 250, 41]
+    keys, values = (torch.randn(8, 256, 2, 64, generator=g, device=cuda, dtype=torch.bfloat16) for _ in "kv")
+    i32 = dict(device=cuda, dtype=torch.int32)
+    table = torch.tensor([[5, 0, 0], [3, 7, 1], [2, 0, 0]], **i32)
+    lengths, used = [7, 1, 30], [7, 700, 41]
     seq = torch.repeat_interleave(torch.arange(3), torch.tensor(lengths)).to(cuda)
-    cu_q = torch.tensor([0, 7, 8, 38], device=cuda, dtype=torch.int32)
-    prefill = Plan(torch.tensor(slots, device=cuda), torch.zeros(38, device=cuda), cu_q,
-                   torch.tensor(used, device=cuda, dtype=torch.int32), max_q=30, kv_len=256,
-                   token_slots=torch.tensor(slots, device=cuda)[seq], token_seq=seq, flash=True)
-    decode = Plan(torch.arange(5, device=cuda), torch.zeros(5, device=cuda), torch.arange(6, device=cuda, dtype=torch.int32),
-                  torch.tensor([1, 299, 17, 64, 129], device=cuda, dtype=torch.int32), max_q=1, kv_len=300, flash=True)
+    prefill = Plan(table, torch.zeros(38, device=cuda), torch.tensor([0, 7, 8, 38], **i32), torch.tensor(used, **i32),
+                   max_q=30, kv_len=768, token_seq=seq, flash=True)
+    decode_table = torch.tensor([[0, 0, 0], [3, 7, 1], [6, 4, 0], [0, 0, 0], [2, 0, 0]], **i32)
+    decode = Plan(decode_table, torch.zeros(5, device=cuda), torch.arange(6, **i32),
+                  torch.tensor([1, 767, 300, 1, 129], **i32), max_q=1, kv_len=768, flash=True)
     for plan, n in ((prefill, 38), (decode, 5)):
         query = torch.randn(n, 4, 64, generator=g, device=cuda, dtype=torch.bfloat16)
-        torch.testing.assert_close(flash_varlen(query, keys, values, plan, None).float(),
-                                   reference_varlen(query, keys, values, plan, None).float(), atol=2e-2, rtol=2e-2)
+        torch.testing.assert_close(flash_paged(query, keys, values, plan, None).float(),
+                                   reference_paged(query, keys, values, plan, None).float(), atol=2e-2, rtol=2e-2)
 
 
 @pytest.mark.gpu
@@ -500,7 +514,7 @@ def test_prefill_and_image_graphs_with_flash_equal_the_plain_path_on_cuda(tiny_v
             buckets = runner.prefill_buckets
             for plain in (False, False, True):  # recorded (or replayed), replayed, plain
                 runner.prefill_buckets = [] if plain else buckets
-                runner.prefill([Chunk(0, 0, embeds, True)], **kinds)
+                runner.prefill([Chunk(0, 0, embeds, True, blocks=[1, 2])], **kinds)
             runner.prefill_buckets = buckets
             torch.testing.assert_close(seen[-3], seen[-2], atol=1e-2, rtol=1e-2)
             torch.testing.assert_close(seen[-2], seen[-1], atol=5e-2, rtol=5e-2)

@@ -76,7 +76,7 @@ def test_client_disconnect_mid_stream_frees_its_slot(two_slots):
             assert _health(base)["running"] == 1
     # The connection is closed with most of the answer still to come.
     _wait_for(lambda: _health(base)["running"] == 0, "the slot to be freed", seconds=5)
-    assert chat.engine.cache.free == 2
+    assert chat.engine.free_slots == 2
 
 
 def test_min_tokens_and_context_limit(two_slots):

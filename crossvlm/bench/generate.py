@@ -12,8 +12,9 @@ Variants (transformers' own levers, then ours):
   decode steps (`torch.compile`, mode "reduce-overhead": CUDA graphs); the prefill stays eager;
 - `engine`, `engine+compile`: `crossvlm.engine`, the generation engine behind serve, chat, eval and `crossvlm.load`
   (greedy with `ignore_eos`; the prompt prepared once by `ChatModel.prompt`, images preprocessed, as
-  the `generate()` variants get theirs). It runs last: it makes the LLM attend through its own
-  attention function (transformers' registry).
+  the `generate()` variants get theirs). Its attention is registered for its model's engine steps
+  only (`crossvlm.engine.cache.use_engine_attention`): the `generate()` variants keep their kernel
+  whichever runs first.
 
 Timings are CUDA-synchronised wall times. TTFT = a `max_new_tokens=1` call (prefill + first token,
 inputs already on the device; the image processor's CPU time is reported apart as `preprocess_ms`).
@@ -189,7 +190,7 @@ def run_generate_bench(cfg: GenerateBenchConfig) -> dict:
     prompt_tokens = _inputs(processor, image, 1, device)["input_ids"].shape[1]
     say(f"bench generate: preset {cfg.preset}, {dtype} on {device}, prompt {prompt_tokens} tokens "
         f"({model.num_image_tokens} image tokens), {cfg.new_tokens} new tokens; variants: {', '.join(cfg.variants)}")
-    for name in sorted(cfg.variants, key=lambda v: v.startswith("engine")):  # the engine last: it changes the attention
+    for name in cfg.variants:
         if name == "static+compile" and device.type != "cuda":
             records.append({"variant": name, "skipped": "transformers compiles generate on CUDA only"})
             say(f"[generate] {name}: skipped (needs CUDA)")

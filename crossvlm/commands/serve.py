@@ -48,10 +48,12 @@ def register(sub) -> None:
 
 def add_engine_args(g) -> None:
     """The generation engine's sizes (`crossvlm serve`, `chat`, `eval`)."""
-    g.add_argument("--slots", type=int, help="requests generated at once, each with its own KV-cache slot "
-                   "(default: 256 on a GPU if memory allows, 8 on a CPU)")
-    g.add_argument("--max-len", type=int, help="tokens per slot: the longest prompt + answer "
+    g.add_argument("--slots", type=int, help="requests generated at once (rows of the decode batch); KV memory is "
+                   "handed out by tokens in use, not reserved per slot (default: 1024 on a GPU, 8 on a CPU)")
+    g.add_argument("--max-len", type=int, help="the longest prompt + answer of one request "
                    "(default: the model's context, at most 4096)")
+    g.add_argument("--kv-memory", type=float, default=0.7, help="share of the GPU memory left free after the model "
+                   "and the slots that the KV cache takes (default: 0.7)")
     g.add_argument("--compile", action="store_true", help="fuse the decode step, the prefill and the image path with torch.compile "
                    "(2.5x the decode speed at batch 1 on a GPU, minutes more at start-up; see docs/PERFORMANCE.md)")
     g.add_argument("--attention", choices=("auto", "flash", "sdpa"), default="auto",
@@ -67,7 +69,9 @@ def engine_config(args: argparse.Namespace):
         value = getattr(args, name)
         if value is not None and value < 1:
             raise ConfigError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
-    return EngineConfig(slots=args.slots, max_len=args.max_len, compile=args.compile,
+    if not 0 < args.kv_memory <= 1:
+        raise ConfigError(f"--kv-memory must be in (0, 1], got {args.kv_memory}")
+    return EngineConfig(slots=args.slots, max_len=args.max_len, compile=args.compile, kv_memory=args.kv_memory,
                         attention=getattr(args, "attention", "auto"))
 
 
@@ -130,7 +134,8 @@ def run(args: argparse.Namespace) -> int:
     def note(text: str) -> None:
         print(f"crossvlm serve: {text}", file=sys.stderr, flush=True)
 
-    note(f"engine of {engine.slots} slots × {engine.max_len} tokens on {engine.device}")
+    note(f"engine of {engine.slots} slots, a KV cache of {engine.blocks.blocks - 1} blocks × {engine.blocks.block_size} "
+         f"tokens, up to {engine.context_limit} tokens a request, on {engine.device}")
     engine.warm_up(lambda text: note(text + " ..."))
     note(f"engine ready in {time.perf_counter() - start:.1f} s")
     host, port = sock.getsockname()[:2]

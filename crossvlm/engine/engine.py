@@ -1,12 +1,14 @@
-"""`Engine`: continuous batching over a slot KV cache, driven by one worker thread.
+"""`Engine`: continuous batching over a paged KV cache, driven by one worker thread.
 
 `submit` queues a request from any thread; the worker loops: take new requests and cancellations,
-schedule (admission, prefill chunks), launch the prefill and then one decode step for every request
+schedule (room for the decoding requests, preempting the newest when blocks run out; admission by
+free slots and blocks, prefix-cache lookups; prefill chunks), launch the prefill and then one decode step for every request
 whose prompt is in the cache, and only then read back the tokens of the *previous* launch and hand
 them to their requests. The host's bookkeeping (detokenizing, stop strings, streaming) thus runs
 while the device computes the next step, and the only host sync per step is that read-back of one
 token per row, which streaming needs anyway. A request that finished while its next token was
-already being computed gets that token thrown away; its slot is free from the next step on.
+already being computed gets that token thrown away; its slot and blocks are free from the next step
+on, the full blocks it wrote kept in the prefix cache.
 
 Faults stay with the request that caused them: logits that are not finite fail only their row;
 an exception in a prefill (an out-of-memory on a large batch, say) retries each of its requests
@@ -25,7 +27,8 @@ import torch
 from torch.profiler import record_function
 
 from crossvlm.engine import constraints
-from crossvlm.engine.cache import SlotCache, flash_available, use_slot_attention
+from crossvlm.engine.blocks import BlockManager, image_spans
+from crossvlm.engine.cache import FLASH_BLOCK, PagedCache, flash_available, use_engine_attention
 from crossvlm.engine.model_runner import Chunk, ModelRunner
 from crossvlm.engine.request import Request
 from crossvlm.engine.sampler import Sampler, to_device
@@ -46,10 +49,12 @@ class EngineConfig:
     """Sizes of the engine; None picks a default for the device."""
 
     slots: int | None = None
-    """Requests running at once (each holds one KV slot). Default: 256 on a GPU (fewer if memory is
-    short: at most `memory_fraction` of the free memory goes to the cache), 8 on a CPU."""
+    """Requests running at once: the rows of the decode batch, each with its sampling settings. KV
+    memory is not reserved per row but handed out in blocks as requests grow (`kv_memory`), so
+    a row costs little (its logits and sampling state, ~2.4 MB for Qwen3's vocabulary). Default:
+    1,024 on a GPU, 8 on a CPU."""
     max_len: int | None = None
-    """Positions per slot: the longest prompt + answer. Default: the model's context, at most 4,096."""
+    """The longest prompt + answer of one request. Default: the model's context, at most 4,096."""
     prefill_tokens: int = 8192
     """Most prompt tokens prefilled in one step (packed into one row); longer prompts are prefilled in chunks."""
     graphs: bool | None = None
@@ -58,17 +63,30 @@ class EngineConfig:
     """Fuse the decode step, the prefill and the image path with `torch.compile` (Inductor), the decode step before its
     graphs are recorded: minutes more at start-up, 2.5x the decode speed at batch 1 on an H200
     (docs/PERFORMANCE.md, "Generation engine")."""
-    memory_fraction: float = 0.6
-    """Share of the free device memory the KV cache may take when `slots` is not given."""
+    kv_memory: float = 0.7
+    """Share of the device memory left free after the model and the rows' buffers that the KV cache
+    takes (a GPU; measured when the engine starts), when `kv_blocks` is not given; never more than
+    every slot at `max_len` would need."""
+    kv_blocks: int | None = None
+    """KV-cache blocks of `block_size` positions (one of them scratch). Default: from `kv_memory` on a
+    GPU; on a CPU enough for every row's `max_len`."""
+    block_size: int = 256
+    """Positions per KV block (FlashAttention's paged kernel takes multiples of 256); also the prefix
+    cache's unit: only whole blocks are shared."""
     attention: str = "auto"
-    """`flash`: FlashAttention's variable-length kernel (the build inside torch), each request reading
-    its own length of its slot; `sdpa`: `scaled_dot_product_attention` over a length rung that holds the
-    longest running request, masked; `auto`: flash where it runs (a CUDA GPU of the Ampere generation
-    or later, bf16/fp16), else sdpa."""
+    """`flash`: FlashAttention's variable-length kernel (the build inside torch) reading each request's
+    blocks in place, each its own length; `sdpa`: `scaled_dot_product_attention` over a length rung that
+    holds the longest running request, its blocks gathered, masked; `auto`: flash where it runs (a CUDA
+    GPU of the Ampere generation or later, bf16/fp16, blocks of a multiple of 256), else sdpa."""
 
     def max_len_for(self, text_config) -> int:
-        """The slot length for an LLM of this config: `max_len`, or its context up to 4,096."""
+        """The longest request for an LLM of this config: `max_len`, or its context up to 4,096."""
         return min(self.max_len or 4096, text_config.max_position_embeddings)
+
+
+ROW_BYTES_PER_VOCAB = 16
+"""Device bytes a row of the decode batch takes per vocabulary entry, estimated: its logits (2), its
+seen-token flags (1) and the sampler's float32 temporaries at its peak (~13)."""
 
 
 TIMERS = {
@@ -94,6 +112,32 @@ class _Launch:
     ready: torch.cuda.Event | None = None
 
 
+def kv_blocks(cfg: EngineConfig, text, dtype: torch.dtype, max_len: int, slots: int, free: int | None) -> int:
+    """The KV cache's size in blocks for `free` bytes of device memory (None: a CPU, sized by the rows'
+    `max_len`, as is the most a GPU's takes); refused in one line where the rows or the cache cannot fit."""
+    per_block = PagedCache.bytes_per_token(text, dtype) * cfg.block_size
+    per_request = -(-max_len // cfg.block_size)
+    if free is None:
+        return cfg.kv_blocks or slots * per_request + 1
+    rows = slots * text.vocab_size * ROW_BYTES_PER_VOCAB
+    if rows > free:
+        raise ConfigError(f"{slots} slots: their logits and sampling state need {rows / 1e9:.1f} GB; this device "
+                          f"has {free / 1e9:.1f} GB free (a slot is a request running; KV memory goes by tokens, "
+                          "so a few hundred to a few thousand slots is the useful range)")
+    if cfg.kv_blocks is not None:
+        if cfg.kv_blocks * per_block + rows > free:
+            raise ConfigError(f"the KV cache needs {cfg.kv_blocks * per_block / 1e9:.1f} GB for {cfg.kv_blocks} blocks "
+                              f"(and {slots} slots {rows / 1e9:.1f} GB); this device has {free / 1e9:.1f} GB free")
+        return cfg.kv_blocks
+    # Never more than every slot at `max_len` needs (a small model would otherwise take most of the device)
+    blocks = min(int((free - rows) * cfg.kv_memory // per_block), slots * per_request + 1)
+    if blocks < per_request + 1:
+        raise ConfigError(f"the KV cache needs {(per_request + 1) * per_block / 1e9:.2f} GB for one request of "
+                          f"{max_len} tokens; {cfg.kv_memory:.0%} of the {(free - rows) / 1e9:.1f} GB this device "
+                          "has free beside the slots gives less (lower --max-len or --slots, or raise --kv-memory)")
+    return blocks
+
+
 class Engine:
     """Generation for one CrossVLM: `submit` requests, receive their events on their callbacks."""
 
@@ -104,23 +148,33 @@ class Engine:
         text = model.config.text_config
         device = next(model.llm.parameters()).device
         self.max_len = cfg.max_len_for(text)
-        slots = cfg.slots or self._default_slots(text, device, cfg.memory_fraction)
         self.config = cfg
-        use_slot_attention(model.llm)
-        self.cache = SlotCache(text, slots, self.max_len, model.llm.dtype, device)
-        self.sampler = Sampler(slots, text.vocab_size, sorted(eos_ids), device)
-        graphs = device.type == "cuda" if cfg.graphs is None else cfg.graphs
         if cfg.attention not in ("auto", "flash", "sdpa"):
             raise ConfigError(f"the engine's attention must be auto, flash or sdpa, not {cfg.attention!r}")
-        heads = (text.num_attention_heads, text.num_key_value_heads, self.cache.keys[0].shape[-1])
+        if cfg.block_size < 1 or (cfg.kv_blocks is not None and cfg.kv_blocks < 2) or not 0 < cfg.kv_memory <= 1:
+            raise ConfigError(f"the engine's KV cache needs block_size >= 1, kv_blocks >= 2 and kv_memory in (0, 1], "
+                              f"got {cfg.block_size}, {cfg.kv_blocks}, {cfg.kv_memory}")
+        slots = cfg.slots or (1024 if device.type == "cuda" else 8)
+        head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
         # auto: GPUs only (torch may also run the kernel on a CPU, where SDPA is the measured path)
         asked = cfg.attention == "flash" or (cfg.attention == "auto" and device.type == "cuda")
-        flash = asked and flash_available(device, model.llm.dtype, *heads)
+        paged = cfg.block_size % FLASH_BLOCK == 0
+        flash = asked and paged and flash_available(device, model.llm.dtype, text.num_attention_heads,
+                                                    text.num_key_value_heads, head_dim)
         if cfg.attention == "flash" and not flash:
-            raise ConfigError(f"attention flash: FlashAttention does not run on {device} in {model.llm.dtype} "
-                              "(it needs a CUDA GPU of the Ampere generation or later, bf16 or fp16); use auto or sdpa")
-        self.runner = ModelRunner(model, self.cache, self.sampler, graphs, cfg.compile, flash=flash)
-        self.scheduler = Scheduler(self.cache, cfg.prefill_tokens)
+            raise ConfigError(f"attention flash: FlashAttention does not run on {device} in {model.llm.dtype} with "
+                              f"blocks of {cfg.block_size} (it needs a CUDA GPU of the Ampere generation or later, "
+                              f"bf16 or fp16, a torch whose kernel takes a block table, and blocks of a multiple of "
+                              f"{FLASH_BLOCK}); use auto or sdpa")
+        free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else None
+        blocks = kv_blocks(cfg, text, model.llm.dtype, self.max_len, slots, free)
+        use_engine_attention(model.llm)
+        self.cache = PagedCache(text, blocks, cfg.block_size, model.llm.dtype, device)
+        self.blocks = BlockManager(blocks, cfg.block_size)
+        self.sampler = Sampler(slots, text.vocab_size, sorted(eos_ids), device)
+        graphs = device.type == "cuda" if cfg.graphs is None else cfg.graphs
+        self.runner = ModelRunner(model, self.cache, self.sampler, slots, self.max_len, graphs, cfg.compile, flash=flash)
+        self.scheduler = Scheduler(slots, self.blocks, cfg.prefill_tokens, model.config.image_token_id)
         self.device = device
         self._lock = threading.Condition()
         self._incoming: list[Request] = []
@@ -129,15 +183,10 @@ class Engine:
         self._stop = False
         self._warm = False
         self.stats = {"steps": 0, "prefills": 0, "tokens": 0, "largest_batch": 0, "failed": 0, "first_tokens": 0,
-                      **{k: 0.0 for k in TIMERS}}
-        """Counts and seconds since the start (`TIMERS` says what each timer holds); `/health` shows them."""
-
-    def _default_slots(self, text, device: torch.device, fraction: float) -> int:
-        if device.type != "cuda":
-            return 8
-        free, _ = torch.cuda.mem_get_info(device)
-        per_slot = SlotCache.bytes_per_token(text, self.model.llm.dtype) * self.max_len
-        return max(1, min(256, int(free * fraction // per_slot)))
+                      "cached_tokens": 0, "preempted": 0, **{k: 0.0 for k in TIMERS}}
+        """Counts and seconds since the start (`TIMERS` says what each timer holds); `/health` shows them.
+        `cached_tokens`: prompt tokens found in the prefix cache; `preempted`: requests that gave their
+        blocks back to be recomputed."""
 
     def warm_up(self, say=None) -> bool:
         """Record every decode step's CUDA graph now (and, with `compile`, compile the steps), which
@@ -155,8 +204,17 @@ class Engine:
             return True
 
     @property
+    def context_limit(self) -> int:
+        """The most positions one request may take: `max_len`, or less where the whole cache holds fewer."""
+        return min(self.max_len, (self.blocks.blocks - 1) * self.blocks.block_size)
+
+    @property
     def slots(self) -> int:
-        return self.cache.slots
+        return self.runner.rows
+
+    @property
+    def free_slots(self) -> int:
+        return self.scheduler.free_slots
 
     # -- from any thread ---------------------------------------------------------------------------
     def submit(self, request: Request, max_waiting: int | None = None) -> Request:
@@ -166,12 +224,12 @@ class Engine:
         request.sampling.check_vocab(self.sampler.vocab)
         if (request.sampling.json_schema is None) != (request.matcher is None):
             raise CrossVLMError("a request with a json_schema needs its matcher (ChatModel.submit makes it), and only it")
-        if request.prompt_tokens >= self.max_len:
-            raise CrossVLMError(f"the prompt takes {request.prompt_tokens} tokens; the engine's limit is "
-                                f"{self.max_len - 1}")
-        request.max_new_tokens = max(1, min(request.sampling.max_new_tokens, self.max_len - request.prompt_tokens))
+        limit = self.context_limit
+        if request.prompt_tokens >= limit:
+            raise CrossVLMError(f"the prompt takes {request.prompt_tokens} tokens; the engine's limit is {limit - 1}")
+        request.max_new_tokens = max(1, min(request.sampling.max_new_tokens, limit - request.prompt_tokens))
         with self._lock:
-            if max_waiting is not None and self.waiting() >= max_waiting + self.cache.free:
+            if max_waiting is not None and self.waiting() >= max_waiting + self.scheduler.free_slots:
                 raise QueueFull(f"all {self.slots} slots are busy and {self.waiting()} requests wait")
             self._incoming.append(request)
             self._lock.notify()
@@ -243,11 +301,18 @@ class Engine:
         """Schedule and start one step (prefill, then decode); nothing here waits for the device."""
         schedule = self.scheduler.schedule()
         launches = []
+        if schedule.preempted:
+            self.stats["preempted"] += len(schedule.preempted)
+            self.runner.park([slot for _, slot in schedule.preempted])
+        if schedule.grown:
+            self.runner.grow(*map(list, zip(*schedule.grown)))
         if schedule.admitted:
             now = time.perf_counter()
             for request in schedule.admitted:
-                request.admitted = now
-                self.stats["queue_s"] += now - request.submitted
+                if not request.preemptions:
+                    request.admitted = now
+                    self.stats["queue_s"] += now - request.submitted
+                    self.stats["cached_tokens"] += request.cached_tokens
             with record_function("engine.admit"), self._timer("admit_s"):
                 self._admit(schedule.admitted)
         # While a constrained request runs the decode step goes first: a prompt prefilled in this step then
@@ -292,8 +357,9 @@ class Engine:
                     min_tokens=any(p.min_tokens for p in params), candidates=candidates)
 
     def _admit(self, requests: list[Request]) -> None:
-        """Embed the new prompts (their images encoded here, once) and write their sampling settings."""
-        self.runner.park([r.slot for r in requests])
+        """Embed the new contexts (their images encoded here, once; not those the prefix cache holds)
+        and write their sampling settings."""
+        self.runner.park([r.slot for r in requests])  # idle until their prefill ends
         try:
             self._embed(requests)
         except Exception:  # noqa: BLE001 — find the request that fails alone
@@ -307,10 +373,28 @@ class Engine:
             self.sampler.admit([r.slot for r in live], [r.sampling for r in live])
 
     def _embed(self, requests: list[Request]) -> None:
-        images = [r.pixel_values for r in requests if r.pixel_values is not None]
-        pixels = torch.cat(images) if images else None  # (N, 3, H, W), the prompts' images in order
-        grids = [g for r in requests if r.image_grids is not None for g in r.image_grids] or None  # tiled images
-        for request, embeds in zip(requests, self.runner.embed([r.input_ids for r in requests], pixels, grids)):
+        """Embeddings of each context from its first position not in the cache, or from the start of the
+        image that position falls in (an image's visual tokens are made together); the images before
+        are not encoded. Tokens generated before a preemption are text, whatever their ids."""
+        prompts, images, grids = [], [], []
+        for request in requests:
+            spans = image_spans(request.input_ids, self.model.config.image_token_id)
+            start = min([request.prefilled] + [s for s, e in spans if e > request.prefilled])
+            request.embed_from = min(start, request.prompt_tokens)
+            prompts.append(request.input_ids[request.embed_from:])
+            kept = [i for i, (s, _) in enumerate(spans) if s >= request.embed_from]
+            views = request.image_views()
+            images += [views[i] for i in kept]
+            if request.image_grids is not None:
+                grids += [request.image_grids[i] for i in kept]
+        pixels = torch.cat(images) if images else None  # (N, 3, H, W): the views of the images embedded, in order
+        grids = grids or None  # a tiled model's: those images' grids
+        embedded = self.runner.embed(prompts, pixels, grids) if any(prompts) else [None] * len(requests)
+        for request, embeds in zip(requests, embedded):
+            generated = request.context[max(request.prompt_tokens, request.embed_from):]
+            if generated:  # a preempted request's answer so far
+                tokens = self.runner.embed_text(generated)
+                embeds = tokens if embeds is None or not len(embeds) else torch.cat([embeds, tokens])
             request.embeds = embeds
 
     def _prefill(self, work: list[tuple[Request, int, int]]) -> list[_Launch]:
@@ -318,10 +402,15 @@ class Engine:
         work = [(r, s, e) for r, s, e in work if not r.done]
         if not work:
             return []
-        chunks = [Chunk(r.slot, start, r.embeds[start:end], end == r.prompt_tokens) for r, start, end in work]
-        ending = [r for r, _, end in work if end == r.prompt_tokens]
+        chunks = [Chunk(r.slot, start, r.embeds[start - r.embed_from:end - r.embed_from], end == len(r.context), r.blocks)
+                  for r, start, end in work]
+        ending = [r for r, _, end in work if end == len(r.context)]
         if ending:
-            self.sampler.begin([r.slot for r in ending], [r.input_ids for r in ending], self._kinds(ending)["penalty"])
+            self.sampler.begin([r.slot for r in ending], [r.context for r in ending], self._kinds(ending)["penalty"])
+            resumed = [r for r in ending if r.generated]
+            if resumed:  # the noise's step and min_tokens go on from where the preemption left them
+                self.sampler.generated[to_device([r.slot for r in resumed], self.device)] = to_device(
+                    [r.generated for r in resumed], self.device)
         try:
             tokens = self.runner.prefill(chunks, **self._kinds([r for r, _, _ in work]))
         except Exception as err:  # noqa: BLE001
@@ -331,13 +420,14 @@ class Engine:
             return [launch for item in work for launch in self._prefill([item])]  # each alone
         for request, _, end in work:
             request.prefilled = end
-            if end == request.prompt_tokens:
+            if end == len(request.context):
                 request.embeds = None
-                request.launched = 1
+                request.launched = request.generated + 1
+                self.scheduler.prefilled(request)
         self.stats["prefills"] += 1
         if tokens is None:
             return []
-        return [self._start_copy([r for r, _, end in work if end == r.prompt_tokens], tokens)]
+        return [self._start_copy(ending, tokens)]
 
     def _decode(self, requests: list[Request]) -> list[_Launch]:
         requests = self._constrain(requests)
@@ -412,12 +502,18 @@ class Engine:
             if request.done:
                 self._release(request)
 
-    def _release(self, request: Request) -> None:
-        """Free a finished, cancelled or failed request's slot (or take it out of the waiting line)."""
+    def _release(self, request: Request, failed: bool = False) -> None:
+        """Free a finished, cancelled or failed request's row and blocks (or take it out of the waiting
+        line); the full blocks of what it wrote stay in the prefix cache, unless it failed."""
         slot = request.slot
-        self.scheduler.release(request)
+        written = 0
+        if slot is not None and not failed:
+            prefilled = request.prefilled >= len(request.context)
+            # the prompt, and each generated token but the last (which no step has fed back yet)
+            written = request.prompt_tokens + request.generated - 1 if prefilled else request.prefilled
+        self.scheduler.release(request, written)
         if slot is not None:
-            self.runner.park([slot])  # a hole from now on: it must not read its old length in decode steps
+            self.runner.park([slot])  # idle from now on: it must not read its old blocks in decode steps
 
     def _fail_all(self, err: BaseException) -> None:
         for request in [*self.scheduler.waiting, *self.scheduler.running]:
@@ -426,9 +522,10 @@ class Engine:
     def _fail(self, request: Request, err: BaseException) -> None:
         self.stats["failed"] += 1
         if request.slot is not None:
-            self.cache.clear(request.slot)  # queued after any step still writing into it
+            self.blocks.forget(request.blocks)
+            self.cache.clear([b for b in request.blocks if self.blocks.ref[b] == 1])  # queued after steps writing them
         if request.slot is not None or request in self.scheduler.waiting:
-            self._release(request)
+            self._release(request, failed=True)
         try:
             request.fail(err if isinstance(err, GenerationError) else GenerationError(f"{type(err).__name__}: {err}"))
         except Exception:  # noqa: BLE001 — the caller's callback failed too; the request is over either way

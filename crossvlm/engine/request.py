@@ -112,6 +112,9 @@ class Completion:
     """"stop" (end of turn or a stop string), "length" (token budget spent) or "cancelled"."""
     prompt_tokens: int
     completion_tokens: int
+    cached_tokens: int = 0
+    """Prompt tokens whose keys and values were found in the prefix cache (OpenAI's
+    `usage.prompt_tokens_details.cached_tokens`)."""
 
     def __str__(self) -> str:
         return self.text
@@ -171,12 +174,26 @@ class Request:
     then holds every image's views. None: one view per image."""
     # -- engine state ----------------------------------------------------------------------------
     max_new_tokens: int = 0
-    """The budget after the engine clipped it to the slot's length."""
+    """The budget after the engine clipped it to its context limit."""
     slot: int | None = None
+    """The row of the decode batch (and of the sampler's settings) the request holds while it runs."""
+    blocks: list[int] = field(default_factory=list)
+    """The KV-cache blocks it holds, in order (its block table)."""
+    context: list[int] | None = None
+    """The ids being prefilled: the prompt, and after a preemption the tokens generated before it too."""
+    hashes: list[bytes] = field(default_factory=list)
+    """Prefix-cache hashes of the context's full blocks (`blocks.block_hashes`)."""
+    images: list[bytes] | None = None
+    """A digest of each image (`blocks.image_digest`)."""
     embeds: object = None
-    """The prompt's embeddings (T, D), images merged, from admission until its prefill is done."""
+    """Embeddings (T, D) of `context[embed_from:]`, images merged, from admission until its prefill is done."""
+    embed_from: int = 0
     prefilled: int = 0
-    """Prompt tokens already in the KV cache."""
+    """Context tokens already in the KV cache."""
+    cached_tokens: int = 0
+    """Prompt tokens found in the prefix cache at admission."""
+    preemptions: int = 0
+    """Times the request gave its blocks back to others and was recomputed."""
     tokens: list[int] = field(default_factory=list)
     """Generated tokens, end-of-turn token excluded."""
     generated: int = 0
@@ -200,6 +217,19 @@ class Request:
     _prefix: int = 0  # incremental detokenization in windows: tokens[_prefix:_read] were decoded last time
     _read: int = 0
     _sent: Delta = field(default_factory=Delta)  # reasoning and text already handed out
+
+    def image_views(self) -> list:
+        """Each image's pixel values (V, 3, H, W): its one view, or a tiled image's thumbnail and tiles."""
+        if self.pixel_values is None:
+            return []
+        if self.image_grids is None:
+            return [self.pixel_values[i:i + 1] for i in range(len(self.pixel_values))]
+        out, at = [], 0
+        for rows, cols in self.image_grids:
+            count = 1 + (rows * cols if rows * cols > 1 else 0)  # crossvlm.model.tiling: no tiles for a 1 x 1 grid
+            out.append(self.pixel_values[at:at + count])
+            at += count
+        return out
 
     @property
     def prompt_tokens(self) -> int:
@@ -282,7 +312,7 @@ class Request:
             if not decoded:  # the whole answer decoded once: exact, whatever the windows gave
                 self.raw = tokenizer.decode(self.tokens, skip_special_tokens=True)
             reasoning, text = self._send(final=True)
-        self.on_event(Completion(text, reasoning, reason, self.prompt_tokens, self.generated))
+        self.on_event(Completion(text, reasoning, reason, self.prompt_tokens, self.generated, self.cached_tokens))
 
     def fail(self, error: BaseException) -> None:
         """End the request with an error (its generation failed; others go on)."""

@@ -336,7 +336,9 @@ def create_app(chat: ChatModel, settings: ServerSettings | None = None) -> FastA
         engine = chat.engine
         return {"status": "ok", "model": settings.model_name, "server": dict(app.state.stats),
                 "engine": {"slots": engine.slots, "running": engine.running(), "waiting": engine.waiting(),
-                           "max_len": engine.max_len, **engine.stats}}
+                           "max_len": engine.max_len, "kv_blocks": engine.blocks.blocks - 1,
+                           "kv_blocks_free": engine.blocks.available, "kv_block_size": engine.blocks.block_size,
+                           **engine.stats}}
 
     @app.get("/v1/models", dependencies=[Depends(authorize)])
     async def models():
@@ -503,7 +505,7 @@ async def _stream(job: Job, first, events, ids: ResponseIds, include_usage: bool
                 finished = True
                 yield _sse(ids.chunk({}, event.finish_reason))
                 if include_usage:
-                    yield _sse(ids.chunk({}, usage_=usage(event.prompt_tokens, event.completion_tokens)))
+                    yield _sse(ids.chunk({}, usage_=usage(event)))
             else:
                 delta = {}
                 if event.reasoning:

@@ -28,8 +28,8 @@ class Metrics:
     def __init__(self, model_name: str):
         self.registry = r = CollectorRegistry()
         labels = ["model_name"]
-        self.running = Gauge("vllm:num_requests_running", "Requests generating (holding a KV slot).", labels, registry=r)
-        self.waiting = Gauge("vllm:num_requests_waiting", "Requests waiting for a KV slot.", labels, registry=r)
+        self.running = Gauge("vllm:num_requests_running", "Requests generating (holding KV blocks).", labels, registry=r)
+        self.waiting = Gauge("vllm:num_requests_waiting", "Requests waiting for KV blocks or a batch row.", labels, registry=r)
         self.kv_usage = Gauge("vllm:kv_cache_usage_perc", "Share of the KV cache in use (1 = all of it).", labels,
                               registry=r)
         self.prompt_tokens = Counter("vllm:prompt_tokens", "Prompt tokens of finished requests.", labels, registry=r)
@@ -53,6 +53,12 @@ class Metrics:
                                         buckets=TOKEN_BUCKETS, registry=r)
         self.request_generation = Histogram("vllm:request_generation_tokens", "Generated tokens per request.", labels,
                                             buckets=TOKEN_BUCKETS, registry=r)
+        self.prefix_queries = Counter("vllm:prefix_cache_queries", "Prompt tokens looked up in the prefix cache.",
+                                      labels, registry=r)
+        self.prefix_hits = Counter("vllm:prefix_cache_hits", "Prompt tokens the prefix cache held (not recomputed).",
+                                   labels, registry=r)
+        self.preemptions = Counter("vllm:num_preemptions", "Times a request gave its KV blocks back and was recomputed.",
+                                   labels, registry=r)
         self.model_name = model_name
 
     def finished(self, request, arrived: float, reason: str) -> None:
@@ -64,6 +70,9 @@ class Metrics:
         self.generation_tokens.labels(name).inc(request.generated)
         self.request_prompt.labels(name).observe(request.prompt_tokens)
         self.request_generation.labels(name).observe(request.generated)
+        self.prefix_queries.labels(name).inc(request.prompt_tokens)
+        self.prefix_hits.labels(name).inc(request.cached_tokens)
+        self.preemptions.labels(name).inc(request.preemptions)
         self.e2e.labels(name).observe((times[-1] if times else time.perf_counter()) - arrived)
         if request.admitted:
             self.queue.labels(name).observe(request.admitted - request.submitted)
@@ -80,5 +89,6 @@ class Metrics:
         name = self.model_name
         self.running.labels(name).set(engine.running())
         self.waiting.labels(name).set(engine.waiting())
-        self.kv_usage.labels(name).set(1 - engine.cache.free / engine.slots)  # slots taken
+        blocks = engine.blocks
+        self.kv_usage.labels(name).set(1 - blocks.available / max(1, blocks.blocks - 1))  # blocks held by requests (cached, unheld ones count as free)
         return generate_latest(self.registry)

@@ -186,9 +186,11 @@ def error_body(message: str, type_: str = "invalid_request_error", param: str | 
     return {"error": {"message": message, "type": type_, "param": param, "code": code}}
 
 
-def usage(prompt_tokens: int, completion_tokens: int) -> dict:
-    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens}
+def usage(done) -> dict:
+    """OpenAI's usage of a `Completion`: tokens in and out, and the prompt's tokens the prefix cache held."""
+    return {"prompt_tokens": done.prompt_tokens, "completion_tokens": done.completion_tokens,
+            "total_tokens": done.prompt_tokens + done.completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": done.cached_tokens}}
 
 
 class ResponseIds:
@@ -206,7 +208,7 @@ class ResponseIds:
         return {
             "id": self.id, "object": "chat.completion", "created": self.created, "model": self.model,
             "choices": [{"index": 0, "message": message, "finish_reason": done.finish_reason, "logprobs": None}],
-            "usage": usage(done.prompt_tokens, done.completion_tokens),
+            "usage": usage(done),
         }
 
     def chunk(self, delta: dict, finish_reason: str | None = None, usage_: dict | None = None) -> dict:
