@@ -39,7 +39,8 @@ def _run(chat, prompts, sampling: list[SamplingParams], start=None) -> list[Requ
     for p, s in zip(prompts, sampling):
         if start is not None and requests:
             start(requests)
-        requests.append(chat.engine.submit(Request(p.input_ids, p.pixel_values, s, lambda _: done.release())))
+        requests.append(chat.engine.submit(Request(p.input_ids, p.pixel_values, s, lambda _: done.release(),
+                                                   image_grids=p.image_grids)))
     for _ in requests:
         assert done.acquire(timeout=120)
     assert all(r.finish_reason in ("stop", "length") for r in requests)

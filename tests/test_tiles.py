@@ -322,6 +322,50 @@ def test_the_server_answers_with_a_tiled_image(tiled_dir):
     assert out.usage.prompt_tokens == expected and expected > 16 + 4 * 4  # the thumbnail's 16 and four tiles' 4 each
 
 
+def _greedy_reference(model: CrossVLM, prompt, n: int) -> list[int]:
+    """`n` greedy tokens from the whole context's forward each time (no cache, no engine)."""
+    ids, grids = list(prompt.input_ids), torch.tensor(prompt.image_grids)
+    with torch.no_grad():
+        for _ in range(n):
+            logits = model(input_ids=torch.tensor([ids]), pixel_values=prompt.pixel_values, image_grids=grids).logits
+            ids.append(int(logits[0, -1].argmax()))
+    return ids[len(prompt.input_ids):]
+
+
+def test_the_paged_engine_keys_a_tiled_images_blocks_by_all_its_views(tiled_dir, monkeypatch):
+    """Two 2 x 2 images behind the same text: the second shares the text's blocks only; the first sent
+    again finds its blocks past the image (thumbnail and tiles) and encodes nothing; every answer is
+    the model's own greedy answer."""
+    from test_engine import _run
+
+    from crossvlm.engine import SamplingParams
+    from crossvlm.inference import ChatModel
+
+    model = CrossVLM.from_pretrained(tiled_dir).eval()
+    chat = ChatModel.load(tiled_dir, device="cpu", engine=EngineConfig(slots=2, max_len=512, block_size=16))
+    encoded = []
+    encode = chat.engine.runner.model.encode_images
+    monkeypatch.setattr(chat.engine.runner.model, "encode_images",
+                        lambda pixels, grids=None: encoded.append(len(pixels)) or encode(pixels, grids))
+    system = {"role": "system", "content": "a long instruction that fills more than one block of the cache " * 2}
+    messages = [system, {"role": "user", "content": "<image>describe the picture"}]
+    first, second = (chat.prompt(messages, [_image(2 * SIDE, 2 * SIDE, seed=s)]) for s in (1, 2))
+    assert first.image_grids == second.image_grids == [(2, 2)] and first.input_ids == second.input_ids
+    start = first.input_ids.index(chat.model.config.image_token_id)
+    greedy = SamplingParams(max_new_tokens=6, greedy=True, ignore_eos=True)
+    try:
+        a, = _run(chat, [first], [greedy])
+        b, = _run(chat, [second], [greedy])
+        again, = _run(chat, [first], [greedy])
+    finally:
+        chat.close()
+    assert a.tokens == again.tokens == _greedy_reference(model, first, 6)
+    assert b.tokens == _greedy_reference(model, second, 6)
+    assert a.cached_tokens == 0 and b.cached_tokens == start // 16 * 16, "the text before the image, no further"
+    assert again.cached_tokens >= start + 16 + 4 * 4, "past the thumbnail's and the four tiles' tokens"
+    assert encoded == [5, 5], "each image's five views encoded once; the first again came from the cache"
+
+
 def test_tile_codes_and_queries_get_no_weight_decay(tiled_dir):
     from crossvlm.train.config import OptimSection
     from crossvlm.train.optim import param_groups
