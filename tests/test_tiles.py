@@ -332,17 +332,20 @@ def _greedy_reference(model: CrossVLM, prompt, n: int) -> list[int]:
     return ids[len(prompt.input_ids):]
 
 
-def test_the_paged_engine_keys_a_tiled_images_blocks_by_all_its_views(tiled_dir, monkeypatch):
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_the_paged_engine_keys_a_tiled_images_blocks_by_all_its_views(tiled_dir, monkeypatch, device):
     """Two 2 x 2 images behind the same text: the second shares the text's blocks only; the first sent
     again finds its blocks past the image (thumbnail and tiles) and encodes nothing; every answer is
-    the model's own greedy answer."""
+    the model's own greedy answer (on CUDA too: float32, with the decode step's graphs and the tiled
+    image path left eager)."""
     from test_engine import _run
 
     from crossvlm.engine import SamplingParams
     from crossvlm.inference import ChatModel
 
     model = CrossVLM.from_pretrained(tiled_dir).eval()
-    chat = ChatModel.load(tiled_dir, device="cpu", engine=EngineConfig(slots=2, max_len=512, block_size=16))
+    chat = ChatModel.load(tiled_dir, device=device, dtype=torch.float32,
+                          engine=EngineConfig(slots=2, max_len=512, block_size=16))
     encoded = []
     encode = chat.engine.runner.model.encode_images
     monkeypatch.setattr(chat.engine.runner.model, "encode_images",
