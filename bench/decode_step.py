@@ -4,7 +4,8 @@ graph, FlashAttention's paged kernel where it runs), every row given blocks of i
 context, without
 `--compile` (the matrix products and attention kernels are the same; compiling fuses the
 elementwise ones). Then one layer's attention alone, the same kernel on the same blocks: its effective read bandwidth.
-Usage: python3 bench/decode_step.py MODELS_DIR [ROWS,...] [CONTEXT,...]
+Usage: python3 bench/decode_step.py MODELS_DIR [ROWS,...] [CONTEXT,...] [ATTENTION]
+(ATTENTION: the engine's, auto by default; flash, triton or sdpa to compare them on one machine.)
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from torch.profiler import ProfilerActivity, profile
 
 from crossvlm.engine import Engine, EngineConfig
 from crossvlm.engine.cache import Plan, flash_paged, reference_paged
+from crossvlm.engine.paged_decode import paged_decode
 from crossvlm.model.modeling import CrossVLM
 from crossvlm.model.processor import CrossVLMProcessor
 
@@ -25,14 +27,16 @@ def main() -> None:
     models = sys.argv[1]
     rows_list = [int(x) for x in (sys.argv[2] if len(sys.argv) > 2 else "1,64,256").split(",")]
     contexts = [int(x) for x in (sys.argv[3] if len(sys.argv) > 3 else "1100").split(",")]
+    attention = sys.argv[4] if len(sys.argv) > 4 else "auto"
     cuda = torch.cuda.is_available()  # (a CPU runs it too, slowly: a check of the script)
     model = CrossVLM.from_base_models(f"{models}/llm", f"{models}/vision", dtype=torch.bfloat16 if cuda else None)
     model = model.to("cuda" if cuda else "cpu")
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     tokenizer = CrossVLMProcessor.from_base_models(f"{models}/llm", f"{models}/vision", model.num_image_tokens).tokenizer
-    engine = Engine(model, tokenizer, {tokenizer.eos_token_id}, EngineConfig(slots=max(rows_list), max_len=2304))
+    engine = Engine(model, tokenizer, {tokenizer.eos_token_id}, EngineConfig(slots=max(rows_list), max_len=2304,
+                                                                              attention=attention))
     runner = engine.runner
-    print(f"attention: {'flash' if runner.flash else 'sdpa'}; slots {engine.slots}")
+    print(f"attention: {engine.attention}; slots {engine.slots}")
     kinds = dict(greedy=True, penalty=False, min_tokens=False)
     per_row = engine.blocks.needed(max(contexts) + 60)
     table = torch.arange(1, 1 + max(rows_list) * per_row, dtype=torch.int32).view(-1, per_row)  # distinct blocks
@@ -75,6 +79,9 @@ def attention_alone(engine, rows: int, context: int, sync) -> None:
                 kv_len=runner.bucket(rows, context + 1)[1], flash=runner.flash)
     query = torch.randn(rows, text.num_attention_heads, keys.shape[-1], device=keys.device, dtype=keys.dtype)
     attend = flash_paged if runner.flash else reference_paged
+    if runner.triton_decode:
+        def attend(q, k, v, plan, scale):
+            return paged_decode(q, k, v, plan.block_table, plan.used, plan.kv_len, scale)
     attend(query, keys, values, plan, None)
     sync()
     start = time.perf_counter()

@@ -5,6 +5,8 @@ the attention the engine registers staying on its own model."""
 from __future__ import annotations
 
 import json
+import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -253,3 +255,78 @@ def test_the_scheduler_shares_only_written_blocks_and_preempts_the_newest():
     assert [r for r, _ in schedule.preempted] == [new] and list(scheduler.waiting) == [new, filler]
     assert len(old.blocks) == 4 and new.blocks == [] and new.slot is None and new.context is None
     assert new.preemptions == 1 and blocks.available == 3 and schedule.admitted == [], "no admission while preempting"
+
+
+# -- the Triton decode kernel (crossvlm.engine.paged_decode) ----------------------------------------
+def _decode_case(device, dtype, block_size: int, heads: int, kv_heads: int, rows: int, kv_len: int, seed: int = 0):
+    """A cache of shuffled blocks, rows of random lengths, an idle row (all scratch, one position)."""
+    from crossvlm.engine.cache import Plan
+
+    g = torch.Generator().manual_seed(seed)
+    blocks, d = 48, 64
+    keys, values = (torch.randn(blocks, block_size, kv_heads, d, generator=g).to(device, dtype) for _ in "kv")
+    width = kv_len // block_size
+    table = torch.stack([torch.randperm(blocks - 1, generator=g)[:width] + 1 for _ in range(rows)]).int()
+    used = torch.randint(1, kv_len + 1, (rows,), generator=g).int()
+    table[0], used[0], used[-1] = 0, 1, kv_len  # idle; and one reading every position
+    query = torch.randn(rows, heads, d, generator=g).to(device, dtype)
+    plan = Plan(table.to(device), torch.zeros(rows, device=device), torch.arange(rows + 1, dtype=torch.int32, device=device),
+                used.to(device), max_q=1, kv_len=kv_len)
+    return query, keys, values, plan
+
+
+DECODE_CASES = [  # block size, query heads, key/value heads, rows, positions, splits
+    (16, 4, 2, 3, 64, 1), (16, 16, 8, 5, 256, 4), (64, 6, 2, 2, 256, 3), (256, 16, 8, 4, 512, 2), (32, 2, 2, 1, 128, None)]
+
+
+def test_the_triton_decode_kernel_equals_the_reference_in_triton_s_interpreter():
+    """The kernel's program, run by Triton's interpreter on the CPU (a subprocess: the interpreter is
+    chosen when the kernel is defined): grouped heads, idle rows, blocks out of order, one split or several."""
+    pytest.importorskip("triton", reason="Triton is not installed (CPU builds of torch come without it)")
+    import subprocess
+    import sys
+
+    code = f"""
+import torch
+from test_engine_paged import _decode_case
+from crossvlm.engine.cache import reference_paged
+from crossvlm.engine.paged_decode import paged_decode
+for bs, hq, hkv, rows, kv_len, splits in {DECODE_CASES!r}:
+    q, k, v, plan = _decode_case("cpu", torch.float32, bs, hq, hkv, rows, kv_len)
+    out = paged_decode(q, k, v, plan.block_table, plan.used, kv_len, None, splits=splits)
+    torch.testing.assert_close(out, reference_paged(q, k, v, plan, None), atol=1e-5, rtol=1e-5)
+print("ok")
+"""
+    tests = str(Path(__file__).parent)
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": os.pathsep.join([tests, *sys.path])})
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-3000:]
+
+
+@pytest.mark.gpu
+def test_the_triton_decode_kernel_equals_the_reference_on_cuda():
+    from crossvlm.engine.cache import reference_paged
+    from crossvlm.engine.paged_decode import paged_decode
+
+    for bs, hq, hkv, rows, kv_len, splits in [*DECODE_CASES, (256, 16, 8, 64, 1280, None), (256, 16, 8, 1, 2304, None)]:
+        q, k, v, plan = _decode_case("cuda", torch.bfloat16, bs, hq, hkv, rows, kv_len)
+        out = paged_decode(q, k, v, plan.block_table, plan.used, kv_len, None, splits=splits)
+        torch.testing.assert_close(out.float(), reference_paged(q, k, v, plan, None).float(), atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.gpu
+def test_an_engine_on_the_triton_kernel_answers_as_one_on_sdpa_on_cuda(tiny_vlm_dir):
+    """bf16, graphs recorded: the same greedy tokens with `attention="triton"` as with `"sdpa"`."""
+    from test_engine import CASES
+
+    answers = {}
+    for attention in ("sdpa", "triton"):
+        chat = crossvlm.load(tiny_vlm_dir, device="cuda", dtype=torch.bfloat16,
+                             engine=EngineConfig(slots=4, max_len=512, attention=attention))
+        try:
+            assert chat.engine.attention == attention and chat.engine.runner.triton_decode == (attention == "triton")
+            prompts = [chat.prompt(m, i) for m, i in CASES]
+            answers[attention] = [r.tokens for r in _run(chat, prompts, [_greedy(n) for n in (40, 17, 30, 9, 21)])]
+        finally:
+            chat.close()
+    assert answers["triton"] == answers["sdpa"]

@@ -138,7 +138,7 @@ def register(sub) -> None:
     p.add_argument("--slots", type=int, help="the engine's slots (default: the largest concurrency)")
     p.add_argument("--client-processes", type=int, default=4, help="processes the streaming clients run in")
     p.add_argument("--compile", action="store_true", help="the engine's decode step, prefill and image path fused by torch.compile")
-    p.add_argument("--attention", choices=("auto", "flash", "sdpa"), default="auto",
+    p.add_argument("--attention", choices=("auto", "flash", "triton", "sdpa"), default="auto",
                    help="the engine's attention (crossvlm serve --attention)")
     p.add_argument("--json-schema", type=Path, metavar="FILE",
                    help="also run each concurrency's long workload with response_format of this JSON schema (schema@c)")

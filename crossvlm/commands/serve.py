@@ -56,9 +56,11 @@ def add_engine_args(g) -> None:
                    "and the slots that the KV cache takes (default: 0.7)")
     g.add_argument("--compile", action="store_true", help="fuse the decode step, the prefill and the image path with torch.compile "
                    "(2.5x the decode speed at batch 1 on a GPU, minutes more at start-up; see docs/PERFORMANCE.md)")
-    g.add_argument("--attention", choices=("auto", "flash", "sdpa"), default="auto",
+    g.add_argument("--attention", choices=("auto", "flash", "triton", "sdpa"), default="auto",
                    help="the engine's attention: flash (FlashAttention's variable-length kernel, each request reading "
-                   "its own length), sdpa (scaled_dot_product_attention over a length rung, masked), auto: flash where it runs")
+                   "its own length), triton (decode steps read the blocks in place with crossvlm's Triton kernel), "
+                   "sdpa (scaled_dot_product_attention over a length rung, masked), auto: flash, else triton, where "
+                   "it runs")
 
 
 def engine_config(args: argparse.Namespace):

@@ -6,7 +6,9 @@ and values take 28 layers × 2 × 8 heads × 128 × 2 bytes = 112 KiB, and a req
 through its block table, a row of block ids: position p lives at offset p mod `block_size` of
 block `table[p // block_size]`. FlashAttention's variable-length kernel takes the block table and
 reads the blocks in place (`flash_paged`, blocks a multiple of 256 positions, the kernel's page
-size); elsewhere `reference_paged` gathers the blocks a step reads and runs SDPA, masked.
+size, with a torch whose build takes a block table); a decode step can also read them in place with
+the Triton kernel of `paged_decode`; elsewhere `reference_paged` gathers the blocks a step reads and
+runs SDPA, masked.
 
 The stock `Qwen3ForCausalLM` runs unchanged: this object is passed as its cache (`cache=` /
 `past_key_values=`), and each attention layer calls `update`, which writes the new keys and values
@@ -52,6 +54,8 @@ class Plan:
     """Prefill: (S,) the sequence of each token (the reference kernel unpacks by it); None in decode."""
     flash: bool = False
     """Attend with FlashAttention's variable-length kernel (else the reference: SDPA)."""
+    triton_decode: bool = False
+    """Decode steps attend with the Triton kernel of `paged_decode` (prefills as `flash` says)."""
 
     @property
     def decoding(self) -> bool:
@@ -180,8 +184,13 @@ def paged_attention(module, query: torch.Tensor, key: torch.Tensor, value: torch
     (`flash_paged`, or `reference_paged`). query (B, Hq, T, D); returns (B, T, Hq, D)."""
     plan = kwargs["engine_plan"]
     b, hq, t, d = query.shape
-    attend = flash_paged if plan.flash else reference_paged
-    out = attend(query.transpose(1, 2).reshape(b * t, hq, d), key, value, plan, scaling)
+    packed = query.transpose(1, 2).reshape(b * t, hq, d)
+    if plan.decoding and plan.triton_decode:
+        from crossvlm.engine.paged_decode import paged_decode
+
+        out = paged_decode(packed, key, value, plan.block_table, plan.used, plan.kv_len, scaling)
+    else:
+        out = (flash_paged if plan.flash else reference_paged)(packed, key, value, plan, scaling)
     return out.view(b, t, hq, d), None
 
 

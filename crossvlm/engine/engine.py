@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import torch
 from torch.profiler import record_function
 
-from crossvlm.engine import constraints
+from crossvlm.engine import constraints, paged_decode
 from crossvlm.engine.blocks import BlockManager, image_spans
 from crossvlm.engine.cache import FLASH_BLOCK, PagedCache, flash_available, use_engine_attention
 from crossvlm.engine.model_runner import Chunk, ModelRunner
@@ -75,14 +75,19 @@ class EngineConfig:
     cache's unit: only whole blocks are shared."""
     attention: str = "auto"
     """`flash`: FlashAttention's variable-length kernel (the build inside torch) reading each request's
-    blocks in place, each its own length; `sdpa`: `scaled_dot_product_attention` over a length rung that
-    holds the longest running request, its blocks gathered, masked; `auto`: flash where it runs (a CUDA
-    GPU of the Ampere generation or later, bf16/fp16, blocks of a multiple of 256), else sdpa."""
+    blocks in place, each its own length; `triton`: decode steps read them in place with the Triton
+    kernel of crossvlm.engine.paged_decode, prefills as sdpa; `sdpa`: `scaled_dot_product_attention`
+    over a length rung that holds the longest running request, its blocks gathered, masked; `auto`:
+    flash where it runs (a CUDA GPU of the Ampere generation or later, bf16/fp16, blocks of a multiple
+    of 256, a torch whose kernel takes a block table), else triton where it runs (a CUDA GPU, bf16/fp16,
+    Triton installed), else sdpa."""
 
     def max_len_for(self, text_config) -> int:
         """The longest request for an LLM of this config: `max_len`, or its context up to 4,096."""
         return min(self.max_len or 4096, text_config.max_position_embeddings)
 
+
+ATTENTION = ("auto", "flash", "triton", "sdpa")
 
 ROW_BYTES_PER_VOCAB = 16
 """Device bytes a row of the decode batch takes per vocabulary entry, estimated: its logits (2), its
@@ -149,8 +154,8 @@ class Engine:
         device = next(model.llm.parameters()).device
         self.max_len = cfg.max_len_for(text)
         self.config = cfg
-        if cfg.attention not in ("auto", "flash", "sdpa"):
-            raise ConfigError(f"the engine's attention must be auto, flash or sdpa, not {cfg.attention!r}")
+        if cfg.attention not in ATTENTION:
+            raise ConfigError(f"the engine's attention must be one of {', '.join(ATTENTION)}, not {cfg.attention!r}")
         if cfg.block_size < 1 or (cfg.kv_blocks is not None and cfg.kv_blocks < 2) or not 0 < cfg.kv_memory <= 1:
             raise ConfigError(f"the engine's KV cache needs block_size >= 1, kv_blocks >= 2 and kv_memory in (0, 1], "
                               f"got {cfg.block_size}, {cfg.kv_blocks}, {cfg.kv_memory}")
@@ -166,6 +171,14 @@ class Engine:
                               f"blocks of {cfg.block_size} (it needs a CUDA GPU of the Ampere generation or later, "
                               f"bf16 or fp16, a torch whose kernel takes a block table, and blocks of a multiple of "
                               f"{FLASH_BLOCK}); use auto or sdpa")
+        triton_decode = not flash and cfg.attention in ("auto", "triton") and paged_decode.available(
+            device, model.llm.dtype, text.num_attention_heads, text.num_key_value_heads, head_dim, cfg.block_size)
+        if cfg.attention == "triton" and not triton_decode:
+            raise ConfigError(f"attention triton: the Triton decode kernel does not run on {device} in "
+                              f"{model.llm.dtype} with blocks of {cfg.block_size} (it needs Triton, a CUDA GPU, bf16 or "
+                              "fp16, and blocks of a multiple of 16); use auto or sdpa")
+        self.attention = "flash" if flash else "triton" if triton_decode else "sdpa"
+        """The attention the engine runs (what `auto` chose)."""
         free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else None
         blocks = kv_blocks(cfg, text, model.llm.dtype, self.max_len, slots, free)
         use_engine_attention(model.llm)
@@ -173,7 +186,8 @@ class Engine:
         self.blocks = BlockManager(blocks, cfg.block_size)
         self.sampler = Sampler(slots, text.vocab_size, sorted(eos_ids), device)
         graphs = device.type == "cuda" if cfg.graphs is None else cfg.graphs
-        self.runner = ModelRunner(model, self.cache, self.sampler, slots, self.max_len, graphs, cfg.compile, flash=flash)
+        self.runner = ModelRunner(model, self.cache, self.sampler, slots, self.max_len, graphs, cfg.compile, flash=flash,
+                                  triton_decode=triton_decode)
         self.scheduler = Scheduler(slots, self.blocks, cfg.prefill_tokens, model.config.image_token_id)
         self.device = device
         self._lock = threading.Condition()

@@ -13,8 +13,9 @@ keyword arguments), so transformers builds no mask and keeps no cache of its own
 - `decode`: one token for each of the first `rows` rows (a request keeps its row, `slot`, while it
   runs; its KV lives in its blocks). On a GPU the step (embedding, decoder, LM head) is recorded as a
   CUDA graph per batch rung, reading the rows' block tables, positions and last tokens from buffers
-  the host updates in place, so a step is one graph replay. With FlashAttention (`flash`) each row
-  reads its own length of its blocks; otherwise attention gathers the first `kv_len` positions of
+  the host updates in place, so a step is one graph replay. With FlashAttention (`flash`) or the
+  Triton decode kernel (`triton_decode`, crossvlm.engine.paged_decode) each row reads its own length
+  of its blocks; otherwise attention gathers the first `kv_len` positions of
   every row, the smallest rung of a second ladder that holds the longest running request, and a
   graph is recorded per (rows, kv_len) pair. A graph is recorded the first time a step needs it (a
   server records them all before its first request: `warm_up`). Sampling follows, eagerly (a few
@@ -74,7 +75,7 @@ def ladder(top: int, first: int) -> list[int]:
 
 class ModelRunner:
     def __init__(self, model, cache: PagedCache, sampler: Sampler, rows: int, max_len: int, graphs: bool,
-                 compile: bool = False, kv_step: int = 256, flash: bool = False):
+                 compile: bool = False, kv_step: int = 256, flash: bool = False, triton_decode: bool = False):
         self.model, self.llm, self.cache, self.sampler = model, model.llm, cache, sampler
         self.device = next(model.llm.parameters()).device
         self.dtype = model.llm.dtype
@@ -94,10 +95,13 @@ class ModelRunner:
         self.flash = flash
         """Attention through FlashAttention's paged kernel: each sequence reads its own length of its
         blocks, so the decode step needs no length rungs."""
+        self.triton_decode = triton_decode
+        """Decode attention through `paged_decode`'s kernel, which also reads each sequence's own length:
+        no length rungs either (prefills as `flash` says)."""
         self.batch_ladder = ladder(rows, 2 if compile and rows > 1 else 1)
         step = -(-kv_step // self.block_size) * self.block_size  # a multiple of the block size
         top = (self.width - 1) * self.block_size
-        self.kv_ladder = [self.width * self.block_size] if flash else [min(n, top) for n in range(step, top + step, step)]
+        self.kv_ladder = [self.width * self.block_size] if flash or triton_decode else [min(n, top) for n in range(step, top + step, step)]
         self.logits = torch.zeros(rows, model.config.text_config.vocab_size, dtype=self.dtype,
                                   device=self.device)  # the decode step's output
         self.use_graphs = graphs
@@ -277,7 +281,7 @@ class ModelRunner:
         table = self.block_table[:rows]  # (rows, W)
         cu_q = torch.arange(rows + 1, device=self.device, dtype=torch.int32)
         plan = Plan(table, write_positions(table, None, position, self.block_size), cu_q, used, max_q=1,
-                    kv_len=kv_len, flash=self.flash)
+                    kv_len=kv_len, flash=self.flash, triton_decode=self.triton_decode)
         embeds = self.llm.get_input_embeddings()(self.sampler.last_token[:rows, None])  # (rows, 1, D)
         hidden = self._decoder(embeds, position[:, None], plan)
         self.logits[:rows] = self.llm.lm_head(hidden[:, 0])
