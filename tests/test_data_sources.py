@@ -288,6 +288,52 @@ def hub_layout(root: Path) -> Path:
     return root
 
 
+class _NoSuchDataset(http.server.BaseHTTPRequestHandler):
+    """A Hub that knows no dataset: 404 with the Hub's error code."""
+
+    def do_GET(self):  # noqa: N802 — http.server's name
+        self.send_response(404)
+        self.send_header("X-Error-Code", "RepoNotFound")
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.mark.parametrize("hub", ["unreachable", "no such dataset"])
+def test_a_hub_id_the_hub_cannot_give_is_refused_in_one_line_at_once(tmp_path, hub):
+    """`datasets` alone retries for half a minute, printing each try; crossvlm asks the Hub once."""
+    import os
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    server = None
+    if hub == "unreachable":
+        with socket.socket() as s:  # a port nothing listens on
+            s.bind(("127.0.0.1", 0))
+            endpoint = f"http://127.0.0.1:{s.getsockname()[1]}"
+    else:
+        server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _NoSuchDataset)
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        endpoint = f"http://127.0.0.1:{server.server_port}"
+    env = {**os.environ, "HF_ENDPOINT": endpoint, "HF_HUB_OFFLINE": "0", "HF_DATASETS_OFFLINE": "0",
+           "PYTHONPATH": str(Path(__file__).parents[1])}
+    start = time.perf_counter()
+    done = subprocess.run([sys.executable, "-m", "crossvlm.cli", "data", "inspect", "someone/no_such_set:cfg"],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    seconds = time.perf_counter() - start
+    if server is not None:
+        server.shutdown()
+    lines = done.stderr.strip().splitlines()
+    assert done.returncode == 2 and len(lines) == 1, done.stderr
+    says = "the Hub cannot be reached" if hub == "unreachable" else "no such dataset on the Hub"
+    assert lines[0].startswith("crossvlm data: error: someone/no_such_set: ") and says in lines[0], lines[0]
+    assert seconds < 25, "no retries"
+
+
 def test_a_hub_id_goes_through_datasets_the_same_code_on_a_local_hub_layout(tmp_path):
     root = hub_layout(tmp_path / "the_cauldron")
     source = resolve_source(f"{root}:vqav2", split="train")

@@ -298,6 +298,8 @@ def _hub(repo: str, config: str | None, split: str, streaming: bool, fmt: str | 
     """A hub id (or a local folder in the hub's layout: the same code) through `datasets`."""
     datasets = _datasets(f"{repo} (a hub dataset id)")
     name = f"{repo}" + (f":{config}" if config else "") + f"[{split}]"
+    if not Path(repo).expanduser().is_dir():
+        _ask_the_hub(repo)
     try:
         if streaming:  # the split's data files, read as shards: nothing is downloaded first
             builder = datasets.load_dataset_builder(repo, config)
@@ -310,6 +312,25 @@ def _hub(repo: str, config: str | None, split: str, streaming: bool, fmt: str | 
         raise
     except Exception as err:  # noqa: BLE001 — datasets raises many types (hub, config, split); one line says which
         raise DataError(f"{name}: datasets could not load it: {type(err).__name__}: {err}") from None
+
+
+def _ask_the_hub(repo: str) -> None:
+    """One request to the Hub for a dataset id, before `datasets` (which retries for half a minute,
+    printing each try, when the Hub cannot be reached): a missing or private dataset, or no network,
+    is said at once. Offline (`HF_HUB_OFFLINE=1`) nothing is asked: `datasets` reads its cache."""
+    import huggingface_hub
+    from huggingface_hub.errors import RepositoryNotFoundError
+
+    if huggingface_hub.constants.HF_HUB_OFFLINE:
+        return
+    try:
+        huggingface_hub.HfApi().dataset_info(repo, timeout=20)
+    except RepositoryNotFoundError:
+        raise DataError(f"{repo}: no such dataset on the Hub, or a private or gated one this machine is not "
+                        "logged in for (hf auth login)") from None
+    except Exception as err:  # noqa: BLE001 — the HTTP client's errors (httpx, requests) differ by version
+        raise DataError(f"{repo}: the Hub cannot be reached ({type(err).__name__}: {err}); for a dataset "
+                        "already in this machine's cache, set HF_HUB_OFFLINE=1") from None
 
 
 def _datasets(what: str):
