@@ -284,29 +284,40 @@ def test_structured_outputs_through_the_openai_client(url, chat):
 
 def test_metrics_in_prometheus_format_under_vllm_names(chat):
     with live_server(create_app(chat, ServerSettings(model_name="tiny"))) as base, httpx.Client(base_url=base) as http:
-        tokens = prompt = 0
+        tokens = prompt = cached = 0
         for k in range(3):
             body = {"messages": _msg(f"question {k}"), "max_tokens": 5, "temperature": 0, "stream": k == 1,
                     "stream_options": {"include_usage": True} if k == 1 else None, "ignore_eos": True}
             r = http.post("/v1/chat/completions", json=body)
             usage = json.loads(r.text.split("data: ")[-2])["usage"] if k == 1 else r.json()["usage"]
             tokens, prompt = tokens + usage["completion_tokens"], prompt + usage["prompt_tokens"]
+            cached += usage["prompt_tokens_details"]["cached_tokens"]
+        long = " ".join(f"word{i}" for i in range(400))  # more than a KV block: the second finds it cached
+        for _ in range(2):
+            usage = http.post("/v1/chat/completions", json={"messages": _msg(long), "max_tokens": 5, "temperature": 0,
+                                                            "ignore_eos": True}).json()["usage"]
+            tokens, prompt = tokens + usage["completion_tokens"], prompt + usage["prompt_tokens"]
+            cached += usage["prompt_tokens_details"]["cached_tokens"]
+        assert cached > 0
         http.post("/v1/chat/completions", json={"messages": _msg(), "model": "other"})
         r = http.get("/metrics")
         assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")
         samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
                    for family in prometheus_parser.text_string_to_metric_families(r.text) for s in family.samples}
         model = (("model_name", "tiny"),)
-        assert samples[("vllm:generation_tokens_total", model)] == tokens == 15
+        assert samples[("vllm:generation_tokens_total", model)] == tokens == 25
         assert samples[("vllm:prompt_tokens_total", model)] == prompt
-        assert samples[("vllm:request_success_total", (("finished_reason", "length"), *model))] == 3
-        assert samples[("vllm:time_to_first_token_seconds_count", model)] == 3
-        assert samples[("vllm:inter_token_latency_seconds_count", model)] == 3 * 4
-        assert samples[("vllm:e2e_request_latency_seconds_count", model)] == 3
-        assert samples[("vllm:request_queue_time_seconds_count", model)] == 3
+        assert samples[("vllm:request_success_total", (("finished_reason", "length"), *model))] == 5
+        assert samples[("vllm:time_to_first_token_seconds_count", model)] == 5
+        assert samples[("vllm:inter_token_latency_seconds_count", model)] == 5 * 4
+        assert samples[("vllm:e2e_request_latency_seconds_count", model)] == 5
+        assert samples[("vllm:request_queue_time_seconds_count", model)] == 5
         assert 0 < samples[("vllm:time_per_output_token_seconds_sum", model)]
         assert samples[("vllm:num_requests_running", model)] == 0 == samples[("vllm:num_requests_waiting", model)]
         assert samples[("vllm:kv_cache_usage_perc", model)] == 0
+        assert samples[("vllm:prefix_cache_queries_total", model)] == prompt
+        assert samples[("vllm:prefix_cache_hits_total", model)] == cached
+        assert samples[("vllm:num_preemptions_total", model)] == 0
         assert samples[("crossvlm:requests_refused_total", (("model_name", "tiny"), ("status", "404")))] == 1
 
 
