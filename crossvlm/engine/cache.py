@@ -177,6 +177,33 @@ def flash_available(device: torch.device, dtype: torch.dtype, heads: int, kv_hea
     return torch.allclose(fast.float(), reference_paged(query, keys, values, plan, None).float(), atol=2e-2, rtol=2e-2)
 
 
+def triton_decode_available(device: torch.device, dtype: torch.dtype, heads: int, kv_heads: int, head_dim: int,
+                            block_size: int, *, check_only: bool = False) -> bool:
+    """Whether `paged_decode.paged_decode` takes this case (`paged_decode.supports`) and, tried once on
+    a small cache of this shape (rows of several lengths, an idle one; one split and two), agrees with
+    `reference_paged`: a Triton that cannot build the kernel here says no at start-up, not at the
+    first request. `check_only` skips the first condition (Triton's interpreter on a CPU, in tests)."""
+    from crossvlm.engine.paged_decode import paged_decode, supports
+
+    if not check_only and not supports(device, dtype, heads, kv_heads, head_dim, block_size):
+        return False
+    g = torch.Generator(device=device).manual_seed(0)
+    width = 2
+    keys, values = (torch.randn(6, block_size, kv_heads, head_dim, generator=g, device=device, dtype=dtype)
+                    for _ in "kv")
+    query = torch.randn(3, heads, head_dim, generator=g, device=device, dtype=dtype)
+    i32 = dict(device=device, dtype=torch.int32)
+    table = torch.tensor([[0, 0], [5, 2], [3, 1]], **i32)
+    used = torch.tensor([1, width * block_size, block_size + 3], **i32)
+    plan = Plan(table, torch.zeros(3, device=device), torch.arange(4, **i32), used, max_q=1, kv_len=width * block_size)
+    expected = reference_paged(query, keys, values, plan, None).float()
+    try:
+        return all(torch.allclose(paged_decode(query, keys, values, table, used, plan.kv_len, None, splits=n).float(),
+                                  expected, atol=2e-2, rtol=2e-2) for n in (1, 2))
+    except Exception:  # noqa: BLE001 — Triton's compile errors have many types
+        return False
+
+
 def paged_attention(module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                     attention_mask: torch.Tensor | None, scaling: float | None = None, **kwargs) -> tuple[torch.Tensor, None]:
     """The attention of an LLM step run by the engine (`engine_plan` passed down through the model's

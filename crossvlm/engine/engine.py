@@ -26,9 +26,10 @@ from dataclasses import dataclass
 import torch
 from torch.profiler import record_function
 
-from crossvlm.engine import constraints, paged_decode
+from crossvlm.engine import constraints
 from crossvlm.engine.blocks import BlockManager, image_spans
-from crossvlm.engine.cache import FLASH_BLOCK, PagedCache, flash_available, use_engine_attention
+from crossvlm.engine.cache import (FLASH_BLOCK, PagedCache, flash_available, triton_decode_available,
+                                   use_engine_attention)
 from crossvlm.engine.model_runner import Chunk, ModelRunner
 from crossvlm.engine.request import Request
 from crossvlm.engine.sampler import Sampler, to_device
@@ -171,7 +172,7 @@ class Engine:
                               f"blocks of {cfg.block_size} (it needs a CUDA GPU of the Ampere generation or later, "
                               f"bf16 or fp16, a torch whose kernel takes a block table, and blocks of a multiple of "
                               f"{FLASH_BLOCK}); use auto or sdpa")
-        triton_decode = not flash and cfg.attention in ("auto", "triton") and paged_decode.available(
+        triton_decode = not flash and cfg.attention in ("auto", "triton") and triton_decode_available(
             device, model.llm.dtype, text.num_attention_heads, text.num_key_value_heads, head_dim, cfg.block_size)
         if cfg.attention == "triton" and not triton_decode:
             raise ConfigError(f"attention triton: the Triton decode kernel does not run on {device} in "

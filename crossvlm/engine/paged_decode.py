@@ -86,42 +86,14 @@ if triton is not None:
         tl.store(Lse + b * stride_lb + heads * stride_lh + s, top + tl.log(total), mask=live)
 
 
-def available(device: torch.device, dtype: torch.dtype, heads: int, kv_heads: int, head_dim: int,
-              block_size: int) -> bool:
-    """Whether `paged_decode` runs here: Triton, a CUDA GPU, bf16/fp16, a head size of a power of two
-    ≥ 16, at most 16 query heads per key/value head, blocks that whole tiles fit; and, tried once on
-    a small cache of this shape (rows of several lengths, an idle one, split and not), it agrees with
-    `reference_paged` (a Triton that cannot build the kernel here says no, not the first request)."""
-    if not (triton is not None and device.type == "cuda" and dtype in (torch.bfloat16, torch.float16)
+def supports(device: torch.device, dtype: torch.dtype, heads: int, kv_heads: int, head_dim: int,
+             block_size: int) -> bool:
+    """Whether the kernel takes this case: Triton, a CUDA GPU, bf16/fp16, a head size of a power of two
+    ≥ 16, at most 16 query heads per key/value head, blocks that whole tiles fit (whether it also
+    builds and agrees with the reference here: `cache.triton_decode_available`)."""
+    return (triton is not None and device.type == "cuda" and dtype in (torch.bfloat16, torch.float16)
             and head_dim >= 16 and head_dim & (head_dim - 1) == 0 and heads % kv_heads == 0
-            and heads // kv_heads <= GROUP_ROWS and tile_for(block_size) is not None):
-        return False
-    return agrees(device, dtype, heads, kv_heads, head_dim, block_size)
-
-
-def agrees(device: torch.device, dtype: torch.dtype, heads: int, kv_heads: int, head_dim: int, block_size: int) -> bool:
-    """`paged_decode` against `reference_paged` on a small cache of this shape: False if they differ or
-    the kernel cannot be built."""
-    from crossvlm.engine.cache import Plan, reference_paged
-
-    g = torch.Generator(device=device).manual_seed(0)
-    blocks, width = 6, 2
-    keys, values = (torch.randn(blocks, block_size, kv_heads, head_dim, generator=g, device=device, dtype=dtype)
-                    for _ in "kv")
-    query = torch.randn(3, heads, head_dim, generator=g, device=device, dtype=dtype)
-    i32 = dict(device=device, dtype=torch.int32)
-    table = torch.tensor([[0, 0], [5, 2], [3, 1]], **i32)
-    used = torch.tensor([1, width * block_size, block_size + 3], **i32)
-    plan = Plan(table, torch.zeros(3, device=device), torch.arange(4, **i32), used, max_q=1, kv_len=width * block_size)
-    try:
-        for splits in (1, 2):
-            out = paged_decode(query, keys, values, table, used, plan.kv_len, None, splits=splits)
-            if not torch.allclose(out.float(), reference_paged(query, keys, values, plan, None).float(),
-                                  atol=2e-2, rtol=2e-2):
-                return False
-    except Exception:  # noqa: BLE001 — Triton's compile errors have many types
-        return False
-    return True
+            and heads // kv_heads <= GROUP_ROWS and tile_for(block_size) is not None)
 
 
 def paged_decode(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, block_table: torch.Tensor,
