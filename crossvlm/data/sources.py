@@ -124,6 +124,49 @@ class ResolvedSource:
         return "random access" if self.readers is not None else "streamed"
 
 
+@dataclass
+class _Target:
+    """What a source's path names before anything is opened: a `save_to_disk` folder ("saved"), a hub
+    id ("hub", `repo` and `config`), a URL ("remote"), or local files ("local", `names` its brace
+    expansion and `local` their paths)."""
+
+    kind: str
+    names: list[str]
+    local: list[Path]
+    repo: str = ""
+    config: str = ""
+
+
+def _target(path: str) -> _Target:
+    names = expand_braces(path)
+    local = [Path(n).expanduser() for n in names]
+    repo, _, config = path.rpartition(":") if _looks_like_config(path) else (path, "", "")
+    if local[0].is_dir() and any((local[0] / m).exists() for m in HF_DISK_MARKERS):
+        kind = "saved"
+    elif is_remote(path):
+        kind = "remote"
+    elif not local[0].exists() and len(names) == 1 and (Path(repo).expanduser().is_dir() or looks_like_hub_id(repo)):
+        kind = "hub"
+    else:
+        kind = "local"
+    return _Target(kind, names, local, repo, config)
+
+
+def _local_shards(path: str, target: _Target) -> list[str] | None:
+    """The shards a local source names (brace notation, a tar, a folder holding tars), or None for data
+    files read by random access; a missing file or shard is a DataError."""
+    if len(target.names) > 1 or (target.local[0].is_file() and target.local[0].name.endswith(TAR_SUFFIXES)):
+        missing = [str(p) for p in target.local if not p.is_file()]
+        if missing:
+            raise DataError(f"{path}: {len(missing)} of {len(target.local)} shards do not exist (first: {missing[0]})")
+        return target.names
+    if not target.local[0].exists():
+        raise DataError(f"{path}: no such file or folder, and not a hub dataset id (owner/name[:config])")
+    if target.local[0].is_dir():
+        return sorted(str(p) for p in target.local[0].rglob("*") if p.is_file() and p.name.endswith(TAR_SUFFIXES)) or None
+    return None
+
+
 def resolve_source(path: str, *, fmt: str | None = None, image_root: str | None = None, split: str | None = None,
                    streaming: bool = False, row_group_cache: int = 2) -> ResolvedSource:
     """Open what `path` names (see the module docstring) without reading its records. `fmt` forces
@@ -131,20 +174,21 @@ def resolve_source(path: str, *, fmt: str | None = None, image_root: str | None 
     path = str(path)
     table_fmt = fmt if fmt in TABLE_SCHEMAS else None  # forces minimind or cauldron columns
     file_fmt = fmt if fmt in (*TABLE_SCHEMAS, "llava") else None
-    names = expand_braces(path)
-    local = [Path(n).expanduser() for n in names]
-    target = local[0]
-    repo, _, config = path.rpartition(":") if _looks_like_config(path) else (path, "", "")
-    if target.is_dir() and any((target / m).exists() for m in HF_DISK_MARKERS):
-        source = _readers(path, [TableReader(_load_from_disk(target, split), _disk_name(target, split), table_fmt)])
-    elif not is_remote(path) and not target.exists() and len(names) == 1 and (
-            Path(repo).expanduser().is_dir() or looks_like_hub_id(repo)):
-        source = _hub(repo, config or None, split or "train", streaming, table_fmt)
+    target = _target(path)
+    if target.kind == "saved":
+        folder = target.local[0]
+        source = _readers(path, [TableReader(_load_from_disk(folder, split), _disk_name(folder, split), table_fmt)])
+    elif target.kind == "hub":
+        source = _hub(target.repo, target.config or None, split or "train", streaming, table_fmt)
     elif split:
         raise DataError(f"{path}: `split` ({split}) picks a split of a hub dataset or a saved DatasetDict; "
                         "this source has none")
+    elif target.kind == "remote":
+        source = _remote(path)
     else:
-        source = _files(path, names, local, file_fmt, image_root, row_group_cache)
+        shards = _local_shards(path, target)
+        source = _shards(path, shards) if shards is not None else _readers(
+            path, [open_reader(f, file_fmt, image_root, row_group_cache=row_group_cache) for f in find_files(target.local[0])])
     if fmt == "webdataset" and source.readers is not None:
         raise DataError(f"{path}: format webdataset, but it holds no tar shards")
     if file_fmt and source.readers is None and any(s.kind == "tar" for s in source.shards):
@@ -154,48 +198,14 @@ def resolve_source(path: str, *, fmt: str | None = None, image_root: str | None 
 
 def check_source(path: str, fmt: str | None = None) -> None:
     """The quick part of `resolve_source`, for a run's checks before models load: local files and
-    shards exist and have a known format. URLs and hub ids are not contacted here (they are opened,
-    and refused with the same kind of message, when training starts)."""
+    shards exist and have a known format. URLs, hub ids and saved datasets are not opened here (they
+    are, and refused with the same kind of message, when training starts)."""
     path = str(path)
-    names = expand_braces(path)
-    local = [Path(n).expanduser() for n in names]
-    repo = path.rpartition(":")[0] if _looks_like_config(path) else path
-    if is_remote(path) or (len(names) == 1 and not local[0].exists() and (
-            Path(repo).expanduser().is_dir() or looks_like_hub_id(repo))):
-        return
-    missing = [str(p) for p in local if not p.exists()]
-    if len(names) > 1 and missing:
-        raise DataError(f"{path}: {len(missing)} of {len(local)} shards do not exist (first: {missing[0]})")
-    if len(names) > 1 or local[0].name.endswith(TAR_SUFFIXES) or (
-            local[0].is_dir() and any((local[0] / m).exists() for m in HF_DISK_MARKERS)):
-        return
-    if not local[0].exists():
-        raise DataError(f"{path}: no such file or folder, and not a hub dataset id (owner/name[:config])")
-    if local[0].is_dir() and any(p.name.endswith(TAR_SUFFIXES) for p in local[0].rglob("*")):
-        return
-    for file in find_files(local[0]):
-        if fmt is None:
-            detect_format(file)
-
-
-def _files(path: str, names: list[str], local: list[Path], fmt: str | None, image_root: str | None,
-           row_group_cache: int) -> ResolvedSource:
-    """Local files or folders, or URLs: random-access readers, or shards."""
-    if is_remote(path):
-        return _remote(path)
-    if len(names) > 1 or any(p.is_file() and p.name.endswith(TAR_SUFFIXES) for p in local):
-        missing = [str(p) for p in local if not p.is_file()]
-        if missing:
-            raise DataError(f"{path}: {len(missing)} of {len(local)} shards do not exist (first: {missing[0]})")
-        return _shards(path, names)
-    if local[0].is_dir():
-        tars = sorted(str(p) for p in local[0].rglob("*") if p.is_file() and p.name.endswith(TAR_SUFFIXES))
-        if tars:
-            return _shards(path, tars)
-    if local[0].exists():
-        return _readers(path, [open_reader(f, fmt, image_root, row_group_cache=row_group_cache)
-                               for f in find_files(local[0])])
-    raise DataError(f"{path}: no such file or folder, and not a hub dataset id (owner/name[:config])")
+    target = _target(path)
+    if target.kind == "local" and _local_shards(path, target) is None:
+        for file in find_files(target.local[0]):  # (a folder without data files is refused here)
+            if fmt is None:
+                detect_format(file)
 
 
 def looks_like_hub_id(name: str) -> bool:
@@ -317,11 +327,13 @@ def _hub(repo: str, config: str | None, split: str, streaming: bool, fmt: str | 
 def _ask_the_hub(repo: str) -> None:
     """One request to the Hub for a dataset id, before `datasets` (which retries for half a minute,
     printing each try, when the Hub cannot be reached): a missing or private dataset, or no network,
-    is said at once. Offline (`HF_HUB_OFFLINE=1`) nothing is asked: `datasets` reads its cache."""
+    is said at once. Offline (`HF_HUB_OFFLINE=1` or `HF_DATASETS_OFFLINE=1`) nothing is asked: `datasets`
+    reads its cache."""
+    import datasets.config
     import huggingface_hub
     from huggingface_hub.errors import RepositoryNotFoundError
 
-    if huggingface_hub.constants.HF_HUB_OFFLINE:
+    if datasets.config.HF_HUB_OFFLINE:  # (datasets folds both variables into it)
         return
     try:
         huggingface_hub.HfApi().dataset_info(repo, timeout=20)

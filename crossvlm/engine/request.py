@@ -224,9 +224,11 @@ class Request:
             return []
         if self.image_grids is None:
             return [self.pixel_values[i:i + 1] for i in range(len(self.pixel_values))]
+        from crossvlm.model.tiling import tile_count
+
         out, at = [], 0
-        for rows, cols in self.image_grids:
-            count = 1 + (rows * cols if rows * cols > 1 else 0)  # crossvlm.model.tiling: no tiles for a 1 x 1 grid
+        for grid in self.image_grids:
+            count = 1 + tile_count(grid)  # the thumbnail, then the tiles
             out.append(self.pixel_values[at:at + count])
             at += count
         return out

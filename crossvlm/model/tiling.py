@@ -41,13 +41,20 @@ def select_grid(width: int, height: int, max_tiles: int, side: int) -> tuple[int
     return best
 
 
+def tile_count(grid: tuple[int, int]) -> int:
+    """The tiles of an image with this grid: rows · columns, and none for a 1 x 1 grid (its thumbnail
+    is its one view)."""
+    tiles = grid[0] * grid[1]
+    return tiles if tiles > 1 else 0
+
+
 def tile_images(image, grid: tuple[int, int], side: int) -> list:
     """The tiles of a PIL image, row by row: the image resized to the grid (rows·side x cols·side,
     bicubic) and cut into side x side crops. A 1 x 1 grid has none (the thumbnail is the view)."""
     from PIL import Image
 
     rows, cols = grid
-    if rows * cols == 1:
+    if not tile_count(grid):
         return []
     size = (cols * side, rows * side)
     big = image if image.size == size else image.resize(size, Image.Resampling.BICUBIC)
@@ -83,8 +90,7 @@ class Tiling:
 
     def tokens(self, grid: tuple[int, int]) -> int:
         """Visual tokens of an image with this grid: the thumbnail's plus every tile's."""
-        tiles = grid[0] * grid[1]
-        return self.image_tokens + (tiles * self.tile_tokens if tiles > 1 else 0)
+        return self.image_tokens + tile_count(grid) * self.tile_tokens
 
     def views(self, image, grid: tuple[int, int]) -> list:
         """The PIL images the image processor turns into the image's views: the image (the thumbnail),
@@ -122,7 +128,7 @@ def tile_layout(grids, image_tokens: int, tile_tokens: int) -> TileLayout:
         is_tile.append(False)
         order.append(np.arange(thumb_at, thumb_at + image_tokens))
         thumb_at += image_tokens
-        n = rows * cols if rows * cols > 1 else 0
+        n = tile_count((rows, cols))
         for k in range(n):
             places.append((k // cols + 1, k % cols + 1))
             is_tile.append(True)
